@@ -1,0 +1,401 @@
+//! Stateful functions: per-key state `S` (reduce, aggregate, validate) read and written
+//! through a [`SingleStateRepository`](crate::SingleStateRepository).
+//!
+//! A user function receives the current state (`None` before the first message of a
+//! key) and the message, and returns the new state with its outputs. It must be a pure
+//! function of those two: the engine may run it again after a crash only for messages
+//! whose state change was never stored.
+//!
+//! ```
+//! use flows_core::{Json, PersistenceId, Record, RawMessage, Topic, Utf8};
+//! use flows_core::function::{PersistenceIdFn, StatefulFunction, StatefulProcessor};
+//!
+//! let words = Topic::new("words", Utf8, Utf8);
+//! let counts = Topic::new("word-counts", Utf8, Json::<i64>::new());
+//! let count = StatefulFunction::new(Json::<i64>::new()).one_to_one(
+//!     words,
+//!     counts,
+//!     PersistenceIdFn::key(),
+//!     |count: Option<&i64>, word| {
+//!         let count = count.copied().unwrap_or(0) + 1;
+//!         Ok((count, Record::new(word.key, count)))
+//!     },
+//! );
+//! let m = RawMessage::raw("words", 0, 0, Some(b"fox"), Some(b"fox"));
+//! let id = count.persistence_id(&m).unwrap();
+//! assert_eq!(id.as_str(), "fox");
+//! let applied = count.apply(&id, None, &[&m]).unwrap();
+//! assert_eq!(applied.content.as_deref(), Some(&b"1"[..]));
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::format::Format;
+use crate::function::{FunctionError, ProcessError};
+use crate::id::{InvalidPersistenceId, PersistenceId};
+use crate::message::{Message, RawMessage, Record};
+use crate::state::EncodedRecord;
+use crate::topic::Topic;
+
+/// The result of applying new messages of one key to its state content.
+#[derive(Debug)]
+pub struct Applied {
+    /// The new encoded content, or `None` if no message changed the state.
+    pub content: Option<Vec<u8>>,
+    /// One outcome per message, in order. A failed message did not change the state.
+    pub outcomes: Vec<Result<Vec<EncodedRecord>, ProcessError>>,
+}
+
+/// A stateful function over raw messages: what an engine runs.
+pub trait StatefulProcessor: Send + Sync {
+    /// Topics this function reads.
+    fn input_topics(&self) -> Vec<Arc<str>>;
+
+    /// The key of the state a message belongs to.
+    fn persistence_id(&self, message: &RawMessage) -> Result<PersistenceId, ProcessError>;
+
+    /// Applies `messages` (all of state `id`, in offset order, none applied before) to
+    /// `content`, decoding it once and encoding the result once.
+    ///
+    /// Returns an error only if the state content itself cannot be decoded or encoded;
+    /// errors of single messages are reported per message in [`Applied::outcomes`].
+    fn apply(
+        &self,
+        id: &PersistenceId,
+        content: Option<&[u8]>,
+        messages: &[&RawMessage],
+    ) -> Result<Applied, ProcessError>;
+}
+
+/// How a message is mapped to the key of its state.
+pub enum PersistenceIdFn<K, V> {
+    /// The raw message key as UTF-8 (no decoding; a null or non-UTF-8 key is an error).
+    Key,
+    /// A function of the decoded message.
+    Custom(Arc<dyn Fn(&Message<K, V>) -> Result<PersistenceId, FunctionError> + Send + Sync>),
+}
+
+impl<K, V> Clone for PersistenceIdFn<K, V> {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Key => Self::Key,
+            Self::Custom(f) => Self::Custom(Arc::clone(f)),
+        }
+    }
+}
+
+impl<K, V> PersistenceIdFn<K, V> {
+    /// The raw message key, as UTF-8.
+    pub fn key() -> Self {
+        Self::Key
+    }
+
+    /// A function of the decoded message.
+    pub fn from_fn(
+        f: impl Fn(&Message<K, V>) -> Result<PersistenceId, FunctionError> + Send + Sync + 'static,
+    ) -> Self {
+        Self::Custom(Arc::new(f))
+    }
+
+    fn resolve(
+        &self,
+        topic: &Topic<K, V>,
+        raw: &RawMessage,
+    ) -> Result<PersistenceId, ProcessError> {
+        match self {
+            Self::Key => {
+                let key = raw.key.as_deref().ok_or(InvalidPersistenceId::Empty)?;
+                Ok(PersistenceId::from_utf8(key)?)
+            }
+            Self::Custom(f) => Ok(f(&topic.decode(raw)?)?),
+        }
+    }
+}
+
+type IdFn = dyn Fn(&RawMessage) -> Result<PersistenceId, ProcessError> + Send + Sync;
+type ApplyFn<S> =
+    dyn Fn(Option<&S>, &RawMessage) -> Result<(S, Vec<EncodedRecord>), ProcessError> + Send + Sync;
+
+struct Handler<S> {
+    id: Box<IdFn>,
+    apply: Box<ApplyFn<S>>,
+}
+
+/// Typed stateful functions sharing one state type `S`, one per input topic.
+///
+/// With one input topic this is a plain stateful function; with several (all writing
+/// the same states) it is the stateful half of a join.
+pub struct StatefulFunction<S> {
+    state_format: Arc<dyn Format<S>>,
+    handlers: HashMap<Arc<str>, Handler<S>>,
+}
+
+impl<S: Send + Sync + 'static> StatefulFunction<S> {
+    /// A function whose state is encoded with `state_format`; add one handler per input
+    /// topic with [`one_to_one`](Self::one_to_one), [`one_to_two`](Self::one_to_two) or
+    /// [`one_to_many`](Self::one_to_many).
+    pub fn new(state_format: impl Format<S> + 'static) -> Self {
+        Self {
+            state_format: Arc::new(state_format),
+            handlers: HashMap::new(),
+        }
+    }
+
+    fn handler<IK: 'static, IV: 'static>(
+        mut self,
+        input: Topic<IK, IV>,
+        id: PersistenceIdFn<IK, IV>,
+        apply: impl Fn(
+            Option<&S>,
+            Message<IK, IV>,
+            Option<i64>,
+        ) -> Result<(S, Vec<EncodedRecord>), ProcessError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        let id_topic = input.clone();
+        let decoder = input.clone();
+        self.handlers.insert(
+            input.shared_name(),
+            Handler {
+                id: Box::new(move |raw| id.resolve(&id_topic, raw)),
+                apply: Box::new(move |state, raw| {
+                    apply(state, decoder.decode(raw)?, raw.timestamp)
+                }),
+            },
+        );
+        self
+    }
+
+    /// Handles `input` with a function emitting exactly one record on `output`.
+    pub fn one_to_one<IK: 'static, IV: 'static, OK: 'static, OV: 'static>(
+        self,
+        input: Topic<IK, IV>,
+        output: Topic<OK, OV>,
+        id: PersistenceIdFn<IK, IV>,
+        f: impl Fn(Option<&S>, Message<IK, IV>) -> Result<(S, Record<OK, OV>), FunctionError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.handler(input, id, move |state, message, ts| {
+            let (state, record) = f(state, message)?;
+            Ok((state, vec![output.encode(&record, ts)?]))
+        })
+    }
+
+    /// Handles `input` with a function emitting at most one record on each of two outputs.
+    #[allow(clippy::type_complexity)]
+    pub fn one_to_two<
+        IK: 'static,
+        IV: 'static,
+        OK1: 'static,
+        OV1: 'static,
+        OK2: 'static,
+        OV2: 'static,
+    >(
+        self,
+        input: Topic<IK, IV>,
+        first: Topic<OK1, OV1>,
+        second: Topic<OK2, OV2>,
+        id: PersistenceIdFn<IK, IV>,
+        f: impl Fn(
+            Option<&S>,
+            Message<IK, IV>,
+        )
+            -> Result<(S, Option<Record<OK1, OV1>>, Option<Record<OK2, OV2>>), FunctionError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.handler(input, id, move |state, message, ts| {
+            let (state, a, b) = f(state, message)?;
+            let mut out = Vec::with_capacity(2);
+            if let Some(a) = a {
+                out.push(first.encode(&a, ts)?);
+            }
+            if let Some(b) = b {
+                out.push(second.encode(&b, ts)?);
+            }
+            Ok((state, out))
+        })
+    }
+
+    /// Handles `input` with a function emitting any number of records on `output`.
+    pub fn one_to_many<IK: 'static, IV: 'static, OK: 'static, OV: 'static>(
+        self,
+        input: Topic<IK, IV>,
+        output: Topic<OK, OV>,
+        id: PersistenceIdFn<IK, IV>,
+        f: impl Fn(Option<&S>, Message<IK, IV>) -> Result<(S, Vec<Record<OK, OV>>), FunctionError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.handler(input, id, move |state, message, ts| {
+            let (state, records) = f(state, message)?;
+            let out = records
+                .iter()
+                .map(|r| output.encode(r, ts))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((state, out))
+        })
+    }
+
+    fn handler_for(&self, message: &RawMessage) -> Result<&Handler<S>, ProcessError> {
+        self.handlers
+            .get(&message.topic)
+            .ok_or_else(|| ProcessError::UnknownTopic(message.topic.to_string()))
+    }
+}
+
+impl<S: Send + Sync + 'static> StatefulProcessor for StatefulFunction<S> {
+    fn input_topics(&self) -> Vec<Arc<str>> {
+        let mut topics: Vec<_> = self.handlers.keys().cloned().collect();
+        topics.sort();
+        topics
+    }
+
+    fn persistence_id(&self, message: &RawMessage) -> Result<PersistenceId, ProcessError> {
+        (self.handler_for(message)?.id)(message)
+    }
+
+    fn apply(
+        &self,
+        id: &PersistenceId,
+        content: Option<&[u8]>,
+        messages: &[&RawMessage],
+    ) -> Result<Applied, ProcessError> {
+        let state_error = |source| ProcessError::StateFormat {
+            id: id.clone(),
+            source,
+        };
+        let mut state = content
+            .map(|bytes| self.state_format.decode(bytes))
+            .transpose()
+            .map_err(state_error)?;
+        let mut changed = false;
+        let outcomes = messages
+            .iter()
+            .map(|message| {
+                let (next, outputs) = (self.handler_for(message)?.apply)(state.as_ref(), message)?;
+                state = Some(next);
+                changed = true;
+                Ok(outputs)
+            })
+            .collect();
+        let content = match (changed, &state) {
+            (true, Some(state)) => Some(self.state_format.encode(state).map_err(state_error)?),
+            _ => None,
+        };
+        Ok(Applied { content, outcomes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Json, Utf8};
+
+    fn counter() -> StatefulFunction<i64> {
+        StatefulFunction::new(Json::<i64>::new()).one_to_one(
+            Topic::new("words", Utf8, Utf8),
+            Topic::new("counts", Utf8, Json::<i64>::new()),
+            PersistenceIdFn::key(),
+            |count, word| {
+                if word.value == "boom" {
+                    return Err(FunctionError::new("boom"));
+                }
+                let count = count.copied().unwrap_or(0) + 1;
+                Ok((count, Record::new(word.key, count)))
+            },
+        )
+    }
+
+    fn word(offset: i64, w: &str) -> RawMessage {
+        RawMessage::raw("words", 0, offset, Some(w.as_bytes()), Some(w.as_bytes()))
+    }
+
+    #[test]
+    fn folding_decodes_and_encodes_the_state_once_and_skips_failed_messages() {
+        let f = counter();
+        let id = PersistenceId::new("a").unwrap();
+        let (m1, m2, m3) = (word(0, "a"), word(1, "boom"), word(2, "a"));
+        let applied = f.apply(&id, Some(b"5"), &[&m1, &m2, &m3]).unwrap();
+        assert_eq!(applied.content.as_deref(), Some(&b"7"[..]));
+        let values: Vec<_> = applied
+            .outcomes
+            .iter()
+            .map(|o| o.as_ref().ok().map(|r| r[0].value.clone()))
+            .collect();
+        assert_eq!(
+            values,
+            vec![Some(Some(b"6".to_vec())), None, Some(Some(b"7".to_vec()))]
+        );
+    }
+
+    #[test]
+    fn nothing_applied_means_no_new_content() {
+        let f = counter();
+        let id = PersistenceId::new("a").unwrap();
+        let applied = f.apply(&id, Some(b"5"), &[&word(0, "boom")]).unwrap();
+        assert_eq!(applied.content, None);
+    }
+
+    #[test]
+    fn corrupt_state_content_is_a_state_format_error() {
+        let f = counter();
+        let id = PersistenceId::new("a").unwrap();
+        let err = f
+            .apply(&id, Some(b"not json"), &[&word(0, "a")])
+            .unwrap_err();
+        assert_eq!(err.kind(), "state-format");
+    }
+
+    #[test]
+    fn null_or_non_utf8_keys_are_rejected_by_the_key_id_function() {
+        let f = counter();
+        let null = RawMessage::raw("words", 0, 0, None, Some(b"x"));
+        assert_eq!(
+            f.persistence_id(&null).unwrap_err().kind(),
+            "persistence-id"
+        );
+        let binary = RawMessage::raw("words", 0, 0, Some(&[0xff]), Some(b"x"));
+        assert_eq!(
+            f.persistence_id(&binary).unwrap_err().kind(),
+            "persistence-id"
+        );
+    }
+
+    #[test]
+    fn a_join_shares_one_state_across_input_topics() {
+        let id_fn = || {
+            PersistenceIdFn::from_fn(|m: &Message<String, String>| {
+                Ok(PersistenceId::new(&m.value)?)
+            })
+        };
+        let out = Topic::new("joined", Utf8, Utf8);
+        let f = StatefulFunction::new(Utf8)
+            .one_to_one(
+                Topic::new("left", Utf8, Utf8),
+                out.clone(),
+                id_fn(),
+                |s, m| {
+                    let s = format!("{}L{}", s.map_or("", String::as_str), m.key);
+                    Ok((s.clone(), Record::new(m.value, s)))
+                },
+            )
+            .one_to_one(Topic::new("right", Utf8, Utf8), out, id_fn(), |s, m| {
+                let s = format!("{}R{}", s.map_or("", String::as_str), m.key);
+                Ok((s.clone(), Record::new(m.value, s)))
+            });
+        let l = RawMessage::raw("left", 0, 0, Some(b"1"), Some(b"x"));
+        let r = RawMessage::raw("right", 0, 0, Some(b"2"), Some(b"x"));
+        assert_eq!(f.persistence_id(&l).unwrap(), f.persistence_id(&r).unwrap());
+        let id = f.persistence_id(&l).unwrap();
+        let applied = f.apply(&id, None, &[&l, &r]).unwrap();
+        assert_eq!(applied.content.as_deref(), Some(&b"L1R2"[..]));
+    }
+}

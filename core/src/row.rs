@@ -1,0 +1,791 @@
+//! Materialisation: user rows ([`Row`]) upserted into a table by primary key through an
+//! [`UpsertRepository`].
+//!
+//! A row type describes its table once ([`TableSchema`]) and converts to and from a list
+//! of [`Value`]s; backends generate all SQL (or documents, or items) from that, with
+//! every name validated, so user code never holds a SQL string.
+//!
+//! ```
+//! use flows_core::{ColumnType, ColumnValue, Row, RowError, TableSchema, Value};
+//!
+//! struct WordCount { word: String, count: i64 }
+//!
+//! impl Row for WordCount {
+//!     fn schema() -> TableSchema {
+//!         TableSchema::builder("word_counts")
+//!             .key("word", ColumnType::Text)
+//!             .column("count", ColumnType::Int64)
+//!             .build()
+//!             .expect("valid schema")
+//!     }
+//!     fn to_values(&self) -> Vec<Value> {
+//!         vec![self.word.to_value(), self.count.to_value()]
+//!     }
+//!     fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
+//!         let mut values = values.into_iter();
+//!         Ok(WordCount {
+//!             word: String::from_column(values.next(), "word")?,
+//!             count: i64::from_column(values.next(), "count")?,
+//!         })
+//!     }
+//! }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::id::{InvalidName, TableName};
+use crate::repository::{Capabilities, RepositoryError};
+
+/// Why a row or schema was rejected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RowError {
+    /// The schema itself is invalid.
+    #[error("invalid schema for table {table}: {reason}")]
+    Schema {
+        /// Table name.
+        table: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A table or column name is not a safe identifier.
+    #[error(transparent)]
+    Name(#[from] InvalidName),
+    /// A row had the wrong number of values.
+    #[error("table {table} has {expected} columns but a row has {got} values")]
+    Arity {
+        /// Table name.
+        table: String,
+        /// Column count.
+        expected: usize,
+        /// Value count.
+        got: usize,
+    },
+    /// A value does not fit its column.
+    #[error("column {column}: expected {expected}, found {found}")]
+    Type {
+        /// Column name.
+        column: String,
+        /// The column's type (with nullability).
+        expected: String,
+        /// What was found.
+        found: String,
+    },
+    /// A value is of the right type but out of range.
+    #[error("column {column}: {message}")]
+    Invalid {
+        /// Column name.
+        column: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The type of a column; each backend maps it to its closest native type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ColumnType {
+    /// Boolean.
+    Bool,
+    /// 64-bit signed integer.
+    Int64,
+    /// 64-bit float.
+    Float64,
+    /// UTF-8 text.
+    Text,
+    /// Binary.
+    Bytes,
+    /// UTC timestamp with microsecond precision.
+    Timestamp,
+    /// A JSON document.
+    Json,
+}
+
+impl ColumnType {
+    fn name(self) -> &'static str {
+        match self {
+            ColumnType::Bool => "bool",
+            ColumnType::Int64 => "int64",
+            ColumnType::Float64 => "float64",
+            ColumnType::Text => "text",
+            ColumnType::Bytes => "bytes",
+            ColumnType::Timestamp => "timestamp",
+            ColumnType::Json => "json",
+        }
+    }
+
+    /// Whether a column of this type may be part of a primary key (exact equality).
+    pub fn can_be_key(self) -> bool {
+        !matches!(self, ColumnType::Float64 | ColumnType::Json)
+    }
+}
+
+impl fmt::Display for ColumnType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One column of a table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Column {
+    /// Column name (validated like a [`TableName`]).
+    pub name: TableName,
+    /// Column type.
+    pub column_type: ColumnType,
+    /// Whether the column accepts [`Value::Null`].
+    pub nullable: bool,
+    /// Whether the column is part of the primary key.
+    pub primary_key: bool,
+}
+
+/// A table: its default name and its columns, primary key columns first in key order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableSchema {
+    table: TableName,
+    columns: Arc<[Column]>,
+    key_indices: Arc<[usize]>,
+}
+
+/// Builds a [`TableSchema`].
+#[derive(Debug)]
+pub struct TableSchemaBuilder {
+    table: String,
+    columns: Vec<(String, ColumnType, bool, bool)>,
+}
+
+impl TableSchemaBuilder {
+    /// Adds a primary key column (key columns form the key in the order added).
+    pub fn key(mut self, name: &str, column_type: ColumnType) -> Self {
+        self.columns
+            .push((name.to_owned(), column_type, false, true));
+        self
+    }
+
+    /// Adds a non-null column.
+    pub fn column(mut self, name: &str, column_type: ColumnType) -> Self {
+        self.columns
+            .push((name.to_owned(), column_type, false, false));
+        self
+    }
+
+    /// Adds a nullable column.
+    pub fn nullable(mut self, name: &str, column_type: ColumnType) -> Self {
+        self.columns
+            .push((name.to_owned(), column_type, true, false));
+        self
+    }
+
+    /// Adds a column whose type and nullability come from a Rust type.
+    pub fn column_of<T: ColumnValue>(self, name: &str) -> Self {
+        if T::NULLABLE {
+            self.nullable(name, T::COLUMN_TYPE)
+        } else {
+            self.column(name, T::COLUMN_TYPE)
+        }
+    }
+
+    /// Validates the schema: safe names, no duplicates, at least one key column, key
+    /// columns of exact types.
+    pub fn build(self) -> Result<TableSchema, RowError> {
+        let table = TableName::new(&self.table)?;
+        let schema_error = |reason: String| RowError::Schema {
+            table: self.table.clone(),
+            reason,
+        };
+        let mut columns = Vec::with_capacity(self.columns.len());
+        for (name, column_type, nullable, primary_key) in &self.columns {
+            let name = TableName::new(name)?;
+            if columns
+                .iter()
+                .any(|c: &Column| c.name.as_str().eq_ignore_ascii_case(name.as_str()))
+            {
+                return Err(schema_error(format!("column {name} appears twice")));
+            }
+            if *primary_key && !column_type.can_be_key() {
+                return Err(schema_error(format!(
+                    "column {name} of type {column_type} cannot be part of a primary key"
+                )));
+            }
+            columns.push(Column {
+                name,
+                column_type: *column_type,
+                nullable: *nullable,
+                primary_key: *primary_key,
+            });
+        }
+        let key_indices: Vec<usize> = columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.primary_key)
+            .map(|(i, _)| i)
+            .collect();
+        if key_indices.is_empty() {
+            return Err(schema_error("a table needs at least one key column".into()));
+        }
+        Ok(TableSchema {
+            table,
+            columns: columns.into(),
+            key_indices: key_indices.into(),
+        })
+    }
+}
+
+impl TableSchema {
+    /// Starts a schema for a table named `table`.
+    pub fn builder(table: &str) -> TableSchemaBuilder {
+        TableSchemaBuilder {
+            table: table.to_owned(),
+            columns: Vec::new(),
+        }
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &TableName {
+        &self.table
+    }
+
+    /// The same schema under another table name.
+    pub fn with_table(mut self, table: TableName) -> Self {
+        self.table = table;
+        self
+    }
+
+    /// All columns in row order.
+    pub fn columns(&self) -> &[Column] {
+        &self.columns
+    }
+
+    /// Positions of the primary key columns in row order.
+    pub fn key_indices(&self) -> &[usize] {
+        &self.key_indices
+    }
+
+    /// The primary key columns in key order.
+    pub fn key_columns(&self) -> impl Iterator<Item = &Column> {
+        self.key_indices.iter().map(|&i| &self.columns[i])
+    }
+
+    /// Checks that `values` fit this table.
+    pub fn check_row(&self, values: &[Value]) -> Result<(), RowError> {
+        if values.len() != self.columns.len() {
+            return Err(RowError::Arity {
+                table: self.table.to_string(),
+                expected: self.columns.len(),
+                got: values.len(),
+            });
+        }
+        for (column, value) in self.columns.iter().zip(values) {
+            check_value(column, value)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that `key` fits this table's primary key.
+    pub fn check_key(&self, key: &PrimaryKey) -> Result<(), RowError> {
+        if key.0.len() != self.key_indices.len() {
+            return Err(RowError::Arity {
+                table: format!("{} (primary key)", self.table),
+                expected: self.key_indices.len(),
+                got: key.0.len(),
+            });
+        }
+        for (column, value) in self.key_columns().zip(key.values()) {
+            check_value(column, value)?;
+        }
+        Ok(())
+    }
+
+    /// The primary key of a row (already checked).
+    pub fn key_of(&self, values: &[Value]) -> PrimaryKey {
+        PrimaryKey(
+            self.key_indices
+                .iter()
+                .map(|&i| values[i].clone())
+                .collect(),
+        )
+    }
+}
+
+fn check_value(column: &Column, value: &Value) -> Result<(), RowError> {
+    let fits = match value {
+        Value::Null => column.nullable,
+        other => other.column_type() == Some(column.column_type),
+    };
+    if fits {
+        if let Value::Float64(f) = value
+            && !f.is_finite()
+        {
+            return Err(RowError::Invalid {
+                column: column.name.to_string(),
+                message: format!("{f} is not a finite number"),
+            });
+        }
+        Ok(())
+    } else {
+        Err(RowError::Type {
+            column: column.name.to_string(),
+            expected: format!(
+                "{}{}",
+                column.column_type,
+                if column.nullable { " or null" } else { "" }
+            ),
+            found: value.type_name().to_owned(),
+        })
+    }
+}
+
+/// One cell value.
+#[derive(Clone, Debug)]
+pub enum Value {
+    /// SQL NULL / absent attribute.
+    Null,
+    /// Boolean.
+    Bool(bool),
+    /// 64-bit integer.
+    Int64(i64),
+    /// Finite 64-bit float.
+    Float64(f64),
+    /// Text.
+    Text(String),
+    /// Binary.
+    Bytes(Vec<u8>),
+    /// UTC timestamp; stores keep microseconds.
+    Timestamp(DateTime<Utc>),
+    /// JSON document.
+    Json(serde_json::Value),
+}
+
+impl Value {
+    /// The column type this value fits (`None` for null, which fits any nullable column).
+    pub fn column_type(&self) -> Option<ColumnType> {
+        Some(match self {
+            Value::Null => return None,
+            Value::Bool(_) => ColumnType::Bool,
+            Value::Int64(_) => ColumnType::Int64,
+            Value::Float64(_) => ColumnType::Float64,
+            Value::Text(_) => ColumnType::Text,
+            Value::Bytes(_) => ColumnType::Bytes,
+            Value::Timestamp(_) => ColumnType::Timestamp,
+            Value::Json(_) => ColumnType::Json,
+        })
+    }
+
+    fn type_name(&self) -> &'static str {
+        self.column_type().map_or("null", ColumnType::name)
+    }
+}
+
+// Equality is exact: floats compare by bit pattern so that `Value` can be a map key.
+impl PartialEq for Value {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Value::Null, Value::Null) => true,
+            (Value::Bool(a), Value::Bool(b)) => a == b,
+            (Value::Int64(a), Value::Int64(b)) => a == b,
+            (Value::Float64(a), Value::Float64(b)) => a.to_bits() == b.to_bits(),
+            (Value::Text(a), Value::Text(b)) => a == b,
+            (Value::Bytes(a), Value::Bytes(b)) => a == b,
+            (Value::Timestamp(a), Value::Timestamp(b)) => a == b,
+            (Value::Json(a), Value::Json(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Value {}
+
+impl Hash for Value {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        std::mem::discriminant(self).hash(state);
+        match self {
+            Value::Null => {}
+            Value::Bool(b) => b.hash(state),
+            Value::Int64(i) => i.hash(state),
+            Value::Float64(f) => f.to_bits().hash(state),
+            Value::Text(s) => s.hash(state),
+            Value::Bytes(b) => b.hash(state),
+            Value::Timestamp(t) => t.hash(state),
+            Value::Json(j) => j.to_string().hash(state),
+        }
+    }
+}
+
+/// A Rust type that maps to one column.
+pub trait ColumnValue: Sized {
+    /// The column type.
+    const COLUMN_TYPE: ColumnType;
+    /// Whether the column is nullable (true for `Option<T>`).
+    const NULLABLE: bool = false;
+
+    /// Converts to a cell value.
+    fn to_value(&self) -> Value;
+
+    /// Converts from a cell value.
+    fn from_value(value: Value) -> Result<Self, Value>;
+
+    /// Converts the next value of a row, naming `column` in the error.
+    fn from_column(value: Option<Value>, column: &str) -> Result<Self, RowError> {
+        let value = value.ok_or_else(|| RowError::Invalid {
+            column: column.to_owned(),
+            message: "missing value".into(),
+        })?;
+        Self::from_value(value).map_err(|found| RowError::Type {
+            column: column.to_owned(),
+            expected: Self::COLUMN_TYPE.name().to_owned(),
+            found: found.type_name().to_owned(),
+        })
+    }
+}
+
+macro_rules! column_value {
+    ($rust:ty, $variant:ident) => {
+        impl ColumnValue for $rust {
+            const COLUMN_TYPE: ColumnType = ColumnType::$variant;
+            fn to_value(&self) -> Value {
+                Value::$variant(self.clone())
+            }
+            fn from_value(value: Value) -> Result<Self, Value> {
+                match value {
+                    Value::$variant(v) => Ok(v),
+                    other => Err(other),
+                }
+            }
+        }
+    };
+}
+
+column_value!(bool, Bool);
+column_value!(i64, Int64);
+column_value!(f64, Float64);
+column_value!(String, Text);
+column_value!(Vec<u8>, Bytes);
+column_value!(DateTime<Utc>, Timestamp);
+column_value!(serde_json::Value, Json);
+
+impl ColumnValue for i32 {
+    const COLUMN_TYPE: ColumnType = ColumnType::Int64;
+    fn to_value(&self) -> Value {
+        Value::Int64(i64::from(*self))
+    }
+    fn from_value(value: Value) -> Result<Self, Value> {
+        match value {
+            Value::Int64(v) => i32::try_from(v).map_err(|_| Value::Int64(v)),
+            other => Err(other),
+        }
+    }
+}
+
+impl<T: ColumnValue> ColumnValue for Option<T> {
+    const COLUMN_TYPE: ColumnType = T::COLUMN_TYPE;
+    const NULLABLE: bool = true;
+    fn to_value(&self) -> Value {
+        self.as_ref().map_or(Value::Null, T::to_value)
+    }
+    fn from_value(value: Value) -> Result<Self, Value> {
+        match value {
+            Value::Null => Ok(None),
+            other => T::from_value(other).map(Some),
+        }
+    }
+}
+
+/// A user type stored as one row of a table.
+pub trait Row: Sized + Send + Sync + 'static {
+    /// The table: default name, columns, primary key.
+    fn schema() -> TableSchema;
+
+    /// The row's values, in column order.
+    fn to_values(&self) -> Vec<Value>;
+
+    /// Rebuilds a row from values in column order.
+    fn from_values(values: Vec<Value>) -> Result<Self, RowError>;
+}
+
+/// The primary key of a row: its key columns' values, in key order.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PrimaryKey(Vec<Value>);
+
+impl PrimaryKey {
+    /// A key from values in key-column order.
+    pub fn new(values: Vec<Value>) -> Self {
+        Self(values)
+    }
+
+    /// The key's values.
+    pub fn values(&self) -> &[Value] {
+        &self.0
+    }
+
+    /// Consumes the key into its values.
+    pub fn into_values(self) -> Vec<Value> {
+        self.0
+    }
+}
+
+impl<T: ColumnValue> From<T> for PrimaryKey {
+    fn from(value: T) -> Self {
+        Self(vec![value.to_value()])
+    }
+}
+
+/// One change to a materialised table.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RowChange<T> {
+    /// Insert the row, or replace the row with the same primary key.
+    Upsert(T),
+    /// Delete the row with this primary key, if any.
+    Delete(PrimaryKey),
+}
+
+/// A validated, compacted batch of changes: at most one change per primary key (the
+/// last one given wins), so upserts and deletes never touch the same row.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChangeBatch {
+    /// Rows to insert or replace, as values in column order.
+    pub upserts: Vec<Vec<Value>>,
+    /// Keys to delete.
+    pub deletes: Vec<PrimaryKey>,
+}
+
+impl ChangeBatch {
+    /// Validates and compacts `changes` (in order) against `schema`.
+    pub fn compact<'a, T: Row>(
+        schema: &TableSchema,
+        changes: impl IntoIterator<Item = RowChangeRef<'a, T>>,
+    ) -> Result<Self, RowError> {
+        // key -> (position of the last change, Some(values) for upsert / None for delete)
+        let mut last: HashMap<PrimaryKey, (usize, Option<Vec<Value>>)> = HashMap::new();
+        for (position, change) in changes.into_iter().enumerate() {
+            let (key, values) = match change {
+                RowChangeRef::Upsert(row) => {
+                    let values = row.to_values();
+                    schema.check_row(&values)?;
+                    (schema.key_of(&values), Some(values))
+                }
+                RowChangeRef::Delete(key) => {
+                    schema.check_key(key)?;
+                    (key.clone(), None)
+                }
+            };
+            last.insert(key, (position, values));
+        }
+        let mut ordered: Vec<_> = last.into_iter().collect();
+        ordered.sort_by_key(|(_, (position, _))| *position);
+        let mut batch = ChangeBatch::default();
+        for (key, (_, values)) in ordered {
+            match values {
+                Some(values) => batch.upserts.push(values),
+                None => batch.deletes.push(key),
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Whether the batch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+/// A borrowed [`RowChange`], so batches can be built without cloning rows.
+#[derive(Debug)]
+pub enum RowChangeRef<'a, T> {
+    /// Upsert this row.
+    Upsert(&'a T),
+    /// Delete by this key.
+    Delete(&'a PrimaryKey),
+}
+
+impl<'a, T> From<&'a RowChange<T>> for RowChangeRef<'a, T> {
+    fn from(change: &'a RowChange<T>) -> Self {
+        match change {
+            RowChange::Upsert(row) => RowChangeRef::Upsert(row),
+            RowChange::Delete(key) => RowChangeRef::Delete(key),
+        }
+    }
+}
+
+/// Idempotent batch upserts and deletes of user rows by primary key: the
+/// materialisation store.
+///
+/// Applying the same batch twice leaves the table as applying it once; within a batch the
+/// last change to a key wins. Backends implement [`write`](Self::write) and
+/// [`get_all`](Self::get_all); the typed methods are provided.
+#[async_trait]
+pub trait UpsertRepository<T: Row>: Send + Sync {
+    /// What this store can do (`atomic_batch_write`: a batch applies fully or not at all).
+    fn capabilities(&self) -> Capabilities;
+
+    /// The table this repository writes.
+    fn schema(&self) -> &TableSchema;
+
+    /// Applies a validated batch.
+    async fn write(&self, batch: ChangeBatch) -> Result<(), RepositoryError>;
+
+    /// Reads rows by primary key, in request order (`None` where absent).
+    async fn get_all(&self, keys: &[PrimaryKey]) -> Result<Vec<Option<T>>, RepositoryError>;
+
+    /// Applies changes in order (last change per key wins).
+    async fn apply(&self, changes: &[RowChange<T>]) -> Result<(), RepositoryError> {
+        let batch = ChangeBatch::compact(self.schema(), changes.iter().map(RowChangeRef::from))?;
+        self.write(batch).await
+    }
+
+    /// Inserts or replaces rows by primary key.
+    async fn upsert_all(&self, rows: &[T]) -> Result<(), RepositoryError> {
+        let batch = ChangeBatch::compact(self.schema(), rows.iter().map(RowChangeRef::Upsert))?;
+        self.write(batch).await
+    }
+
+    /// Deletes rows by primary key; absent keys are ignored.
+    async fn delete_all(&self, keys: &[PrimaryKey]) -> Result<(), RepositoryError> {
+        let batch =
+            ChangeBatch::compact::<T>(self.schema(), keys.iter().map(RowChangeRef::Delete))?;
+        self.write(batch).await
+    }
+}
+
+/// Rebuilds rows from the values a backend found, in request order.
+pub fn rows_in_request_order<T: Row>(
+    keys: &[PrimaryKey],
+    found: &HashMap<PrimaryKey, Vec<Value>>,
+) -> Result<Vec<Option<T>>, RepositoryError> {
+    keys.iter()
+        .map(|key| {
+            found
+                .get(key)
+                .map(|values| T::from_values(values.clone()))
+                .transpose()
+                .map_err(RepositoryError::from)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Item {
+        id: String,
+        qty: i64,
+        note: Option<String>,
+    }
+
+    impl Row for Item {
+        fn schema() -> TableSchema {
+            TableSchema::builder("items")
+                .key("id", ColumnType::Text)
+                .column_of::<i64>("qty")
+                .column_of::<Option<String>>("note")
+                .build()
+                .unwrap()
+        }
+        fn to_values(&self) -> Vec<Value> {
+            vec![
+                self.id.to_value(),
+                self.qty.to_value(),
+                self.note.to_value(),
+            ]
+        }
+        fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
+            let mut v = values.into_iter();
+            Ok(Item {
+                id: String::from_column(v.next(), "id")?,
+                qty: i64::from_column(v.next(), "qty")?,
+                note: Option::<String>::from_column(v.next(), "note")?,
+            })
+        }
+    }
+
+    fn item(id: &str, qty: i64) -> Item {
+        Item {
+            id: id.into(),
+            qty,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn schema_rejects_unsafe_names_missing_keys_and_float_keys() {
+        assert!(matches!(
+            TableSchema::builder("x; drop")
+                .key("id", ColumnType::Text)
+                .build(),
+            Err(RowError::Name(_))
+        ));
+        assert!(
+            TableSchema::builder("t")
+                .column("a", ColumnType::Text)
+                .build()
+                .is_err()
+        );
+        assert!(
+            TableSchema::builder("t")
+                .key("a", ColumnType::Float64)
+                .build()
+                .is_err()
+        );
+        assert!(
+            TableSchema::builder("t")
+                .key("a", ColumnType::Text)
+                .column("A", ColumnType::Text)
+                .build()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn compaction_keeps_the_last_change_per_key() {
+        let schema = Item::schema();
+        let changes = vec![
+            RowChange::Upsert(item("a", 1)),
+            RowChange::Upsert(item("b", 1)),
+            RowChange::Delete(PrimaryKey::from("a".to_owned())),
+            RowChange::Upsert(item("b", 2)),
+            RowChange::Delete(PrimaryKey::from("c".to_owned())),
+            RowChange::Upsert(item("c", 3)),
+        ];
+        let batch = ChangeBatch::compact(&schema, changes.iter().map(RowChangeRef::from)).unwrap();
+        assert_eq!(batch.deletes, vec![PrimaryKey::from("a".to_owned())]);
+        assert_eq!(
+            batch.upserts,
+            vec![item("b", 2).to_values(), item("c", 3).to_values()]
+        );
+    }
+
+    #[test]
+    fn rows_are_checked_against_the_schema() {
+        let schema = Item::schema();
+        let err = schema
+            .check_row(&[Value::Int64(1), Value::Int64(1), Value::Null])
+            .unwrap_err();
+        assert!(
+            matches!(err, RowError::Type { ref column, .. } if column == "id"),
+            "{err}"
+        );
+        assert!(schema.check_row(&[Value::Null]).is_err());
+        assert!(
+            schema
+                .check_row(&[Value::Text("a".into()), Value::Null, Value::Null])
+                .is_err()
+        );
+        assert!(schema.check_key(&PrimaryKey::from(3i64)).is_err());
+    }
+
+    #[test]
+    fn option_and_i32_conversions() {
+        assert_eq!(Option::<i64>::from_value(Value::Null), Ok(None));
+        assert_eq!(
+            i32::from_value(Value::Int64(1 << 40)),
+            Err(Value::Int64(1 << 40))
+        );
+        assert!(i64::from_column(Some(Value::Text("x".into())), "n").is_err());
+    }
+}
