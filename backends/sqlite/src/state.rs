@@ -1,0 +1,224 @@
+//! [`SingleStateRepository`] on SQLite.
+
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use flows_core::repository::{PreparedWrite, conflicting_ids, distinct_ids, in_request_order, prepare_writes};
+use flows_core::{Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName};
+use sqlx::{AssertSqlSafe, Row as _};
+
+use crate::error::map_err;
+use crate::store::SqliteStore;
+use crate::{DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE};
+
+/// States of one table of a SQLite database. Batch writes are atomic (one transaction).
+#[derive(Clone, Debug)]
+pub struct SqliteStateRepository {
+    store: SqliteStore,
+    table: TableName,
+    capabilities: Capabilities,
+}
+
+impl SqliteStateRepository {
+    /// Opens the state table `table` (created if missing). The name must be a valid
+    /// [`TableName`].
+    pub async fn new(store: SqliteStore, table: &str) -> Result<Self, RepositoryError> {
+        let table = TableName::new(table).map_err(|e| RepositoryError::Configuration(e.to_string()))?;
+        let repository = Self {
+            store,
+            table,
+            capabilities: Capabilities::new(DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE),
+        };
+        repository.migrate().await?;
+        Ok(repository)
+    }
+
+    /// Changes the largest state accepted (default [`DEFAULT_MAX_STATE_SIZE`]).
+    pub fn with_max_state_size(mut self, max_state_size: usize) -> Self {
+        self.capabilities.max_state_size = max_state_size;
+        self
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &TableName {
+        &self.table
+    }
+
+    /// Creates the table if it does not exist. Idempotent; called by [`new`](Self::new).
+    pub async fn migrate(&self) -> Result<(), RepositoryError> {
+        let sql = format!(
+            "CREATE TABLE IF NOT EXISTS \"{}\" (\
+                id BLOB PRIMARY KEY NOT NULL, \
+                content BLOB, \
+                internal BLOB NOT NULL, \
+                version INTEGER NOT NULL, \
+                created_at INTEGER NOT NULL, \
+                updated_at INTEGER NOT NULL\
+            ) WITHOUT ROWID",
+            self.table
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(self.store.pool())
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    fn placeholders(rows: usize, columns: usize) -> String {
+        let row = format!("({})", vec!["?"; columns].join(", "));
+        vec![row; rows].join(", ")
+    }
+
+    async fn insert_chunk(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        writes: &[&PreparedWrite<'_>],
+        applied: &mut HashSet<PersistenceId>,
+    ) -> Result<(), RepositoryError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "INSERT INTO \"{}\" (id, content, internal, version, created_at, updated_at) VALUES {} \
+             ON CONFLICT (id) DO NOTHING RETURNING id",
+            self.table,
+            Self::placeholders(writes.len(), 6)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for w in writes {
+            query = query
+                .bind(w.id().as_str().as_bytes())
+                .bind(w.content())
+                .bind(w.internal.as_slice())
+                .bind(w.new_version_i64())
+                .bind(w.created_at.timestamp_micros())
+                .bind(w.updated_at.timestamp_micros());
+        }
+        collect_ids(query.fetch_all(&mut *tx).await.map_err(map_err)?, applied)
+    }
+
+    async fn update_chunk(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        writes: &[&PreparedWrite<'_>],
+        applied: &mut HashSet<PersistenceId>,
+    ) -> Result<(), RepositoryError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        // VALUES columns: 1 id, 2 content, 3 internal, 4 new version, 5 expected version,
+        // 6 updated_at.
+        let sql = format!(
+            "UPDATE \"{}\" SET content = v.column2, internal = v.column3, version = v.column4, \
+             updated_at = v.column6 FROM (VALUES {}) AS v \
+             WHERE id = v.column1 AND version = v.column5 RETURNING id",
+            self.table,
+            Self::placeholders(writes.len(), 6)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for w in writes {
+            query = query
+                .bind(w.id().as_str().as_bytes())
+                .bind(w.content())
+                .bind(w.internal.as_slice())
+                .bind(w.new_version_i64())
+                .bind(w.expected_version_i64())
+                .bind(w.updated_at.timestamp_micros());
+        }
+        collect_ids(query.fetch_all(&mut *tx).await.map_err(map_err)?, applied)
+    }
+}
+
+fn collect_ids(rows: Vec<sqlx::sqlite::SqliteRow>, applied: &mut HashSet<PersistenceId>) -> Result<(), RepositoryError> {
+    for row in rows {
+        let bytes: Vec<u8> = row.try_get(0).map_err(map_err)?;
+        applied.insert(decode_id(bytes)?);
+    }
+    Ok(())
+}
+
+fn decode_id(bytes: Vec<u8>) -> Result<PersistenceId, RepositoryError> {
+    let text = String::from_utf8(bytes).map_err(|e| RepositoryError::Corrupt {
+        id: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        source: flows_core::StateCodecError::Invalid("id is not UTF-8"),
+    })?;
+    PersistenceId::new(&text).map_err(|_| RepositoryError::Corrupt {
+        id: text.clone(),
+        source: flows_core::StateCodecError::Invalid("id is not a valid persistence id"),
+    })
+}
+
+pub(crate) fn micros_to_time(micros: i64) -> Option<DateTime<Utc>> {
+    DateTime::from_timestamp_micros(micros)
+}
+
+#[async_trait]
+impl SingleStateRepository for SqliteStateRepository {
+    fn capabilities(&self) -> Capabilities {
+        self.capabilities.clone()
+    }
+
+    async fn get_all(&self, ids: &[PersistenceId]) -> Result<Vec<RawState>, RepositoryError> {
+        let distinct = distinct_ids(ids);
+        let mut found = HashMap::with_capacity(distinct.len());
+        for chunk in distinct.chunks(MAX_BATCH_SIZE) {
+            let sql = format!(
+                "SELECT id, content, internal, version, created_at, updated_at FROM \"{}\" WHERE id IN ({})",
+                self.table,
+                vec!["?"; chunk.len()].join(", ")
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(id.as_str().as_bytes());
+            }
+            let rows = query.fetch_all(self.store.pool()).await.map_err(map_err)?;
+            for row in rows {
+                let id = decode_id(row.try_get(0).map_err(map_err)?)?;
+                let internal: Vec<u8> = row.try_get(2).map_err(map_err)?;
+                let state = RawState::from_stored(
+                    id.clone(),
+                    row.try_get(1).map_err(map_err)?,
+                    &internal,
+                    row.try_get(3).map_err(map_err)?,
+                    micros_to_time(row.try_get(4).map_err(map_err)?),
+                    micros_to_time(row.try_get(5).map_err(map_err)?),
+                )
+                .map_err(|source| RepositoryError::Corrupt {
+                    id: id.to_string(),
+                    source,
+                })?;
+                found.insert(id, state);
+            }
+        }
+        Ok(in_request_order(ids, found))
+    }
+
+    async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
+        let writes = prepare_writes(states, &self.capabilities)?;
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        // BEGIN IMMEDIATE takes the write lock now, so two tasks never both read under a
+        // shared lock and then deadlock upgrading it.
+        let mut tx = self
+            .store
+            .pool()
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)?;
+        let mut applied = HashSet::with_capacity(writes.len());
+        for chunk in writes.chunks(MAX_BATCH_SIZE) {
+            let (inserts, updates): (Vec<_>, Vec<_>) = chunk.iter().partition(|w| w.expected_version == 0);
+            self.insert_chunk(&mut tx, &inserts, &mut applied).await?;
+            self.update_chunk(&mut tx, &updates, &mut applied).await?;
+        }
+        let conflicts = conflicting_ids(&writes, &applied);
+        if !conflicts.is_empty() {
+            tx.rollback().await.map_err(map_err)?;
+            return Err(RepositoryError::Conflict { ids: conflicts });
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(writes.iter().map(PreparedWrite::written).collect())
+    }
+}

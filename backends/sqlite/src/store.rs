@@ -1,0 +1,73 @@
+//! The connection pool shared by the repositories of one database.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use flows_core::RepositoryError;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+
+use crate::error::map_err;
+
+/// A SQLite database opened for flows: a pool configured for one process with many
+/// tasks. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url`: `sqlite://path/to/file.db`,
+    /// `sqlite:relative.db`, or `sqlite::memory:` for a private in-memory database.
+    pub async fn connect(url: &str) -> Result<Self, RepositoryError> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(|e| RepositoryError::Configuration(format!("invalid SQLite URL: {e}")))?;
+        Self::connect_with(options).await
+    }
+
+    /// A private in-memory database (gone when the store is dropped).
+    pub async fn in_memory() -> Result<Self, RepositoryError> {
+        Self::connect("sqlite::memory:").await
+    }
+
+    /// Opens a database from explicit options; WAL mode, `synchronous = NORMAL` (durable
+    /// across process crashes; across power loss the last transactions may roll back),
+    /// a 30 s busy timeout and foreign keys are applied on top.
+    pub async fn connect_with(options: SqliteConnectOptions) -> Result<Self, RepositoryError> {
+        let in_memory = options.get_filename().to_string_lossy().starts_with("file:sqlx-in-memory")
+            || options.get_filename().as_os_str() == ":memory:";
+        let options = options
+            .create_if_missing(true)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let options = if in_memory {
+            options
+        } else {
+            options
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+        };
+        // An in-memory database lives in one connection: a pool of one keeps every task
+        // on the same data (and avoids shared-cache table locks).
+        let max_connections = if in_memory { 1 } else { 8 };
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .min_connections(if in_memory { 1 } else { 0 })
+            .idle_timeout(if in_memory { None } else { Some(Duration::from_secs(600)) })
+            .max_lifetime(if in_memory { None } else { Some(Duration::from_secs(3600)) })
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_with(options)
+            .await
+            .map_err(map_err)?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps an existing pool (the caller chose its options).
+    pub fn from_pool(pool: SqlitePool) -> Self {
+        Self { pool }
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}

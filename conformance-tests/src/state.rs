@@ -1,0 +1,567 @@
+//! Cases for [`SingleStateRepository`] implementations. Each takes a factory of fresh,
+//! isolated stores; see the crate documentation for how to run them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use flows_core::{
+    EncodedRecord, Headers, InvalidPersistenceId, MemoryStateRepository, PersistenceId, RawState,
+    RepositoryError, SingleStateRepository, State, TopicPartition,
+};
+use proptest::prelude::*;
+
+use crate::{StateFactory, StateStore};
+
+fn id(s: &str) -> PersistenceId {
+    PersistenceId::new(s).expect("valid id")
+}
+
+fn with_content(id_: &str, content: &[u8]) -> RawState {
+    State::fresh(id(id_)).with_content(content.to_vec())
+}
+
+async fn write(store: &StateStore, state: RawState) -> RawState {
+    store.upsert(&state).await.expect("write succeeds")
+}
+
+/// The comparable part of a state: what a backend must store exactly.
+fn essence(s: &RawState) -> (String, Option<Vec<u8>>, u64, Vec<u8>) {
+    (s.id.to_string(), s.content.clone(), s.version, s.encode_internal())
+}
+
+/// Capabilities are plausible: batches of at least one, states of at least 64 KiB, and
+/// conditional writes (flows needs them to fence stale instances).
+pub async fn capabilities_are_declared_sanely(factory: StateFactory) {
+    let caps = factory.create().await.capabilities();
+    assert!(caps.max_batch_size >= 1, "{caps:?}");
+    assert!(caps.max_state_size >= 64 * 1024, "{caps:?}");
+    assert!(
+        caps.conditional_write,
+        "flows requires conditional (versioned) writes to fence stale instances: {caps:?}"
+    );
+}
+
+/// An id that was never written reads as a fresh state.
+pub async fn missing_id_is_fresh(factory: StateFactory) {
+    let store = factory.create().await;
+    let state = store.get(&id("never-written")).await.expect("get");
+    assert_eq!(state, State::fresh(id("never-written")));
+}
+
+/// Empty content is stored as empty, not as absent.
+pub async fn round_trip_empty_content(factory: StateFactory) {
+    let store = factory.create().await;
+    let written = write(&store, with_content("empty", b"")).await;
+    assert_eq!(written.content, Some(Vec::new()));
+    let read = store.get(&id("empty")).await.expect("get");
+    assert_eq!(read.content, Some(Vec::new()));
+    // Absent content (progress only) stays absent.
+    let mut no_content: RawState = State::fresh(id("none"));
+    no_content.progress.record(TopicPartition::new("t", 0), 1);
+    write(&store, no_content).await;
+    assert_eq!(store.get(&id("none")).await.expect("get").content, None);
+}
+
+/// Every byte value survives.
+pub async fn round_trip_binary_content(factory: StateFactory) {
+    let store = factory.create().await;
+    let bytes: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
+    let written = write(&store, with_content("binary", &bytes)).await;
+    let read = store.get(&id("binary")).await.expect("get");
+    assert_eq!(essence(&read), essence(&written));
+    assert_eq!(read.content, Some(bytes));
+}
+
+/// Multi-byte UTF-8 content survives byte for byte.
+pub async fn round_trip_unicode_content(factory: StateFactory) {
+    let store = factory.create().await;
+    let text = "naïve 日本語 🦀 \u{202e}rtl\u{0} ∑".as_bytes();
+    write(&store, with_content("unicode", text)).await;
+    let read = store.get(&id("unicode")).await.expect("get");
+    assert_eq!(read.content.as_deref(), Some(text));
+}
+
+/// A state of exactly the declared maximum size round trips.
+pub async fn round_trip_largest_declared_state(factory: StateFactory) {
+    let store = factory.create().await;
+    let max = store.capabilities().max_state_size;
+    let mut state = with_content("large", b"");
+    let internal = state.encode_internal().len();
+    let content: Vec<u8> = (0..max - internal).map(|i| (i % 251) as u8).collect();
+    state.content = Some(content.clone());
+    write(&store, state).await;
+    let read = store.get(&id("large")).await.expect("get");
+    assert_eq!(read.content.map(|c| c.len()), Some(content.len()));
+    assert_eq!(store.get(&id("large")).await.expect("get").content, Some(content));
+}
+
+/// One byte over the declared maximum is a typed error and writes nothing, alone or in
+/// a batch.
+pub async fn over_sized_state_rejected_and_nothing_written(factory: StateFactory) {
+    let store = factory.create().await;
+    let max = store.capabilities().max_state_size;
+    let mut state = with_content("too-large", b"");
+    let internal = state.encode_internal().len();
+    state.content = Some(vec![7; max - internal + 1]);
+    let err = store.upsert(&state).await.expect_err("over-sized write must fail");
+    assert!(
+        matches!(err, RepositoryError::StateTooLarge { size, .. } if size == max + 1),
+        "{err}"
+    );
+    let batch = vec![with_content("small", b"x"), state];
+    let err = store.upsert_all(&batch).await.expect_err("batch must fail");
+    assert!(matches!(err, RepositoryError::StateTooLarge { .. }), "{err}");
+    for name in ["too-large", "small"] {
+        assert!(!store.get(&id(name)).await.expect("get").exists(), "{name} was written");
+    }
+}
+
+fn record(topic: &str, n: u8) -> EncodedRecord {
+    EncodedRecord {
+        topic: topic.to_owned(),
+        partition: (n % 2 == 0).then_some(i32::from(n)),
+        key: (n % 3 != 0).then(|| vec![n, 0, 255]),
+        value: (n % 4 != 0).then(|| format!("v{n}").into_bytes()),
+        headers: Headers::new()
+            .with("h", vec![n])
+            .with("h", None)
+            .with("ü", Vec::new()),
+        timestamp: (n % 5 != 0).then_some(1_700_000_000_000 + i64::from(n)),
+    }
+}
+
+/// Offset progress and last results (null keys and values, repeated and null headers)
+/// come back exactly as written.
+pub async fn progress_and_results_round_trip_exactly(factory: StateFactory) {
+    let store = factory.create().await;
+    let mut state = with_content("bookkeeping", b"c");
+    let a = TopicPartition::new("orders", 0);
+    let b = TopicPartition::new("payments-ü", 11);
+    state.progress.record(a.clone(), 1_234_567_890_123);
+    state.progress.record(b.clone(), 0);
+    state.results.replace_partition(
+        a,
+        BTreeMap::from([
+            (1_234_567_890_122, vec![record("out", 1), record("out", 2)]),
+            (1_234_567_890_123, vec![record("other", 3)]),
+        ]),
+    );
+    state
+        .results
+        .replace_partition(b, BTreeMap::from([(0, vec![record("out", 4), record("out", 5)])]));
+    let written = write(&store, state.clone()).await;
+    let read = store.get(&id("bookkeeping")).await.expect("get");
+    assert_eq!(read.progress, state.progress);
+    assert_eq!(read.results, state.results);
+    assert_eq!(essence(&read), essence(&written));
+}
+
+/// Each write increments the version by one; created stays, updated moves forward.
+pub async fn versions_and_timestamps_advance(factory: StateFactory) {
+    let store = factory.create().await;
+    let first = write(&store, with_content("v", b"1")).await;
+    assert_eq!(first.version, 1);
+    let (created, updated) = (first.created_at.expect("created"), first.updated_at.expect("updated"));
+    assert_eq!(created, updated);
+    let read = store.get(&id("v")).await.expect("get");
+    assert_eq!(read.version, 1);
+    assert_eq!(read.created_at, Some(created), "created_at must round trip (microseconds)");
+    let second = write(&store, read.with_content(b"2".to_vec())).await;
+    assert_eq!(second.version, 2);
+    assert_eq!(second.created_at, Some(created));
+    assert!(second.updated_at.expect("updated") >= updated);
+    let read = store.get(&id("v")).await.expect("get");
+    assert_eq!((read.version, read.created_at), (2, Some(created)));
+    assert_eq!(read.updated_at, second.updated_at);
+}
+
+/// `get_all` answers in request order, repeats duplicates and fills in fresh states.
+pub async fn get_all_keeps_request_order_duplicates_and_missing(factory: StateFactory) {
+    let store = factory.create().await;
+    store
+        .upsert_all(&[with_content("a", b"A"), with_content("b", b"B")])
+        .await
+        .expect("write");
+    let ids = [id("b"), id("missing"), id("a"), id("b"), id("missing"), id("a")];
+    let states = store.get_all(&ids).await.expect("get_all");
+    let got: Vec<_> = states
+        .iter()
+        .map(|s| (s.id.to_string(), s.content.clone()))
+        .collect();
+    let expected: Vec<_> = [
+        ("b", Some(b"B".to_vec())),
+        ("missing", None),
+        ("a", Some(b"A".to_vec())),
+        ("b", Some(b"B".to_vec())),
+        ("missing", None),
+        ("a", Some(b"A".to_vec())),
+    ]
+    .into_iter()
+    .map(|(i, c)| (i.to_owned(), c))
+    .collect();
+    assert_eq!(got, expected);
+    assert!(store.get_all(&[]).await.expect("empty get_all").is_empty());
+    assert!(store.upsert_all(&[]).await.expect("empty upsert_all").is_empty());
+}
+
+/// 5,000 states (or more than twice the native batch size) in one call: the backend
+/// chunks, every state is written and read back.
+pub async fn batch_larger_than_native_limit(factory: StateFactory) {
+    let store = factory.create().await;
+    let n = 5_000.max(2 * store.capabilities().max_batch_size.min(50_000) + 1);
+    let states: Vec<RawState> = (0..n)
+        .map(|i| with_content(&format!("batch-{i}"), &(i as u64).to_be_bytes()))
+        .collect();
+    let written = store.upsert_all(&states).await.expect("large batch write");
+    assert_eq!(written.len(), n);
+    assert!(written.iter().all(|s| s.version == 1));
+    let ids: Vec<_> = states.iter().map(|s| s.id.clone()).collect();
+    let read = store.get_all(&ids).await.expect("large batch read");
+    assert_eq!(read.len(), n);
+    for (i, state) in read.iter().enumerate() {
+        assert_eq!(state.id, ids[i]);
+        assert_eq!(state.content.as_deref(), Some(&(i as u64).to_be_bytes()[..]));
+    }
+    // And a second round of conditional writes over all of them.
+    let again = store.upsert_all(&read).await.expect("second large batch write");
+    assert!(again.iter().all(|s| s.version == 2));
+}
+
+/// Writing back what was read (same content) succeeds and leaves the content unchanged.
+pub async fn idempotent_re_upserts(factory: StateFactory) {
+    let store = factory.create().await;
+    let first = write(&store, with_content("same", b"same")).await;
+    let second = write(&store, first.clone()).await;
+    let third = write(&store, second.clone()).await;
+    assert_eq!(third.version, 3);
+    let read = store.get(&id("same")).await.expect("get");
+    assert_eq!(read.content, first.content);
+    assert_eq!(read.progress, first.progress);
+}
+
+async fn assert_conflict(store: &StateStore, states: &[RawState], expected: &[&str]) {
+    let err = store
+        .upsert_all(states)
+        .await
+        .expect_err("stale write must be rejected");
+    match err {
+        RepositoryError::Conflict { mut ids } => {
+            ids.sort();
+            let mut expected: Vec<_> = expected.iter().map(|e| id(e)).collect();
+            expected.sort();
+            assert_eq!(ids, expected, "conflict must name exactly the stale ids");
+        }
+        other => panic!("expected a Conflict, got {other}"),
+    }
+}
+
+/// A write carrying an old (or future) version fails with `Conflict` and changes nothing.
+pub async fn stale_version_rejected(factory: StateFactory) {
+    let store = factory.create().await;
+    let v1 = write(&store, with_content("k", b"one")).await;
+    let v2 = write(&store, v1.clone().with_content(b"two".to_vec())).await;
+    assert_conflict(&store, &[v1.with_content(b"stale".to_vec())], &["k"]).await;
+    let mut future = v2.clone().with_content(b"future".to_vec());
+    future.version = 7;
+    assert_conflict(&store, &[future], &["k"]).await;
+    let read = store.get(&id("k")).await.expect("get");
+    assert_eq!(essence(&read), essence(&v2));
+}
+
+/// Two writers that both saw the id absent: the second insert conflicts.
+pub async fn stale_insert_rejected(factory: StateFactory) {
+    let store = factory.create().await;
+    write(&store, with_content("new", b"first")).await;
+    assert_conflict(&store, &[with_content("new", b"second")], &["new"]).await;
+    assert_eq!(
+        store.get(&id("new")).await.expect("get").content.as_deref(),
+        Some(&b"first"[..])
+    );
+}
+
+/// A batch with one stale state is rejected; with `atomic_batch_write` nothing of it is
+/// written, without it at least the stale state is untouched.
+pub async fn stale_batch_rejected_and_nothing_changed(factory: StateFactory) {
+    let store = factory.create().await;
+    let atomic = store.capabilities().atomic_batch_write;
+    let old = write(&store, with_content("stale", b"old")).await;
+    write(&store, old.clone().with_content(b"newer".to_vec())).await;
+    let existing = write(&store, with_content("fine", b"before")).await;
+    let batch = vec![
+        with_content("fresh", b"x"),
+        old.with_content(b"lost".to_vec()),
+        existing.with_content(b"after".to_vec()),
+    ];
+    assert_conflict(&store, &batch, &["stale"]).await;
+    let read = store
+        .get_all(&[id("fresh"), id("stale"), id("fine")])
+        .await
+        .expect("get_all");
+    assert_eq!(read[1].content.as_deref(), Some(&b"newer"[..]));
+    if atomic {
+        assert!(!read[0].exists(), "atomic batch wrote part of a failed batch");
+        assert_eq!(read[2].content.as_deref(), Some(&b"before"[..]));
+        assert_eq!(read[2].version, 1);
+    }
+}
+
+/// Every stale id of a batch is named, not just the first.
+pub async fn conflict_names_every_stale_id(factory: StateFactory) {
+    let store = factory.create().await;
+    let written = store
+        .upsert_all(&[with_content("s1", b"1"), with_content("s2", b"2"), with_content("ok", b"3")])
+        .await
+        .expect("write");
+    store.upsert_all(&written[..2]).await.expect("bump versions");
+    let batch = vec![
+        written[0].clone(),
+        written[2].clone(),
+        written[1].clone(),
+        with_content("s1-new-but-fine", b"4"),
+    ];
+    assert_conflict(&store, &batch, &["s1", "s2"]).await;
+}
+
+/// The same id twice in one batch is a typed error and writes nothing.
+pub async fn duplicate_ids_in_batch_rejected(factory: StateFactory) {
+    let store = factory.create().await;
+    let batch = vec![with_content("d", b"1"), with_content("other", b"x"), with_content("d", b"2")];
+    let err = store.upsert_all(&batch).await.expect_err("duplicates rejected");
+    assert!(matches!(err, RepositoryError::DuplicateId { ref id } if id.as_str() == "d"), "{err}");
+    for name in ["d", "other"] {
+        assert!(!store.get(&id(name)).await.expect("get").exists());
+    }
+}
+
+/// Many tasks increment one counter by read, modify, conditional write and retry on
+/// conflict: no update is lost.
+pub async fn concurrent_increments_lose_no_update(factory: StateFactory) {
+    const TASKS: u64 = 8;
+    const INCREMENTS: u64 = 25;
+    let store = factory.create().await;
+    let counter = id("counter");
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let store = Arc::clone(&store);
+        let counter = counter.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conflicts = 0u64;
+            for _ in 0..INCREMENTS {
+                loop {
+                    let state = store.get(&counter).await.expect("get");
+                    let n = state
+                        .content
+                        .as_deref()
+                        .map_or(0, |b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+                    match store.upsert(&state.with_content((n + 1).to_be_bytes().to_vec())).await {
+                        Ok(_) => break,
+                        Err(RepositoryError::Conflict { .. }) => conflicts += 1,
+                        Err(e) => panic!("unexpected error: {e}"),
+                    }
+                }
+            }
+            conflicts
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let state = store.get(&counter).await.expect("get");
+    let n = u64::from_be_bytes(state.content.expect("content").try_into().expect("8 bytes"));
+    assert_eq!(n, TASKS * INCREMENTS, "lost updates");
+    assert_eq!(state.version, TASKS * INCREMENTS);
+}
+
+/// Ids that break naive SQL, JSON, LIKE or path handling round trip and stay distinct.
+pub async fn hostile_ids_round_trip_and_stay_distinct(factory: StateFactory) {
+    let store = factory.create().await;
+    let max_multibyte = "é".repeat(PersistenceId::MAX_LEN / 2);
+    let max_ascii = "x".repeat(PersistenceId::MAX_LEN);
+    let ids = [
+        "'",
+        "''",
+        "\"",
+        "\\",
+        "\\'",
+        "'; DROP TABLE flows; --",
+        "{\"$gt\": \"\"}",
+        "$where",
+        "a.b",
+        "%",
+        "_",
+        "a%",
+        "a_",
+        "A%",
+        " a",
+        "a ",
+        "a\tb",
+        "line\nbreak",
+        "nul\0inside",
+        "\0",
+        "caf\u{e9}",
+        "cafe\u{301}",
+        "日本語",
+        "🦀",
+        "\u{feff}bom",
+        "/",
+        "..",
+        "#",
+        &max_multibyte,
+        &max_ascii,
+    ];
+    let states: Vec<RawState> = ids
+        .iter()
+        .map(|i| with_content(i, i.as_bytes()))
+        .collect();
+    store.upsert_all(&states).await.expect("write hostile ids");
+    let requested: Vec<_> = ids.iter().map(|i| id(i)).collect();
+    let read = store.get_all(&requested).await.expect("read hostile ids");
+    for (i, state) in ids.iter().zip(&read) {
+        assert_eq!(state.id.as_str(), *i);
+        assert_eq!(
+            state.content.as_deref(),
+            Some(i.as_bytes()),
+            "id {i:?} read another id's state"
+        );
+    }
+    for i in ids {
+        let single = store.get(&id(i)).await.expect("get");
+        assert_eq!(single.content.as_deref(), Some(i.as_bytes()), "{i:?}");
+    }
+}
+
+/// The empty and over-long ids never reach a store: the core rejects them with a typed
+/// error. (Checked here so a custom store's callers see the same behaviour.)
+pub async fn invalid_ids_rejected_before_the_store(factory: StateFactory) {
+    let _store = factory.create().await;
+    assert_eq!(PersistenceId::new(""), Err(InvalidPersistenceId::Empty));
+    let over = "é".repeat(PersistenceId::MAX_LEN / 2) + "x";
+    assert!(matches!(
+        PersistenceId::new(&over),
+        Err(InvalidPersistenceId::TooLong { len: 1025, .. })
+    ));
+}
+
+/// Two stores from the factory (different tables) do not see each other's states.
+pub async fn stores_with_different_tables_are_isolated(factory: StateFactory) {
+    let first = factory.create().await;
+    let second = factory.create().await;
+    write(&first, with_content("shared-id", b"first")).await;
+    assert!(!second.get(&id("shared-id")).await.expect("get").exists());
+    write(&second, with_content("shared-id", b"second")).await;
+    assert_eq!(
+        first.get(&id("shared-id")).await.expect("get").content.as_deref(),
+        Some(&b"first"[..])
+    );
+}
+
+/// One step of the random state-machine test.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// Read these ids (by index into the id pool).
+    GetAll(Vec<usize>),
+    /// Read, change content and progress, write back (a conditional write that succeeds).
+    Update(Vec<(usize, Vec<u8>, i64)>),
+    /// Write with a version that is off by `delta` (a stale or future writer).
+    StaleWrite(usize, u64, Vec<u8>),
+}
+
+const POOL: [&str; 6] = ["p0", "p1", "p'2", "p\\3", "p 4", "日5"];
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let index = 0..POOL.len();
+    prop_oneof![
+        proptest::collection::vec(index.clone(), 0..8).prop_map(Op::GetAll),
+        proptest::collection::btree_map(
+            index.clone(),
+            (proptest::collection::vec(any::<u8>(), 0..24), 0i64..1_000),
+            1..4
+        )
+        .prop_map(|m| Op::Update(m.into_iter().map(|(i, (c, o))| (i, c, o)).collect())),
+        (index, 1u64..3, proptest::collection::vec(any::<u8>(), 0..8))
+            .prop_map(|(i, d, c)| Op::StaleWrite(i, d, c)),
+    ]
+}
+
+/// Outcome of an operation, comparable between the store and the model.
+#[derive(Debug, PartialEq)]
+enum Observed {
+    States(Vec<(String, Option<Vec<u8>>, u64, Vec<u8>)>),
+    Conflict(Vec<PersistenceId>),
+    Other(String),
+}
+
+async fn perform(store: &dyn SingleStateRepository, op: &Op) -> Observed {
+    let pool: Vec<_> = POOL.iter().map(|p| id(p)).collect();
+    let observe = |r: Result<Vec<RawState>, RepositoryError>| match r {
+        Ok(states) => Observed::States(states.iter().map(essence).collect()),
+        Err(RepositoryError::Conflict { ids }) => Observed::Conflict(ids),
+        Err(e) => Observed::Other(e.to_string()),
+    };
+    match op {
+        Op::GetAll(indices) => {
+            let ids: Vec<_> = indices.iter().map(|&i| pool[i].clone()).collect();
+            observe(store.get_all(&ids).await)
+        }
+        Op::Update(changes) => {
+            let ids: Vec<_> = changes.iter().map(|(i, ..)| pool[*i].clone()).collect();
+            let current = match store.get_all(&ids).await {
+                Ok(states) => states,
+                Err(e) => return Observed::Other(e.to_string()),
+            };
+            let writes: Vec<RawState> = current
+                .into_iter()
+                .zip(changes)
+                .map(|(mut s, (_, content, offset))| {
+                    s.progress.record(TopicPartition::new("in", 0), *offset);
+                    s.with_content(content.clone())
+                })
+                .collect();
+            observe(store.upsert_all(&writes).await)
+        }
+        Op::StaleWrite(i, delta, content) => {
+            let mut state = match store.get(&pool[*i]).await {
+                Ok(state) => state,
+                Err(e) => return Observed::Other(e.to_string()),
+            };
+            state.version = if state.version >= *delta {
+                state.version - delta
+            } else {
+                state.version + delta
+            };
+            observe(store.upsert(&state.with_content(content.clone())).await.map(|s| vec![s]))
+        }
+    }
+}
+
+/// Random sequences of reads, conditional writes and stale writes give the same
+/// observable results (contents, versions, progress, conflicts) on the store as on the
+/// in-memory reference model.
+pub fn state_machine_matches_in_memory_model(factory: StateFactory) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let config = ProptestConfig {
+        cases: 24,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let result = runner.run(&proptest::collection::vec(op_strategy(), 1..24), |ops| {
+        runtime.block_on(async {
+            let store = factory.create().await;
+            let model = MemoryStateRepository::new();
+            for (step, op) in ops.iter().enumerate() {
+                let expected = perform(&model, op).await;
+                let actual = perform(&*store, op).await;
+                prop_assert_eq!(actual, expected, "step {} ({:?}) diverged", step, op);
+            }
+            Ok(())
+        })
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
