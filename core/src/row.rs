@@ -267,7 +267,7 @@ impl TableSchema {
     }
 
     /// The primary key columns in key order.
-    pub fn key_columns(&self) -> impl Iterator<Item = &Column> {
+    pub fn key_columns(&self) -> impl Iterator<Item = &Column> + Clone {
         self.key_indices.iter().map(|&i| &self.columns[i])
     }
 
