@@ -1,1 +1,80 @@
-//! flows
+//! **flows**: declarative, functional dataflow on Kafka with pluggable state storage.
+//!
+//! This facade is the one crate an application depends on. It re-exports the core model
+//! ([`Message`], [`Topic`], [`Format`]s, [`State`], the repository traits, function
+//! types) and, behind feature flags, the backends:
+//!
+//! | feature | module | store |
+//! |---|---|---|
+//! | *(always)* | [`memory`] | in-memory (tests, demos) |
+//! | `sqlite` *(default)* | [`sqlite`] | SQLite, embedded |
+//! | `postgres` | [`postgres`] | PostgreSQL, the reference backend |
+//!
+//! [`open_state_store`] picks a backend from a URL scheme, so one program runs against
+//! any store by configuration alone.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flows::RepositoryError> {
+//! use flows::{PersistenceId, SingleStateRepository, State};
+//!
+//! let store = flows::open_state_store("memory://", "word_counts").await?;
+//! let id = PersistenceId::new("fox").expect("valid id");
+//! let fresh = store.get(&id).await?;
+//! let written = store.upsert(&fresh.with_content(b"1".to_vec())).await?;
+//! assert_eq!(written.version, 1);
+//! # Ok(()) }
+//! ```
+
+pub use flows_core::*;
+
+#[cfg(feature = "postgres")]
+#[doc(inline)]
+pub use flows_postgres as postgres;
+
+#[cfg(feature = "sqlite")]
+#[doc(inline)]
+pub use flows_sqlite as sqlite;
+
+use std::sync::Arc;
+
+/// Opens the state table `table` in the store named by `url`; the scheme picks the
+/// backend:
+///
+/// - `memory://` — a new in-memory store (nothing persists);
+/// - `sqlite://path/to/file.db`, `sqlite::memory:` — SQLite (feature `sqlite`);
+/// - `postgres://...`, `postgresql://...` — PostgreSQL (feature `postgres`).
+///
+/// A scheme whose feature is not enabled is a [`RepositoryError::Configuration`] naming
+/// the feature.
+pub async fn open_state_store(
+    url: &str,
+    table: &str,
+) -> Result<Arc<dyn SingleStateRepository>, RepositoryError> {
+    let scheme = url.split(':').next().unwrap_or_default();
+    match scheme {
+        "memory" => Ok(Arc::new(MemoryStateRepository::new())),
+        #[cfg(feature = "sqlite")]
+        "sqlite" => {
+            let store = flows_sqlite::SqliteStore::connect(url).await?;
+            Ok(Arc::new(
+                flows_sqlite::SqliteStateRepository::new(store, table).await?,
+            ))
+        }
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => {
+            let store = flows_postgres::PostgresStore::connect(url).await?;
+            Ok(Arc::new(
+                flows_postgres::PostgresStateRepository::new(store, table).await?,
+            ))
+        }
+        other => Err(RepositoryError::Configuration(match other {
+            "sqlite" => "sqlite:// URLs need the `sqlite` feature of flows".to_owned(),
+            "postgres" | "postgresql" => {
+                "postgres:// URLs need the `postgres` feature of flows".to_owned()
+            }
+            _ => format!(
+                "unsupported store URL scheme {other:?} (expected memory, sqlite or postgres)"
+            ),
+        })),
+    }
+}

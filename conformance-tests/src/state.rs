@@ -24,9 +24,17 @@ async fn write(store: &StateStore, state: RawState) -> RawState {
     store.upsert(&state).await.expect("write succeeds")
 }
 
+/// The comparable part of a state: id, content, version and internal blob.
+type Essence = (String, Option<Vec<u8>>, u64, Vec<u8>);
+
 /// The comparable part of a state: what a backend must store exactly.
-fn essence(s: &RawState) -> (String, Option<Vec<u8>>, u64, Vec<u8>) {
-    (s.id.to_string(), s.content.clone(), s.version, s.encode_internal())
+fn essence(s: &RawState) -> Essence {
+    (
+        s.id.to_string(),
+        s.content.clone(),
+        s.version,
+        s.encode_internal(),
+    )
 }
 
 /// Capabilities are plausible: batches of at least one, states of at least 64 KiB, and
@@ -92,7 +100,10 @@ pub async fn round_trip_largest_declared_state(factory: StateFactory) {
     write(&store, state).await;
     let read = store.get(&id("large")).await.expect("get");
     assert_eq!(read.content.map(|c| c.len()), Some(content.len()));
-    assert_eq!(store.get(&id("large")).await.expect("get").content, Some(content));
+    assert_eq!(
+        store.get(&id("large")).await.expect("get").content,
+        Some(content)
+    );
 }
 
 /// One byte over the declared maximum is a typed error and writes nothing, alone or in
@@ -103,30 +114,39 @@ pub async fn over_sized_state_rejected_and_nothing_written(factory: StateFactory
     let mut state = with_content("too-large", b"");
     let internal = state.encode_internal().len();
     state.content = Some(vec![7; max - internal + 1]);
-    let err = store.upsert(&state).await.expect_err("over-sized write must fail");
+    let err = store
+        .upsert(&state)
+        .await
+        .expect_err("over-sized write must fail");
     assert!(
         matches!(err, RepositoryError::StateTooLarge { size, .. } if size == max + 1),
         "{err}"
     );
     let batch = vec![with_content("small", b"x"), state];
     let err = store.upsert_all(&batch).await.expect_err("batch must fail");
-    assert!(matches!(err, RepositoryError::StateTooLarge { .. }), "{err}");
+    assert!(
+        matches!(err, RepositoryError::StateTooLarge { .. }),
+        "{err}"
+    );
     for name in ["too-large", "small"] {
-        assert!(!store.get(&id(name)).await.expect("get").exists(), "{name} was written");
+        assert!(
+            !store.get(&id(name)).await.expect("get").exists(),
+            "{name} was written"
+        );
     }
 }
 
 fn record(topic: &str, n: u8) -> EncodedRecord {
     EncodedRecord {
         topic: topic.to_owned(),
-        partition: (n % 2 == 0).then_some(i32::from(n)),
-        key: (n % 3 != 0).then(|| vec![n, 0, 255]),
-        value: (n % 4 != 0).then(|| format!("v{n}").into_bytes()),
+        partition: n.is_multiple_of(2).then_some(i32::from(n)),
+        key: (!n.is_multiple_of(3)).then(|| vec![n, 0, 255]),
+        value: (!n.is_multiple_of(4)).then(|| format!("v{n}").into_bytes()),
         headers: Headers::new()
             .with("h", vec![n])
             .with("h", None)
             .with("ü", Vec::new()),
-        timestamp: (n % 5 != 0).then_some(1_700_000_000_000 + i64::from(n)),
+        timestamp: (!n.is_multiple_of(5)).then_some(1_700_000_000_000 + i64::from(n)),
     }
 }
 
@@ -146,9 +166,10 @@ pub async fn progress_and_results_round_trip_exactly(factory: StateFactory) {
             (1_234_567_890_123, vec![record("other", 3)]),
         ]),
     );
-    state
-        .results
-        .replace_partition(b, BTreeMap::from([(0, vec![record("out", 4), record("out", 5)])]));
+    state.results.replace_partition(
+        b,
+        BTreeMap::from([(0, vec![record("out", 4), record("out", 5)])]),
+    );
     let written = write(&store, state.clone()).await;
     let read = store.get(&id("bookkeeping")).await.expect("get");
     assert_eq!(read.progress, state.progress);
@@ -161,11 +182,18 @@ pub async fn versions_and_timestamps_advance(factory: StateFactory) {
     let store = factory.create().await;
     let first = write(&store, with_content("v", b"1")).await;
     assert_eq!(first.version, 1);
-    let (created, updated) = (first.created_at.expect("created"), first.updated_at.expect("updated"));
+    let (created, updated) = (
+        first.created_at.expect("created"),
+        first.updated_at.expect("updated"),
+    );
     assert_eq!(created, updated);
     let read = store.get(&id("v")).await.expect("get");
     assert_eq!(read.version, 1);
-    assert_eq!(read.created_at, Some(created), "created_at must round trip (microseconds)");
+    assert_eq!(
+        read.created_at,
+        Some(created),
+        "created_at must round trip (microseconds)"
+    );
     let second = write(&store, read.with_content(b"2".to_vec())).await;
     assert_eq!(second.version, 2);
     assert_eq!(second.created_at, Some(created));
@@ -182,7 +210,14 @@ pub async fn get_all_keeps_request_order_duplicates_and_missing(factory: StateFa
         .upsert_all(&[with_content("a", b"A"), with_content("b", b"B")])
         .await
         .expect("write");
-    let ids = [id("b"), id("missing"), id("a"), id("b"), id("missing"), id("a")];
+    let ids = [
+        id("b"),
+        id("missing"),
+        id("a"),
+        id("b"),
+        id("missing"),
+        id("a"),
+    ];
     let states = store.get_all(&ids).await.expect("get_all");
     let got: Vec<_> = states
         .iter()
@@ -201,7 +236,13 @@ pub async fn get_all_keeps_request_order_duplicates_and_missing(factory: StateFa
     .collect();
     assert_eq!(got, expected);
     assert!(store.get_all(&[]).await.expect("empty get_all").is_empty());
-    assert!(store.upsert_all(&[]).await.expect("empty upsert_all").is_empty());
+    assert!(
+        store
+            .upsert_all(&[])
+            .await
+            .expect("empty upsert_all")
+            .is_empty()
+    );
 }
 
 /// 5,000 states (or more than twice the native batch size) in one call: the backend
@@ -220,10 +261,16 @@ pub async fn batch_larger_than_native_limit(factory: StateFactory) {
     assert_eq!(read.len(), n);
     for (i, state) in read.iter().enumerate() {
         assert_eq!(state.id, ids[i]);
-        assert_eq!(state.content.as_deref(), Some(&(i as u64).to_be_bytes()[..]));
+        assert_eq!(
+            state.content.as_deref(),
+            Some(&(i as u64).to_be_bytes()[..])
+        );
     }
     // And a second round of conditional writes over all of them.
-    let again = store.upsert_all(&read).await.expect("second large batch write");
+    let again = store
+        .upsert_all(&read)
+        .await
+        .expect("second large batch write");
     assert!(again.iter().all(|s| s.version == 2));
 }
 
@@ -299,7 +346,10 @@ pub async fn stale_batch_rejected_and_nothing_changed(factory: StateFactory) {
         .expect("get_all");
     assert_eq!(read[1].content.as_deref(), Some(&b"newer"[..]));
     if atomic {
-        assert!(!read[0].exists(), "atomic batch wrote part of a failed batch");
+        assert!(
+            !read[0].exists(),
+            "atomic batch wrote part of a failed batch"
+        );
         assert_eq!(read[2].content.as_deref(), Some(&b"before"[..]));
         assert_eq!(read[2].version, 1);
     }
@@ -309,10 +359,17 @@ pub async fn stale_batch_rejected_and_nothing_changed(factory: StateFactory) {
 pub async fn conflict_names_every_stale_id(factory: StateFactory) {
     let store = factory.create().await;
     let written = store
-        .upsert_all(&[with_content("s1", b"1"), with_content("s2", b"2"), with_content("ok", b"3")])
+        .upsert_all(&[
+            with_content("s1", b"1"),
+            with_content("s2", b"2"),
+            with_content("ok", b"3"),
+        ])
         .await
         .expect("write");
-    store.upsert_all(&written[..2]).await.expect("bump versions");
+    store
+        .upsert_all(&written[..2])
+        .await
+        .expect("bump versions");
     let batch = vec![
         written[0].clone(),
         written[2].clone(),
@@ -325,9 +382,19 @@ pub async fn conflict_names_every_stale_id(factory: StateFactory) {
 /// The same id twice in one batch is a typed error and writes nothing.
 pub async fn duplicate_ids_in_batch_rejected(factory: StateFactory) {
     let store = factory.create().await;
-    let batch = vec![with_content("d", b"1"), with_content("other", b"x"), with_content("d", b"2")];
-    let err = store.upsert_all(&batch).await.expect_err("duplicates rejected");
-    assert!(matches!(err, RepositoryError::DuplicateId { ref id } if id.as_str() == "d"), "{err}");
+    let batch = vec![
+        with_content("d", b"1"),
+        with_content("other", b"x"),
+        with_content("d", b"2"),
+    ];
+    let err = store
+        .upsert_all(&batch)
+        .await
+        .expect_err("duplicates rejected");
+    assert!(
+        matches!(err, RepositoryError::DuplicateId { ref id } if id.as_str() == "d"),
+        "{err}"
+    );
     for name in ["d", "other"] {
         assert!(!store.get(&id(name)).await.expect("get").exists());
     }
@@ -353,7 +420,10 @@ pub async fn concurrent_increments_lose_no_update(factory: StateFactory) {
                         .content
                         .as_deref()
                         .map_or(0, |b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
-                    match store.upsert(&state.with_content((n + 1).to_be_bytes().to_vec())).await {
+                    match store
+                        .upsert(&state.with_content((n + 1).to_be_bytes().to_vec()))
+                        .await
+                    {
                         Ok(_) => break,
                         Err(RepositoryError::Conflict { .. }) => conflicts += 1,
                         Err(e) => panic!("unexpected error: {e}"),
@@ -409,10 +479,7 @@ pub async fn hostile_ids_round_trip_and_stay_distinct(factory: StateFactory) {
         &max_multibyte,
         &max_ascii,
     ];
-    let states: Vec<RawState> = ids
-        .iter()
-        .map(|i| with_content(i, i.as_bytes()))
-        .collect();
+    let states: Vec<RawState> = ids.iter().map(|i| with_content(i, i.as_bytes())).collect();
     store.upsert_all(&states).await.expect("write hostile ids");
     let requested: Vec<_> = ids.iter().map(|i| id(i)).collect();
     let read = store.get_all(&requested).await.expect("read hostile ids");
@@ -450,7 +517,12 @@ pub async fn stores_with_different_tables_are_isolated(factory: StateFactory) {
     assert!(!second.get(&id("shared-id")).await.expect("get").exists());
     write(&second, with_content("shared-id", b"second")).await;
     assert_eq!(
-        first.get(&id("shared-id")).await.expect("get").content.as_deref(),
+        first
+            .get(&id("shared-id"))
+            .await
+            .expect("get")
+            .content
+            .as_deref(),
         Some(&b"first"[..])
     );
 }
@@ -486,7 +558,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 /// Outcome of an operation, comparable between the store and the model.
 #[derive(Debug, PartialEq)]
 enum Observed {
-    States(Vec<(String, Option<Vec<u8>>, u64, Vec<u8>)>),
+    States(Vec<Essence>),
     Conflict(Vec<PersistenceId>),
     Other(String),
 }
@@ -529,7 +601,12 @@ async fn perform(store: &dyn SingleStateRepository, op: &Op) -> Observed {
             } else {
                 state.version + delta
             };
-            observe(store.upsert(&state.with_content(content.clone())).await.map(|s| vec![s]))
+            observe(
+                store
+                    .upsert(&state.with_content(content.clone()))
+                    .await
+                    .map(|s| vec![s]),
+            )
         }
     }
 }

@@ -86,7 +86,7 @@ impl ConformanceRow {
         Self {
             tenant: tenant.to_owned(),
             id,
-            active: n % 2 == 0,
+            active: n.rem_euclid(2) == 0,
             amount: n as f64 * 1.25 - 3.5,
             note: (n % 3 != 0).then(|| format!("note {n}")),
             payload: n.to_be_bytes().to_vec(),
@@ -94,7 +94,8 @@ impl ConformanceRow {
                 .timestamp_micros(1_700_000_000_000_000 + n * 1_000_003)
                 .single()
                 .expect("valid timestamp"),
-            doc: (n % 4 != 0).then(|| serde_json::json!({"n": n, "tags": ["a", "b"], "nested": {"ok": true}})),
+            doc: (n % 4 != 0)
+                .then(|| serde_json::json!({"n": n, "tags": ["a", "b"], "nested": {"ok": true}})),
             score: (n % 5 != 0).then_some(n * 7),
         }
     }
@@ -123,7 +124,9 @@ pub async fn rows_round_trip_every_column_type(factory: RowFactory) {
         .timestamp_micros(-62_135_596_800_000_000 + 1)
         .single()
         .expect("valid timestamp");
-    extreme.doc = Some(serde_json::json!({"quote": "'\"", "unicode": "日本", "null": null, "big": 12345678901234i64}));
+    extreme.doc = Some(
+        serde_json::json!({"quote": "'\"", "unicode": "日本", "null": null, "big": 12345678901234i64}),
+    );
     extreme.score = Some(i64::MAX);
     let mut empty = ConformanceRow::sample("", 0, 3);
     empty.note = Some(String::new());
@@ -148,7 +151,10 @@ pub async fn rows_round_trip_every_column_type(factory: RowFactory) {
 pub async fn missing_rows_are_none_in_request_order(factory: RowFactory) {
     let store = factory.create().await;
     let a = ConformanceRow::sample("t", 1, 1);
-    store.upsert_all(std::slice::from_ref(&a)).await.expect("upsert");
+    store
+        .upsert_all(std::slice::from_ref(&a))
+        .await
+        .expect("upsert");
     let got = read(&store, &[key("t", 2), a.key(), key("u", 1), a.key()]).await;
     assert_eq!(got, vec![None, Some(a.clone()), None, Some(a)]);
     assert!(read(&store, &[]).await.is_empty());
@@ -197,7 +203,11 @@ pub async fn last_change_per_key_in_a_batch_wins(factory: RowFactory) {
         RowChange::Delete(key("t", 3)),
     ];
     store.apply(&changes).await.expect("apply");
-    let got = read(&store, &[key("t", 1), key("t", 2), key("t", 9), key("t", 3)]).await;
+    let got = read(
+        &store,
+        &[key("t", 1), key("t", 2), key("t", 9), key("t", 3)],
+    )
+    .await;
     assert_eq!(
         got,
         vec![
@@ -219,7 +229,11 @@ pub async fn delete_removes_rows_and_ignores_absent_keys(factory: RowFactory) {
         .await
         .expect("delete");
     let keys: Vec<_> = rows.iter().map(ConformanceRow::key).collect();
-    let present: Vec<bool> = read(&store, &keys).await.iter().map(Option::is_some).collect();
+    let present: Vec<bool> = read(&store, &keys)
+        .await
+        .iter()
+        .map(Option::is_some)
+        .collect();
     assert_eq!(present, vec![true, false, true, false, true]);
     store.delete_all(&[]).await.expect("empty delete");
 }
@@ -228,7 +242,9 @@ pub async fn delete_removes_rows_and_ignores_absent_keys(factory: RowFactory) {
 pub async fn row_batch_larger_than_native_limit(factory: RowFactory) {
     let store = factory.create().await;
     let n = 5_000.max(2 * store.capabilities().max_batch_size.min(50_000) as i64 + 1);
-    let rows: Vec<_> = (0..n).map(|i| ConformanceRow::sample("bulk", i, i)).collect();
+    let rows: Vec<_> = (0..n)
+        .map(|i| ConformanceRow::sample("bulk", i, i))
+        .collect();
     store.upsert_all(&rows).await.expect("bulk upsert");
     let keys: Vec<_> = rows.iter().map(ConformanceRow::key).collect();
     let got = read(&store, &keys).await;
@@ -265,7 +281,10 @@ pub async fn hostile_text_round_trips_or_is_rejected(factory: RowFactory) {
         .collect();
     store.upsert_all(&rows).await.expect("hostile text upsert");
     let keys: Vec<_> = rows.iter().map(ConformanceRow::key).collect();
-    assert_eq!(read(&store, &keys).await, rows.into_iter().map(Some).collect::<Vec<_>>());
+    assert_eq!(
+        read(&store, &keys).await,
+        rows.into_iter().map(Some).collect::<Vec<_>>()
+    );
 
     let mut nul = ConformanceRow::sample("nul\0key", 1, 1);
     nul.note = Some("nul\0value".into());
@@ -273,7 +292,11 @@ pub async fn hostile_text_round_trips_or_is_rejected(factory: RowFactory) {
     match store.upsert_all(&[good.clone(), nul.clone()]).await {
         Ok(()) => assert_eq!(read(&store, &[nul.key()]).await, vec![Some(nul)]),
         Err(RepositoryError::Row(_)) => {
-            assert_eq!(read(&store, &[good.key()]).await, vec![None], "a rejected batch wrote rows");
+            assert_eq!(
+                read(&store, &[good.key()]).await,
+                vec![None],
+                "a rejected batch wrote rows"
+            );
         }
         Err(other) => panic!("NUL in text must round trip or be a RowError, got {other}"),
     }
@@ -284,7 +307,10 @@ pub async fn row_tables_are_isolated(factory: RowFactory) {
     let first = factory.create().await;
     let second = factory.create().await;
     let row = ConformanceRow::sample("t", 1, 1);
-    first.upsert_all(std::slice::from_ref(&row)).await.expect("upsert");
+    first
+        .upsert_all(std::slice::from_ref(&row))
+        .await
+        .expect("upsert");
     assert_eq!(read(&second, &[row.key()]).await, vec![None]);
     second.delete_all(&[row.key()]).await.expect("delete");
     assert_eq!(read(&first, &[row.key()]).await, vec![Some(row)]);

@@ -744,7 +744,7 @@ mod tests {
     #[test]
     fn compaction_keeps_the_last_change_per_key() {
         let schema = Item::schema();
-        let changes = vec![
+        let changes = [
             RowChange::Upsert(item("a", 1)),
             RowChange::Upsert(item("b", 1)),
             RowChange::Delete(PrimaryKey::from("a".to_owned())),

@@ -7,7 +7,11 @@ use flows_core::RepositoryError;
 /// too many connections, serialization failure and deadlock (the transaction was rolled
 /// back, nothing was written).
 fn is_transient_sqlstate(code: &str) -> bool {
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
+    code.starts_with("08")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+        )
 }
 
 pub(crate) fn map_err(error: sqlx::Error) -> RepositoryError {

@@ -4,9 +4,12 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use flows_core::repository::{PreparedWrite, conflicting_ids, distinct_ids, in_request_order, prepare_writes};
+use flows_core::repository::{
+    PreparedWrite, conflicting_ids, distinct_ids, in_request_order, prepare_writes,
+};
 use flows_core::{
-    Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, StateCodecError, TableName,
+    Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, StateCodecError,
+    TableName,
 };
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Row as _};
@@ -71,7 +74,8 @@ impl PostgresStateRepository {
     /// schema is managed separately (call [`migrate`](Self::migrate) or apply
     /// [`ddl`](Self::ddl) yourself).
     pub fn without_migration(store: PostgresStore, table: &str) -> Result<Self, RepositoryError> {
-        let table = TableName::new(table).map_err(|e| RepositoryError::Configuration(e.to_string()))?;
+        let table =
+            TableName::new(table).map_err(|e| RepositoryError::Configuration(e.to_string()))?;
         Ok(Self {
             store,
             sql: Statements::new(&table),
@@ -137,9 +141,18 @@ impl PostgresStateRepository {
         let query = if writes[0].expected_version == 0 {
             query.bind(writes.iter().map(|w| w.created_at).collect::<Vec<_>>())
         } else {
-            query.bind(writes.iter().map(|w| w.expected_version_i64()).collect::<Vec<_>>())
+            query.bind(
+                writes
+                    .iter()
+                    .map(|w| w.expected_version_i64())
+                    .collect::<Vec<_>>(),
+            )
         };
-        let rows = query.bind(updated).fetch_all(&mut *tx).await.map_err(map_err)?;
+        let rows = query
+            .bind(updated)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
         for row in rows {
             applied.insert(decode_id(row.try_get(0).map_err(map_err)?)?);
         }
@@ -210,9 +223,12 @@ impl SingleStateRepository for PostgresStateRepository {
         let mut tx = self.store.pool().begin().await.map_err(map_err)?;
         let mut applied = HashSet::with_capacity(writes.len());
         for chunk in ordered.chunks(MAX_BATCH_SIZE) {
-            let (inserts, updates): (Vec<_>, Vec<_>) = chunk.iter().partition(|w| w.expected_version == 0);
-            self.write_chunk(&mut tx, &self.sql.insert, &inserts, &mut applied).await?;
-            self.write_chunk(&mut tx, &self.sql.update, &updates, &mut applied).await?;
+            let (inserts, updates): (Vec<_>, Vec<_>) =
+                chunk.iter().partition(|w| w.expected_version == 0);
+            self.write_chunk(&mut tx, &self.sql.insert, &inserts, &mut applied)
+                .await?;
+            self.write_chunk(&mut tx, &self.sql.update, &updates, &mut applied)
+                .await?;
         }
         let conflicts = conflicting_ids(&writes, &applied);
         if !conflicts.is_empty() {

@@ -21,7 +21,9 @@ pub struct PostgresStore {
 
 impl fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresStore").field("server", &self.display).finish()
+        f.debug_struct("PostgresStore")
+            .field("server", &self.display)
+            .finish()
     }
 }
 
@@ -33,7 +35,10 @@ impl PostgresStore {
     }
 
     /// Connects with a pool of at most `max_connections` connections.
-    pub async fn connect_with_pool_size(url: &str, max_connections: u32) -> Result<Self, RepositoryError> {
+    pub async fn connect_with_pool_size(
+        url: &str,
+        max_connections: u32,
+    ) -> Result<Self, RepositoryError> {
         // URL parse errors are generic messages that do not repeat the URL (or password).
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| RepositoryError::Configuration(format!("invalid PostgreSQL URL: {e}")))?
@@ -73,7 +78,11 @@ impl PostgresStore {
 
     /// Runs `ddl` (a `CREATE ... IF NOT EXISTS`) under a transaction-scoped advisory lock
     /// keyed by the table name, so workers starting together do not race on the catalog.
-    pub(crate) async fn create_table(&self, table: &TableName, ddl: String) -> Result<(), RepositoryError> {
+    pub(crate) async fn create_table(
+        &self,
+        table: &TableName,
+        ddl: String,
+    ) -> Result<(), RepositoryError> {
         let mut tx = self.pool.begin().await.map_err(map_err)?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
             .bind(format!("flows:{table}"))

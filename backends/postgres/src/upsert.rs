@@ -8,8 +8,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flows_core::row::{ChangeBatch, rows_in_request_order};
 use flows_core::{
-    Capabilities, Column, ColumnType, PrimaryKey, RepositoryError, Row, RowError, TableName, TableSchema,
-    UpsertRepository, Value,
+    Capabilities, Column, ColumnType, PrimaryKey, RepositoryError, Row, RowError, TableName,
+    TableSchema, UpsertRepository, Value,
 };
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
 use sqlx::{AssertSqlSafe, Row as _};
@@ -77,7 +77,11 @@ fn unnest<'a>(columns: impl Iterator<Item = &'a Column> + Clone, alias: &str) ->
         })
         .collect();
     (
-        format!("UNNEST({}) AS {alias}({})", arrays.join(", "), names.join(", ")),
+        format!(
+            "UNNEST({}) AS {alias}({})",
+            arrays.join(", "),
+            names.join(", ")
+        ),
         select.join(", "),
     )
 }
@@ -94,7 +98,10 @@ impl Statements {
         let table = schema.table();
         let columns = schema.columns();
         let names: Vec<String> = columns.iter().map(|c| format!("\"{}\"", c.name)).collect();
-        let keys: Vec<String> = schema.key_columns().map(|c| format!("\"{}\"", c.name)).collect();
+        let keys: Vec<String> = schema
+            .key_columns()
+            .map(|c| format!("\"{}\"", c.name))
+            .collect();
         let updates: Vec<String> = columns
             .iter()
             .filter(|c| !c.primary_key)
@@ -111,7 +118,10 @@ impl Statements {
             .key_columns()
             .map(|c| format!("t.\"{0}\" = k.\"{0}\"", c.name))
             .collect();
-        let qualified: Vec<String> = columns.iter().map(|c| format!("t.\"{}\"", c.name)).collect();
+        let qualified: Vec<String> = columns
+            .iter()
+            .map(|c| format!("t.\"{}\"", c.name))
+            .collect();
         Self {
             upsert: format!(
                 "INSERT INTO \"{table}\" ({}) SELECT {row_select} FROM {rows} ON CONFLICT ({}) {on_conflict}",
@@ -148,7 +158,12 @@ fn check_storable(column: &Column, value: &Value) -> Result<(), RowError> {
 }
 
 /// Binds column `index` of `rows` as one typed array.
-fn bind_column<'q>(query: Query<'q>, column: &Column, rows: &[&[Value]], index: usize) -> Result<Query<'q>, RowError> {
+fn bind_column<'q>(
+    query: Query<'q>,
+    column: &Column,
+    rows: &[&[Value]],
+    index: usize,
+) -> Result<Query<'q>, RowError> {
     fn collect<T>(
         rows: &[&[Value]],
         index: usize,
@@ -204,11 +219,21 @@ fn bind_column<'q>(query: Query<'q>, column: &Column, rows: &[&[Value]], index: 
 
 fn read_value(row: &PgRow, index: usize, column: &Column) -> Result<Value, RepositoryError> {
     let value = match column.column_type {
-        ColumnType::Bool => row.try_get::<Option<bool>, _>(index).map(|v| v.map(Value::Bool)),
-        ColumnType::Int64 => row.try_get::<Option<i64>, _>(index).map(|v| v.map(Value::Int64)),
-        ColumnType::Float64 => row.try_get::<Option<f64>, _>(index).map(|v| v.map(Value::Float64)),
-        ColumnType::Text => row.try_get::<Option<String>, _>(index).map(|v| v.map(Value::Text)),
-        ColumnType::Bytes => row.try_get::<Option<Vec<u8>>, _>(index).map(|v| v.map(Value::Bytes)),
+        ColumnType::Bool => row
+            .try_get::<Option<bool>, _>(index)
+            .map(|v| v.map(Value::Bool)),
+        ColumnType::Int64 => row
+            .try_get::<Option<i64>, _>(index)
+            .map(|v| v.map(Value::Int64)),
+        ColumnType::Float64 => row
+            .try_get::<Option<f64>, _>(index)
+            .map(|v| v.map(Value::Float64)),
+        ColumnType::Text => row
+            .try_get::<Option<String>, _>(index)
+            .map(|v| v.map(Value::Text)),
+        ColumnType::Bytes => row
+            .try_get::<Option<Vec<u8>>, _>(index)
+            .map(|v| v.map(Value::Bytes)),
         ColumnType::Timestamp => row
             .try_get::<Option<DateTime<Utc>>, _>(index)
             .map(|v| v.map(Value::Timestamp)),
@@ -228,11 +253,15 @@ impl<T: Row> PostgresUpsertRepository<T> {
 
     /// Opens `T`'s table under another name (created if missing).
     pub async fn with_table(store: PostgresStore, table: &str) -> Result<Self, RepositoryError> {
-        let table = TableName::new(table).map_err(|e| RepositoryError::Configuration(e.to_string()))?;
+        let table =
+            TableName::new(table).map_err(|e| RepositoryError::Configuration(e.to_string()))?;
         Self::with_schema(store, T::schema().with_table(table)).await
     }
 
-    async fn with_schema(store: PostgresStore, schema: TableSchema) -> Result<Self, RepositoryError> {
+    async fn with_schema(
+        store: PostgresStore,
+        schema: TableSchema,
+    ) -> Result<Self, RepositoryError> {
         let repository = Self {
             store,
             sql: Statements::new(&schema),
@@ -258,7 +287,11 @@ impl<T: Row> PostgresUpsertRepository<T> {
                 )
             })
             .collect();
-        let keys: Vec<String> = self.schema.key_columns().map(|c| format!("\"{}\"", c.name)).collect();
+        let keys: Vec<String> = self
+            .schema
+            .key_columns()
+            .map(|c| format!("\"{}\"", c.name))
+            .collect();
         format!(
             "CREATE TABLE IF NOT EXISTS \"{}\" ({}, PRIMARY KEY ({}))",
             self.schema.table(),
@@ -269,7 +302,9 @@ impl<T: Row> PostgresUpsertRepository<T> {
 
     /// Creates the table if it does not exist. Idempotent and safe to run concurrently.
     pub async fn migrate(&self) -> Result<(), RepositoryError> {
-        self.store.create_table(self.schema.table(), self.ddl()).await
+        self.store
+            .create_table(self.schema.table(), self.ddl())
+            .await
     }
 
     fn bind_keys<'q>(&self, sql: &str, keys: &[&PrimaryKey]) -> Result<Query<'q>, RowError> {

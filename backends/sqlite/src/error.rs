@@ -10,9 +10,10 @@ fn is_transient_code(code: &str) -> bool {
 
 pub(crate) fn map_err(error: sqlx::Error) -> RepositoryError {
     match &error {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
-            RepositoryError::Unavailable(Box::new(error))
-        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => RepositoryError::Unavailable(Box::new(error)),
         sqlx::Error::Database(db) if db.code().is_some_and(|c| is_transient_code(&c)) => {
             RepositoryError::Unavailable(Box::new(error))
         }

@@ -4,8 +4,12 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use flows_core::repository::{PreparedWrite, conflicting_ids, distinct_ids, in_request_order, prepare_writes};
-use flows_core::{Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName};
+use flows_core::repository::{
+    PreparedWrite, conflicting_ids, distinct_ids, in_request_order, prepare_writes,
+};
+use flows_core::{
+    Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName,
+};
 use sqlx::{AssertSqlSafe, Row as _};
 
 use crate::error::map_err;
@@ -24,7 +28,8 @@ impl SqliteStateRepository {
     /// Opens the state table `table` (created if missing). The name must be a valid
     /// [`TableName`].
     pub async fn new(store: SqliteStore, table: &str) -> Result<Self, RepositoryError> {
-        let table = TableName::new(table).map_err(|e| RepositoryError::Configuration(e.to_string()))?;
+        let table =
+            TableName::new(table).map_err(|e| RepositoryError::Configuration(e.to_string()))?;
         let repository = Self {
             store,
             table,
@@ -130,7 +135,10 @@ impl SqliteStateRepository {
     }
 }
 
-fn collect_ids(rows: Vec<sqlx::sqlite::SqliteRow>, applied: &mut HashSet<PersistenceId>) -> Result<(), RepositoryError> {
+fn collect_ids(
+    rows: Vec<sqlx::sqlite::SqliteRow>,
+    applied: &mut HashSet<PersistenceId>,
+) -> Result<(), RepositoryError> {
     for row in rows {
         let bytes: Vec<u8> = row.try_get(0).map_err(map_err)?;
         applied.insert(decode_id(bytes)?);
@@ -209,7 +217,8 @@ impl SingleStateRepository for SqliteStateRepository {
             .map_err(map_err)?;
         let mut applied = HashSet::with_capacity(writes.len());
         for chunk in writes.chunks(MAX_BATCH_SIZE) {
-            let (inserts, updates): (Vec<_>, Vec<_>) = chunk.iter().partition(|w| w.expected_version == 0);
+            let (inserts, updates): (Vec<_>, Vec<_>) =
+                chunk.iter().partition(|w| w.expected_version == 0);
             self.insert_chunk(&mut tx, &inserts, &mut applied).await?;
             self.update_chunk(&mut tx, &updates, &mut applied).await?;
         }

@@ -4,7 +4,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use flows_core::RepositoryError;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
 use crate::error::map_err;
 
@@ -33,7 +35,10 @@ impl SqliteStore {
     /// across process crashes; across power loss the last transactions may roll back),
     /// a 30 s busy timeout and foreign keys are applied on top.
     pub async fn connect_with(options: SqliteConnectOptions) -> Result<Self, RepositoryError> {
-        let in_memory = options.get_filename().to_string_lossy().starts_with("file:sqlx-in-memory")
+        let in_memory = options
+            .get_filename()
+            .to_string_lossy()
+            .starts_with("file:sqlx-in-memory")
             || options.get_filename().as_os_str() == ":memory:";
         let options = options
             .create_if_missing(true)
@@ -52,8 +57,16 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .min_connections(if in_memory { 1 } else { 0 })
-            .idle_timeout(if in_memory { None } else { Some(Duration::from_secs(600)) })
-            .max_lifetime(if in_memory { None } else { Some(Duration::from_secs(3600)) })
+            .idle_timeout(if in_memory {
+                None
+            } else {
+                Some(Duration::from_secs(600))
+            })
+            .max_lifetime(if in_memory {
+                None
+            } else {
+                Some(Duration::from_secs(3600))
+            })
             .acquire_timeout(Duration::from_secs(60))
             .connect_with(options)
             .await

@@ -44,7 +44,10 @@ fn sql_type(column_type: ColumnType) -> &'static str {
 }
 
 fn quoted_list<'a>(names: impl Iterator<Item = &'a TableName>) -> String {
-    names.map(|n| format!("\"{n}\"")).collect::<Vec<_>>().join(", ")
+    names
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn tuples(rows: usize, columns: usize) -> String {
@@ -65,7 +68,11 @@ fn bind<'q>(query: Query<'q>, value: &Value) -> Query<'q> {
     }
 }
 
-fn read_value(row: &SqliteRow, index: usize, column: &flows_core::Column) -> Result<Value, RepositoryError> {
+fn read_value(
+    row: &SqliteRow,
+    index: usize,
+    column: &flows_core::Column,
+) -> Result<Value, RepositoryError> {
     let invalid = |message: String| {
         RepositoryError::Row(RowError::Invalid {
             column: column.name.to_string(),
@@ -73,11 +80,21 @@ fn read_value(row: &SqliteRow, index: usize, column: &flows_core::Column) -> Res
         })
     };
     let value = match column.column_type {
-        ColumnType::Bool => row.try_get::<Option<bool>, _>(index).map(|v| v.map(Value::Bool)),
-        ColumnType::Int64 => row.try_get::<Option<i64>, _>(index).map(|v| v.map(Value::Int64)),
-        ColumnType::Float64 => row.try_get::<Option<f64>, _>(index).map(|v| v.map(Value::Float64)),
-        ColumnType::Text => row.try_get::<Option<String>, _>(index).map(|v| v.map(Value::Text)),
-        ColumnType::Bytes => row.try_get::<Option<Vec<u8>>, _>(index).map(|v| v.map(Value::Bytes)),
+        ColumnType::Bool => row
+            .try_get::<Option<bool>, _>(index)
+            .map(|v| v.map(Value::Bool)),
+        ColumnType::Int64 => row
+            .try_get::<Option<i64>, _>(index)
+            .map(|v| v.map(Value::Int64)),
+        ColumnType::Float64 => row
+            .try_get::<Option<f64>, _>(index)
+            .map(|v| v.map(Value::Float64)),
+        ColumnType::Text => row
+            .try_get::<Option<String>, _>(index)
+            .map(|v| v.map(Value::Text)),
+        ColumnType::Bytes => row
+            .try_get::<Option<Vec<u8>>, _>(index)
+            .map(|v| v.map(Value::Bytes)),
         ColumnType::Timestamp => {
             let micros = row.try_get::<Option<i64>, _>(index).map_err(map_err)?;
             return match micros {
@@ -109,7 +126,8 @@ impl<T: Row> SqliteUpsertRepository<T> {
 
     /// Opens `T`'s table under another name (created if missing).
     pub async fn with_table(store: SqliteStore, table: &str) -> Result<Self, RepositoryError> {
-        let table = TableName::new(table).map_err(|e| RepositoryError::Configuration(e.to_string()))?;
+        let table =
+            TableName::new(table).map_err(|e| RepositoryError::Configuration(e.to_string()))?;
         Self::with_schema(store, T::schema().with_table(table)).await
     }
 

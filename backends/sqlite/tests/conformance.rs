@@ -31,12 +31,17 @@ mod conformance {
 
     flows_conformance::state_repository_suite!(sqlite_memory, || async {
         let store = SqliteStore::in_memory().await.expect("in-memory SQLite");
-        SqliteStateRepository::new(store, "states").await.expect("state table")
+        SqliteStateRepository::new(store, "states")
+            .await
+            .expect("state table")
     });
 
     flows_conformance::upsert_repository_suite!(sqlite_rows, || async {
-        SqliteUpsertRepository::<ConformanceRow>::with_table(file_store().await, &unique_table("rows"))
-            .await
-            .expect("row table")
+        SqliteUpsertRepository::<ConformanceRow>::with_table(
+            file_store().await,
+            &unique_table("rows"),
+        )
+        .await
+        .expect("row table")
     });
 }

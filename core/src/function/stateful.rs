@@ -68,12 +68,16 @@ pub trait StatefulProcessor: Send + Sync {
     ) -> Result<Applied, ProcessError>;
 }
 
+/// A user function computing a persistence id from a decoded message.
+pub type IdFunction<K, V> =
+    dyn Fn(&Message<K, V>) -> Result<PersistenceId, FunctionError> + Send + Sync;
+
 /// How a message is mapped to the key of its state.
 pub enum PersistenceIdFn<K, V> {
     /// The raw message key as UTF-8 (no decoding; a null or non-UTF-8 key is an error).
     Key,
     /// A function of the decoded message.
-    Custom(Arc<dyn Fn(&Message<K, V>) -> Result<PersistenceId, FunctionError> + Send + Sync>),
+    Custom(Arc<IdFunction<K, V>>),
 }
 
 impl<K, V> Clone for PersistenceIdFn<K, V> {

@@ -341,9 +341,13 @@ mod tests {
     fn record(n: u8) -> EncodedRecord {
         EncodedRecord {
             topic: "out".into(),
-            partition: if n % 2 == 0 { Some(1) } else { None },
+            partition: if n.is_multiple_of(2) { Some(1) } else { None },
             key: Some(vec![n]),
-            value: if n % 3 == 0 { None } else { Some(vec![n, n]) },
+            value: if n.is_multiple_of(3) {
+                None
+            } else {
+                Some(vec![n, n])
+            },
             headers: Headers::new().with("h", vec![n]).with("h", None),
             timestamp: Some(i64::from(n)),
         }
