@@ -3,14 +3,14 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`message`] | [`Message`] (what a function receives), [`Record`] (what it emits), [`Headers`] |
-//! | [`format`] | [`Format`]: typed encode/decode — bytes, UTF-8, JSON, protobuf |
+//! | [`format`](mod@format) | [`Format`]: typed encode/decode — bytes, UTF-8, JSON, protobuf |
 //! | [`topic`] | [`Topic`]: a name plus a key format and a value format |
 //! | [`id`] | [`PersistenceId`] (validated state keys) and [`TableName`] |
 //! | [`state`] | [`State`]: content, offset progress and last results, versioned |
 //! | [`repository`] | the [`SingleStateRepository`] trait, [`Capabilities`], [`RepositoryError`] |
 //! | [`row`] | [`Row`] and the [`UpsertRepository`] trait for materialisation |
 //! | [`memory`] | in-memory stores: the reference model for tests and demos |
-//! | [`function`] | stateless and stateful function types and the replay-aware [`fold`](function::fold) |
+//! | [`function`] | stateless and stateful function types and the replay-aware [`fold`](mod@function::fold) |
 //!
 //! Backends (`flows-postgres`, `flows-sqlite`, ...) implement the traits; the Kafka
 //! engine drives the functions. Both depend on this crate and nothing here depends on

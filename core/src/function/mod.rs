@@ -3,7 +3,7 @@
 //! Users write plain functions over typed [`Message`](crate::Message)s and
 //! [`Record`](crate::Record)s; the constructors in [`stateless`] and [`stateful`] wrap
 //! them, with their topics' formats, into byte-level processors
-//! ([`StatelessProcessor`], [`StatefulProcessor`]) that an engine drives. [`fold`]
+//! ([`StatelessProcessor`], [`StatefulProcessor`]) that an engine drives. [`fold()`]
 //! applies a batch of messages of one key to its state with replay deduplication.
 
 pub mod fold;
