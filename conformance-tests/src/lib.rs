@@ -107,6 +107,29 @@ pub fn run(case: impl Future<Output = ()>) {
         .block_on(case)
 }
 
+/// Runs a property over `cases` random inputs of `strategy`, each case an async block on
+/// one shared runtime; panics with proptest's minimal failing input.
+pub fn run_property<S: proptest::strategy::Strategy>(
+    cases: u32,
+    strategy: S,
+    property: impl Fn(S::Value) -> BoxFuture<Result<(), proptest::test_runner::TestCaseError>>,
+) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let config = proptest::test_runner::Config {
+        cases,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    if let Err(e) = runner.run(&strategy, |value| runtime.block_on(property(value))) {
+        panic!("{e}");
+    }
+}
+
 /// Asserts that `Row` round trips through values: used by [`upsert`] cases and
 /// available to users testing their own row types.
 pub fn assert_row_round_trips<T: Row + PartialEq + std::fmt::Debug>(row: &T) {

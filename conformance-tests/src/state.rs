@@ -615,19 +615,10 @@ async fn perform(store: &dyn SingleStateRepository, op: &Op) -> Observed {
 /// observable results (contents, versions, progress, conflicts) on the store as on the
 /// in-memory reference model.
 pub fn state_machine_matches_in_memory_model(factory: StateFactory) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let config = ProptestConfig {
-        cases: 24,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    };
-    let mut runner = proptest::test_runner::TestRunner::new(config);
-    let result = runner.run(&proptest::collection::vec(op_strategy(), 1..24), |ops| {
-        runtime.block_on(async {
+    let ops = proptest::collection::vec(op_strategy(), 1..24);
+    crate::run_property(24, ops, move |ops: Vec<Op>| {
+        let factory = factory.clone();
+        Box::pin(async move {
             let store = factory.create().await;
             let model = MemoryStateRepository::new();
             for (step, op) in ops.iter().enumerate() {
@@ -638,7 +629,4 @@ pub fn state_machine_matches_in_memory_model(factory: StateFactory) {
             Ok(())
         })
     });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
 }

@@ -325,42 +325,35 @@ enum RowOp {
 /// the in-memory model after every batch.
 pub fn rows_state_machine_matches_in_memory_model(factory: RowFactory) {
     const POOL: i64 = 6;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let config = ProptestConfig {
-        cases: 24,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    };
     let op = proptest::collection::vec((0..POOL as usize, proptest::option::of(0i64..100)), 0..10)
         .prop_map(RowOp::Apply);
-    let mut runner = proptest::test_runner::TestRunner::new(config);
-    let result = runner.run(&proptest::collection::vec(op, 1..12), |ops| {
-        runtime.block_on(async {
-            let store = factory.create().await;
-            let model = MemoryUpsertRepository::<ConformanceRow>::new();
-            let keys: Vec<_> = (0..POOL).map(|i| key("sm", i)).collect();
-            for (step, RowOp::Apply(changes)) in ops.iter().enumerate() {
-                let changes: Vec<_> = changes
-                    .iter()
-                    .map(|(k, n)| match n {
-                        Some(n) => RowChange::Upsert(ConformanceRow::sample("sm", *k as i64, *n)),
-                        None => RowChange::Delete(key("sm", *k as i64)),
-                    })
-                    .collect();
-                model.apply(&changes).await.expect("model apply");
-                store.apply(&changes).await.expect("store apply");
-                let expected = model.get_all(&keys).await.expect("model read");
-                let actual = store.get_all(&keys).await.expect("store read");
-                prop_assert_eq!(actual, expected, "step {} diverged", step);
-            }
-            Ok(())
-        })
-    });
-    if let Err(e) = result {
-        panic!("{e}");
-    }
+    crate::run_property(
+        24,
+        proptest::collection::vec(op, 1..12),
+        move |ops: Vec<RowOp>| {
+            let factory = factory.clone();
+            Box::pin(async move {
+                let store = factory.create().await;
+                let model = MemoryUpsertRepository::<ConformanceRow>::new();
+                let keys: Vec<_> = (0..POOL).map(|i| key("sm", i)).collect();
+                for (step, RowOp::Apply(changes)) in ops.iter().enumerate() {
+                    let changes: Vec<_> = changes
+                        .iter()
+                        .map(|(k, n)| match n {
+                            Some(n) => {
+                                RowChange::Upsert(ConformanceRow::sample("sm", *k as i64, *n))
+                            }
+                            None => RowChange::Delete(key("sm", *k as i64)),
+                        })
+                        .collect();
+                    model.apply(&changes).await.expect("model apply");
+                    store.apply(&changes).await.expect("store apply");
+                    let expected = model.get_all(&keys).await.expect("model read");
+                    let actual = store.get_all(&keys).await.expect("store read");
+                    prop_assert_eq!(actual, expected, "step {} diverged", step);
+                }
+                Ok(())
+            })
+        },
+    );
 }

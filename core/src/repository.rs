@@ -319,6 +319,19 @@ pub fn conflicting_ids<'a>(
         .collect()
 }
 
+/// Decodes an id read back from a store (stored as UTF-8 bytes); anything else is
+/// reported as a corrupt state rather than panicking or skipping the row.
+pub fn decode_stored_id(bytes: Vec<u8>) -> Result<PersistenceId, RepositoryError> {
+    let text = String::from_utf8(bytes).map_err(|e| RepositoryError::Corrupt {
+        id: String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        source: StateCodecError::Invalid("id is not UTF-8"),
+    })?;
+    PersistenceId::new(&text).map_err(|_| RepositoryError::Corrupt {
+        id: text.clone(),
+        source: StateCodecError::Invalid("id is not a valid persistence id"),
+    })
+}
+
 /// The distinct ids of a request, in first-seen order.
 pub fn distinct_ids(ids: &[PersistenceId]) -> Vec<&PersistenceId> {
     let mut seen = HashSet::with_capacity(ids.len());

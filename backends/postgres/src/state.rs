@@ -5,11 +5,11 @@ use std::collections::{HashMap, HashSet};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flows_core::repository::{
-    PreparedWrite, conflicting_ids, distinct_ids, in_request_order, prepare_writes,
+    PreparedWrite, conflicting_ids, decode_stored_id, distinct_ids, in_request_order,
+    prepare_writes,
 };
 use flows_core::{
-    Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, StateCodecError,
-    TableName,
+    Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName,
 };
 use sqlx::postgres::PgRow;
 use sqlx::{AssertSqlSafe, Row as _};
@@ -154,25 +154,14 @@ impl PostgresStateRepository {
             .await
             .map_err(map_err)?;
         for row in rows {
-            applied.insert(decode_id(row.try_get(0).map_err(map_err)?)?);
+            applied.insert(decode_stored_id(row.try_get(0).map_err(map_err)?)?);
         }
         Ok(())
     }
 }
 
-fn decode_id(bytes: Vec<u8>) -> Result<PersistenceId, RepositoryError> {
-    let text = String::from_utf8(bytes).map_err(|e| RepositoryError::Corrupt {
-        id: String::from_utf8_lossy(e.as_bytes()).into_owned(),
-        source: StateCodecError::Invalid("id is not UTF-8"),
-    })?;
-    PersistenceId::new(&text).map_err(|_| RepositoryError::Corrupt {
-        id: text.clone(),
-        source: StateCodecError::Invalid("id is not a valid persistence id"),
-    })
-}
-
 fn decode_row(row: &PgRow) -> Result<RawState, RepositoryError> {
-    let id = decode_id(row.try_get(0).map_err(map_err)?)?;
+    let id = decode_stored_id(row.try_get(0).map_err(map_err)?)?;
     let internal: Vec<u8> = row.try_get(2).map_err(map_err)?;
     RawState::from_stored(
         id.clone(),

@@ -5,7 +5,8 @@ use std::collections::{HashMap, HashSet};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flows_core::repository::{
-    PreparedWrite, conflicting_ids, distinct_ids, in_request_order, prepare_writes,
+    PreparedWrite, conflicting_ids, decode_stored_id, distinct_ids, in_request_order,
+    prepare_writes,
 };
 use flows_core::{
     Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName,
@@ -141,20 +142,9 @@ fn collect_ids(
 ) -> Result<(), RepositoryError> {
     for row in rows {
         let bytes: Vec<u8> = row.try_get(0).map_err(map_err)?;
-        applied.insert(decode_id(bytes)?);
+        applied.insert(decode_stored_id(bytes)?);
     }
     Ok(())
-}
-
-fn decode_id(bytes: Vec<u8>) -> Result<PersistenceId, RepositoryError> {
-    let text = String::from_utf8(bytes).map_err(|e| RepositoryError::Corrupt {
-        id: String::from_utf8_lossy(e.as_bytes()).into_owned(),
-        source: flows_core::StateCodecError::Invalid("id is not UTF-8"),
-    })?;
-    PersistenceId::new(&text).map_err(|_| RepositoryError::Corrupt {
-        id: text.clone(),
-        source: flows_core::StateCodecError::Invalid("id is not a valid persistence id"),
-    })
 }
 
 pub(crate) fn micros_to_time(micros: i64) -> Option<DateTime<Utc>> {
@@ -182,7 +172,7 @@ impl SingleStateRepository for SqliteStateRepository {
             }
             let rows = query.fetch_all(self.store.pool()).await.map_err(map_err)?;
             for row in rows {
-                let id = decode_id(row.try_get(0).map_err(map_err)?)?;
+                let id = decode_stored_id(row.try_get(0).map_err(map_err)?)?;
                 let internal: Vec<u8> = row.try_get(2).map_err(map_err)?;
                 let state = RawState::from_stored(
                     id.clone(),
