@@ -9,6 +9,7 @@
 //! | *(always)* | [`memory`] | in-memory (tests, demos) |
 //! | `sqlite` *(default)* | [`sqlite`] | SQLite, embedded |
 //! | `postgres` | [`postgres`] | PostgreSQL, the reference backend |
+//! | `kafka` | [`kafka`] | the engine on Kafka (in progress) |
 //!
 //! [`open_state_store`] picks a backend from a URL scheme, so one program runs against
 //! any store by configuration alone.
@@ -34,6 +35,10 @@ pub use flows_postgres as postgres;
 #[cfg(feature = "sqlite")]
 #[doc(inline)]
 pub use flows_sqlite as sqlite;
+
+#[cfg(feature = "kafka")]
+#[doc(inline)]
+pub use flows_kafka as kafka;
 
 use std::sync::Arc;
 
