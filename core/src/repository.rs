@@ -76,6 +76,13 @@ pub enum RepositoryError {
     Configuration(String),
 }
 
+impl From<crate::id::InvalidName> for RepositoryError {
+    /// A bad table or collection name is a configuration mistake.
+    fn from(error: crate::id::InvalidName) -> Self {
+        RepositoryError::Configuration(error.to_string())
+    }
+}
+
 impl RepositoryError {
     /// Whether retrying the same operation later may succeed without any change:
     /// true for [`Unavailable`](Self::Unavailable) only. A [`Conflict`](Self::Conflict)

@@ -74,8 +74,7 @@ impl PostgresStateRepository {
     /// schema is managed separately (call [`migrate`](Self::migrate) or apply
     /// [`ddl`](Self::ddl) yourself).
     pub fn without_migration(store: PostgresStore, table: &str) -> Result<Self, RepositoryError> {
-        let table =
-            TableName::new(table).map_err(|e| RepositoryError::Configuration(e.to_string()))?;
+        let table = TableName::new(table)?;
         Ok(Self {
             store,
             sql: Statements::new(&table),

@@ -253,8 +253,7 @@ impl<T: Row> PostgresUpsertRepository<T> {
 
     /// Opens `T`'s table under another name (created if missing).
     pub async fn with_table(store: PostgresStore, table: &str) -> Result<Self, RepositoryError> {
-        let table =
-            TableName::new(table).map_err(|e| RepositoryError::Configuration(e.to_string()))?;
+        let table = TableName::new(table)?;
         Self::with_schema(store, T::schema().with_table(table)).await
     }
 

@@ -14,7 +14,7 @@ use flows_core::{
 use sqlx::{AssertSqlSafe, Row as _};
 
 use crate::error::map_err;
-use crate::store::SqliteStore;
+use crate::store::{SqliteStore, placeholders};
 use crate::{DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE};
 
 /// States of one table of a SQLite database. Batch writes are atomic (one transaction).
@@ -29,8 +29,7 @@ impl SqliteStateRepository {
     /// Opens the state table `table` (created if missing). The name must be a valid
     /// [`TableName`].
     pub async fn new(store: SqliteStore, table: &str) -> Result<Self, RepositoryError> {
-        let table =
-            TableName::new(table).map_err(|e| RepositoryError::Configuration(e.to_string()))?;
+        let table = TableName::new(table)?;
         let repository = Self {
             store,
             table,
@@ -71,80 +70,55 @@ impl SqliteStateRepository {
         Ok(())
     }
 
-    fn placeholders(rows: usize, columns: usize) -> String {
-        let row = format!("({})", vec!["?"; columns].join(", "));
-        vec![row; rows].join(", ")
-    }
-
-    async fn insert_chunk(
+    /// Writes one chunk of states, all new (`expected_version == 0`: insert if absent) or
+    /// all existing (update where the version is still the one read), and records which
+    /// ids it applied. Row values: id, content, internal, new version, then `created_at`
+    /// for inserts or the expected version for updates, then `updated_at`.
+    async fn write_chunk(
         &self,
         tx: &mut sqlx::SqliteConnection,
         writes: &[&PreparedWrite<'_>],
         applied: &mut HashSet<PersistenceId>,
     ) -> Result<(), RepositoryError> {
-        if writes.is_empty() {
+        let Some(first) = writes.first() else {
             return Ok(());
-        }
-        let sql = format!(
-            "INSERT INTO \"{}\" (id, content, internal, version, created_at, updated_at) VALUES {} \
-             ON CONFLICT (id) DO NOTHING RETURNING id",
-            self.table,
-            Self::placeholders(writes.len(), 6)
-        );
+        };
+        let rows = placeholders(writes.len(), 6);
+        let sql = if first.expected_version == 0 {
+            format!(
+                "INSERT INTO \"{}\" (id, content, internal, version, created_at, updated_at) VALUES {rows} \
+                 ON CONFLICT (id) DO NOTHING RETURNING id",
+                self.table
+            )
+        } else {
+            format!(
+                "UPDATE \"{}\" SET content = v.column2, internal = v.column3, version = v.column4, \
+                 updated_at = v.column6 FROM (VALUES {rows}) AS v \
+                 WHERE id = v.column1 AND version = v.column5 RETURNING id",
+                self.table
+            )
+        };
         let mut query = sqlx::query(AssertSqlSafe(sql));
         for w in writes {
+            let fifth = if w.expected_version == 0 {
+                w.created_at.timestamp_micros()
+            } else {
+                w.expected_version_i64()
+            };
             query = query
                 .bind(w.id().as_str().as_bytes())
                 .bind(w.content())
                 .bind(w.internal.as_slice())
                 .bind(w.new_version_i64())
-                .bind(w.created_at.timestamp_micros())
+                .bind(fifth)
                 .bind(w.updated_at.timestamp_micros());
         }
-        collect_ids(query.fetch_all(&mut *tx).await.map_err(map_err)?, applied)
-    }
-
-    async fn update_chunk(
-        &self,
-        tx: &mut sqlx::SqliteConnection,
-        writes: &[&PreparedWrite<'_>],
-        applied: &mut HashSet<PersistenceId>,
-    ) -> Result<(), RepositoryError> {
-        if writes.is_empty() {
-            return Ok(());
+        for row in query.fetch_all(&mut *tx).await.map_err(map_err)? {
+            let bytes: Vec<u8> = row.try_get(0).map_err(map_err)?;
+            applied.insert(decode_stored_id(bytes)?);
         }
-        // VALUES columns: 1 id, 2 content, 3 internal, 4 new version, 5 expected version,
-        // 6 updated_at.
-        let sql = format!(
-            "UPDATE \"{}\" SET content = v.column2, internal = v.column3, version = v.column4, \
-             updated_at = v.column6 FROM (VALUES {}) AS v \
-             WHERE id = v.column1 AND version = v.column5 RETURNING id",
-            self.table,
-            Self::placeholders(writes.len(), 6)
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for w in writes {
-            query = query
-                .bind(w.id().as_str().as_bytes())
-                .bind(w.content())
-                .bind(w.internal.as_slice())
-                .bind(w.new_version_i64())
-                .bind(w.expected_version_i64())
-                .bind(w.updated_at.timestamp_micros());
-        }
-        collect_ids(query.fetch_all(&mut *tx).await.map_err(map_err)?, applied)
+        Ok(())
     }
-}
-
-fn collect_ids(
-    rows: Vec<sqlx::sqlite::SqliteRow>,
-    applied: &mut HashSet<PersistenceId>,
-) -> Result<(), RepositoryError> {
-    for row in rows {
-        let bytes: Vec<u8> = row.try_get(0).map_err(map_err)?;
-        applied.insert(decode_stored_id(bytes)?);
-    }
-    Ok(())
 }
 
 pub(crate) fn micros_to_time(micros: i64) -> Option<DateTime<Utc>> {
@@ -197,20 +171,13 @@ impl SingleStateRepository for SqliteStateRepository {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        // BEGIN IMMEDIATE takes the write lock now, so two tasks never both read under a
-        // shared lock and then deadlock upgrading it.
-        let mut tx = self
-            .store
-            .pool()
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err)?;
+        let mut tx = self.store.begin_write().await?;
         let mut applied = HashSet::with_capacity(writes.len());
         for chunk in writes.chunks(MAX_BATCH_SIZE) {
             let (inserts, updates): (Vec<_>, Vec<_>) =
                 chunk.iter().partition(|w| w.expected_version == 0);
-            self.insert_chunk(&mut tx, &inserts, &mut applied).await?;
-            self.update_chunk(&mut tx, &updates, &mut applied).await?;
+            self.write_chunk(&mut tx, &inserts, &mut applied).await?;
+            self.write_chunk(&mut tx, &updates, &mut applied).await?;
         }
         let conflicts = conflicting_ids(&writes, &applied);
         if !conflicts.is_empty() {

@@ -83,4 +83,21 @@ impl SqliteStore {
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
+
+    /// Starts a write transaction. `BEGIN IMMEDIATE` takes the write lock now, so two
+    /// tasks never both read under a shared lock and then deadlock upgrading it.
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, RepositoryError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(map_err)
+    }
+}
+
+/// `(?, ?, ...), (?, ?, ...)`: `rows` tuples of `columns` placeholders.
+pub(crate) fn placeholders(rows: usize, columns: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    vec![row; rows].join(", ")
 }

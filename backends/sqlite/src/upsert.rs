@@ -14,7 +14,7 @@ use sqlx::{AssertSqlSafe, Row as _};
 
 use crate::error::map_err;
 use crate::state::micros_to_time;
-use crate::store::SqliteStore;
+use crate::store::{SqliteStore, placeholders};
 use crate::{DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE};
 
 type Query<'q> = sqlx::query::Query<'q, Sqlite, SqliteArguments>;
@@ -48,11 +48,6 @@ fn quoted_list<'a>(names: impl Iterator<Item = &'a TableName>) -> String {
         .map(|n| format!("\"{n}\""))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn tuples(rows: usize, columns: usize) -> String {
-    let row = format!("({})", vec!["?"; columns].join(", "));
-    vec![row; rows].join(", ")
 }
 
 fn bind<'q>(query: Query<'q>, value: &Value) -> Query<'q> {
@@ -126,8 +121,7 @@ impl<T: Row> SqliteUpsertRepository<T> {
 
     /// Opens `T`'s table under another name (created if missing).
     pub async fn with_table(store: SqliteStore, table: &str) -> Result<Self, RepositoryError> {
-        let table =
-            TableName::new(table).map_err(|e| RepositoryError::Configuration(e.to_string()))?;
+        let table = TableName::new(table)?;
         Self::with_schema(store, T::schema().with_table(table)).await
     }
 
@@ -194,17 +188,12 @@ impl<T: Row> UpsertRepository<T> for SqliteUpsertRepository<T> {
         }
         let table = self.schema.table();
         let key_columns = self.schema.key_indices().len();
-        let mut tx = self
-            .store
-            .pool()
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err)?;
+        let mut tx = self.store.begin_write().await?;
         for chunk in batch.deletes.chunks(self.rows_per_statement()) {
             let sql = format!(
                 "DELETE FROM \"{table}\" WHERE ({}) IN (VALUES {})",
                 self.key_list(),
-                tuples(chunk.len(), key_columns)
+                placeholders(chunk.len(), key_columns)
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for key in chunk {
@@ -229,7 +218,7 @@ impl<T: Row> UpsertRepository<T> for SqliteUpsertRepository<T> {
             let sql = format!(
                 "INSERT INTO \"{table}\" ({}) VALUES {} ON CONFLICT ({}) {on_conflict}",
                 quoted_list(columns.iter().map(|c| &c.name)),
-                tuples(chunk.len(), columns.len()),
+                placeholders(chunk.len(), columns.len()),
                 self.key_list(),
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
@@ -258,7 +247,7 @@ impl<T: Row> UpsertRepository<T> for SqliteUpsertRepository<T> {
                 quoted_list(columns.iter().map(|c| &c.name)),
                 self.schema.table(),
                 self.key_list(),
-                tuples(chunk.len(), self.schema.key_indices().len())
+                placeholders(chunk.len(), self.schema.key_indices().len())
             );
             let mut query = sqlx::query(AssertSqlSafe(sql));
             for key in chunk {
