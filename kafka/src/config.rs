@@ -27,10 +27,19 @@ impl Default for BatchConfig {
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
     pub brokers: String,
-    /// Consumer group id; one group per pipeline.
-    pub group_id: String,
+    /// Prefix of consumer group ids: a pipeline named `n` consumes in group
+    /// `{group_prefix}{n}` (default empty), so each pipeline has its own group and
+    /// several deployments can share a cluster.
+    pub group_prefix: String,
     /// Batching of input.
     pub batch: BatchConfig,
+    /// Waits between retries of transient failures (store or broker unavailable).
+    pub backoff: Backoff,
+    /// Longest wait, when partitions are revoked or the engine shuts down, for in-flight
+    /// batches to finish before they are abandoned (default 30 s). An abandoned batch
+    /// is neither published nor committed; its messages are processed again by the next
+    /// owner, replaying any stored outputs.
+    pub drain_timeout: Duration,
     /// Extra librdkafka consumer properties, applied after the defaults.
     pub consumer_overrides: Vec<(String, String)>,
     /// Extra librdkafka producer properties, applied after the defaults.
@@ -38,15 +47,83 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
-    /// A configuration for `brokers` and consumer group `group_id` with default batching.
-    pub fn new(brokers: impl Into<String>, group_id: impl Into<String>) -> Self {
+    /// A configuration for `brokers` (`bootstrap.servers`) with the tuned defaults.
+    pub fn new(brokers: impl Into<String>) -> Self {
         Self {
             brokers: brokers.into(),
-            group_id: group_id.into(),
+            group_prefix: String::new(),
             batch: BatchConfig::default(),
+            backoff: Backoff::default(),
+            drain_timeout: Duration::from_secs(30),
             consumer_overrides: Vec::new(),
             producer_overrides: Vec::new(),
         }
+    }
+
+    /// A configuration from the environment, or `None` when `FLOWS_BROKERS` is unset:
+    ///
+    /// | variable | meaning |
+    /// |---|---|
+    /// | `FLOWS_BROKERS` | `bootstrap.servers` |
+    /// | `FLOWS_GROUP_PREFIX` | consumer group prefix |
+    /// | `FLOWS_BATCH_MAX_MESSAGES`, `FLOWS_BATCH_MAX_DELAY_MS` | batching |
+    /// | `FLOWS_CONSUMER_PROPERTIES`, `FLOWS_PRODUCER_PROPERTIES` | `key=value,key=value` librdkafka overrides |
+    pub fn from_env() -> Result<Option<Self>, crate::EngineError> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let Some(brokers) = var("FLOWS_BROKERS") else {
+            return Ok(None);
+        };
+        let mut config = Self::new(brokers.trim());
+        if let Some(prefix) = var("FLOWS_GROUP_PREFIX") {
+            config.group_prefix = prefix;
+        }
+        let number = |name: &str, value: String| {
+            value.trim().parse::<u64>().map_err(|_| {
+                crate::EngineError::Configuration(format!("{name} must be a whole number, not {value:?}"))
+            })
+        };
+        if let Some(value) = var("FLOWS_BATCH_MAX_MESSAGES") {
+            config.batch.max_messages = number("FLOWS_BATCH_MAX_MESSAGES", value)?.max(1) as usize;
+        }
+        if let Some(value) = var("FLOWS_BATCH_MAX_DELAY_MS") {
+            config.batch.max_delay = Duration::from_millis(number("FLOWS_BATCH_MAX_DELAY_MS", value)?);
+        }
+        for (name, target) in [
+            ("FLOWS_CONSUMER_PROPERTIES", &mut config.consumer_overrides),
+            ("FLOWS_PRODUCER_PROPERTIES", &mut config.producer_overrides),
+        ] {
+            if let Some(list) = var(name) {
+                for pair in list.split(',').filter(|p| !p.trim().is_empty()) {
+                    let (key, value) = pair.split_once('=').ok_or_else(|| {
+                        crate::EngineError::Configuration(format!(
+                            "{name}: expected key=value, got {pair:?}"
+                        ))
+                    })?;
+                    target.push((key.trim().to_owned(), value.trim().to_owned()));
+                }
+            }
+        }
+        Ok(Some(config))
+    }
+
+    /// Sets the consumer group prefix.
+    pub fn group_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.group_prefix = prefix.into();
+        self
+    }
+
+    /// Sets the batching of input.
+    pub fn batch(mut self, max_messages: usize, max_delay: Duration) -> Self {
+        self.batch = BatchConfig {
+            max_messages: max_messages.max(1),
+            max_delay,
+        };
+        self
+    }
+
+    /// The consumer group of the pipeline named `pipeline`.
+    pub fn group_id(&self, pipeline: &str) -> String {
+        format!("{}{}", self.group_prefix, pipeline)
     }
 
     /// Sets a librdkafka consumer property (e.g. `session.timeout.ms`).
@@ -65,10 +142,10 @@ impl KafkaConfig {
     /// is durable (so `enable.auto.commit` and `enable.auto.offset.store` are off),
     /// read-committed isolation, cooperative rebalancing so unaffected partitions keep
     /// working, and fetch sizes that keep the consumer fed in large batches.
-    pub fn consumer_properties(&self) -> Vec<(String, String)> {
+    pub fn consumer_properties(&self, group_id: &str) -> Vec<(String, String)> {
         let defaults = [
             ("bootstrap.servers", self.brokers.as_str()),
-            ("group.id", self.group_id.as_str()),
+            ("group.id", group_id),
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             ("auto.offset.reset", "earliest"),
@@ -102,6 +179,33 @@ impl KafkaConfig {
     }
 }
 
+/// Exponential backoff between retries of a transient failure: `initial`, doubled per
+/// attempt up to `max`, retried for as long as the failure lasts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// First wait (default 100 ms).
+    pub initial: Duration,
+    /// Longest wait (default 10 s).
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait before retry number `attempt` (0-based).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX);
+        self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
 fn merge(defaults: &[(&str, &str)], overrides: &[(String, String)]) -> Vec<(String, String)> {
     let mut properties: Vec<(String, String)> = defaults
         .iter()
@@ -129,20 +233,22 @@ mod tests {
 
     #[test]
     fn offsets_are_never_committed_automatically() {
-        let config =
-            KafkaConfig::new("b:9092", "g").consumer_property("enable.auto.commit", "true");
-        let properties = config.consumer_properties();
+        let config = KafkaConfig::new("b:9092").consumer_property("enable.auto.commit", "true");
+        let properties = config.consumer_properties("g");
         // An override is honoured (the user asked), but the default is manual.
         assert_eq!(get(&properties, "enable.auto.commit"), Some("true"));
-        let defaults = KafkaConfig::new("b:9092", "g").consumer_properties();
+        let defaults = KafkaConfig::new("b:9092")
+            .group_prefix("p.")
+            .consumer_properties("p.g");
         assert_eq!(get(&defaults, "enable.auto.commit"), Some("false"));
         assert_eq!(get(&defaults, "enable.auto.offset.store"), Some("false"));
-        assert_eq!(get(&defaults, "group.id"), Some("g"));
+        assert_eq!(get(&defaults, "group.id"), Some("p.g"));
+        assert_eq!(KafkaConfig::new("b").group_prefix("p.").group_id("g"), "p.g");
     }
 
     #[test]
     fn producer_is_idempotent_and_overrides_replace_defaults() {
-        let config = KafkaConfig::new("b:9092", "g")
+        let config = KafkaConfig::new("b:9092")
             .producer_property("linger.ms", "20")
             .producer_property("client.id", "worker-1");
         let properties = config.producer_properties();
@@ -153,5 +259,17 @@ mod tests {
             properties.iter().filter(|(k, _)| k == "linger.ms").count(),
             1
         );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_maximum() {
+        let backoff = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        assert_eq!(backoff.delay(0), Duration::from_millis(100));
+        assert_eq!(backoff.delay(2), Duration::from_millis(400));
+        assert_eq!(backoff.delay(4), Duration::from_secs(1));
+        assert_eq!(backoff.delay(u32::MAX), Duration::from_secs(1));
     }
 }

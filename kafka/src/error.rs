@@ -22,6 +22,12 @@ pub enum EngineError {
         #[source]
         source: KafkaError,
     },
+    /// A message could not be processed and the error policy stops the pipeline.
+    #[error(transparent)]
+    Message(Box<dyn std::error::Error + Send + Sync>),
+    /// An engine thread or task ended unexpectedly.
+    #[error("engine failure: {0}")]
+    Internal(String),
     /// The engine was configured wrongly.
     #[error("invalid configuration: {0}")]
     Configuration(String),

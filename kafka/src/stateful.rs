@@ -18,6 +18,7 @@ pub const MAX_CONFLICT_RETRIES: usize = 8;
 
 /// Why a stateful batch failed. Nothing of a failed batch may be published or committed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum BatchError {
     /// A message failed and the error policy stops the pipeline.
     #[error(transparent)]
@@ -44,6 +45,10 @@ pub enum BatchError {
         /// The ids that conflicted last.
         ids: Vec<PersistenceId>,
     },
+    /// A write conflicted and this instance no longer owns the partition: the new owner
+    /// wrote these states, so this batch must be neither published nor committed.
+    #[error("state write fenced: the partition now belongs to another instance")]
+    Fenced,
 }
 
 /// Applies `messages` (in offset order per partition) to their states in `store` and
@@ -57,6 +62,23 @@ pub async fn apply_batch<P, R>(
     store: &R,
     messages: &[RawMessage],
     on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
+) -> Result<Vec<EncodedRecord>, BatchError>
+where
+    P: StatefulProcessor + ?Sized,
+    R: SingleStateRepository + ?Sized,
+{
+    apply_batch_while_owner(processor, store, messages, on_error, &|| true).await
+}
+
+/// [`apply_batch`] for a partition that can be taken away: after a write conflict the
+/// batch is retried only if `still_owner()` holds, otherwise it fails with
+/// [`BatchError::Fenced`] (the version check rejected this stale instance's write).
+pub async fn apply_batch_while_owner<P, R>(
+    processor: &P,
+    store: &R,
+    messages: &[RawMessage],
+    on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
+    still_owner: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<Vec<EncodedRecord>, BatchError>
 where
     P: StatefulProcessor + ?Sized,
@@ -131,6 +153,9 @@ where
                     conflicts = ids.len(),
                     "state write conflicted; re-reading the batch"
                 );
+                if !still_owner() {
+                    return Err(BatchError::Fenced);
+                }
                 last_conflict = ids;
             }
             Err(other) => return Err(other.into()),

@@ -1,0 +1,262 @@
+//! Starting, stopping and selecting pipelines.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use tokio::sync::oneshot;
+
+use crate::config::KafkaConfig;
+use crate::consumer::{EngineContext, Shared, poll_loop};
+use crate::error::EngineError;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::producer::OutputProducer;
+use crate::worker::WorkerContext;
+
+/// Runs pipelines against one Kafka cluster.
+///
+/// Each started pipeline gets its own consumer (group `{prefix}{name}`), its own
+/// producer, a consumer thread, and one task per assigned partition. Scale out by
+/// starting the same pipeline in more processes: Kafka's group protocol spreads the
+/// partitions.
+#[derive(Clone, Debug)]
+pub struct Engine {
+    config: KafkaConfig,
+}
+
+impl Engine {
+    /// An engine with `config`.
+    pub fn new(config: KafkaConfig) -> Self {
+        Self { config }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    /// Starts `pipeline` in the background of the current tokio runtime.
+    pub fn start(&self, pipeline: &Pipeline) -> Result<RunningPipeline, EngineError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            EngineError::Configuration("Engine::start must be called inside a tokio runtime".into())
+        })?;
+        let metrics = Metrics::new();
+        let producer = OutputProducer::new(&self.config)?;
+        let worker = Arc::new(WorkerContext {
+            pipeline: pipeline.clone(),
+            producer,
+            batch: self.config.batch.clone(),
+            backoff: self.config.backoff,
+            metrics: metrics.clone(),
+        });
+        let shared = Arc::new(Shared::new(worker, runtime, self.config.drain_timeout));
+
+        let mut client = ClientConfig::new();
+        for (key, value) in self.config.consumer_properties(&self.config.group_id(&pipeline.name)) {
+            client.set(key, value);
+        }
+        let consumer: BaseConsumer<EngineContext> = client.create_with_context(EngineContext {
+            shared: Arc::clone(&shared),
+        })?;
+        let topics = pipeline.input_topics();
+        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topic_refs)?;
+        tracing::info!(pipeline = %pipeline.name, inputs = ?topics, group = %self.config.group_id(&pipeline.name), "pipeline started");
+
+        let (done_tx, done_rx) = oneshot::channel();
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name(format!("flows-{}", pipeline.name))
+            .spawn(move || {
+                let result = poll_loop(consumer, thread_shared);
+                let _ = done_tx.send(result);
+            })
+            .map_err(|e| EngineError::Internal(format!("cannot start consumer thread: {e}")))?;
+        Ok(RunningPipeline {
+            name: pipeline.name.clone(),
+            shared,
+            metrics,
+            done: Some(done_rx),
+        })
+    }
+
+    /// Runs `pipelines` until SIGINT or SIGTERM (or until one fails), then stops them
+    /// all gracefully. Returns the first failure.
+    pub async fn run_until_signal(&self, pipelines: &[Pipeline]) -> Result<(), EngineError> {
+        let mut running = Vec::with_capacity(pipelines.len());
+        for pipeline in pipelines {
+            running.push(self.start(pipeline)?);
+        }
+        let failed = tokio::select! {
+            () = shutdown_signal() => None,
+            index = first_stopped(&running) => Some(index),
+        };
+        if failed.is_none() {
+            tracing::info!("shutdown requested");
+        }
+        for pipeline in &running {
+            pipeline.stop();
+        }
+        let mut first_error = None;
+        for pipeline in running {
+            if let Err(error) = pipeline.wait().await {
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+async fn first_stopped(running: &[RunningPipeline]) -> usize {
+    loop {
+        if let Some(index) = running.iter().position(RunningPipeline::is_stopping) {
+            return index;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the engine");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A pipeline running in the background. Dropping it requests a stop without waiting.
+pub struct RunningPipeline {
+    name: String,
+    shared: Arc<Shared>,
+    metrics: Metrics,
+    done: Option<oneshot::Receiver<Result<(), EngineError>>>,
+}
+
+impl std::fmt::Debug for RunningPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningPipeline")
+            .field("name", &self.name)
+            .field("metrics", &self.metrics.snapshot())
+            .finish()
+    }
+}
+
+impl RunningPipeline {
+    /// The pipeline's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Live counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Requests a graceful stop: in-flight batches finish (within the drain timeout),
+    /// their offsets are committed, the consumer leaves the group.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+    }
+
+    /// Whether a stop was requested or the pipeline failed.
+    pub fn is_stopping(&self) -> bool {
+        self.shared.stop.load(Ordering::Acquire)
+    }
+
+    /// Waits until the pipeline has stopped; returns the error that stopped it, if any.
+    pub async fn wait(mut self) -> Result<(), EngineError> {
+        match self.done.take() {
+            Some(done) => done.await.unwrap_or_else(|_| {
+                Err(EngineError::Internal("the consumer thread ended without a result".into()))
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops and waits.
+    pub async fn shutdown(self) -> Result<(), EngineError> {
+        self.stop();
+        self.wait().await
+    }
+}
+
+impl Drop for RunningPipeline {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Picks the pipelines a process runs: all of them when `instance` is `None`, empty or
+/// `"all"`, otherwise the one with that name (the seed's `INSTANCE` switch, so one
+/// binary deploys as many workers). Read it from `FLOWS_INSTANCE` with
+/// [`select_from_env`].
+pub fn select<'a>(
+    pipelines: &'a [Pipeline],
+    instance: Option<&str>,
+) -> Result<Vec<&'a Pipeline>, EngineError> {
+    match instance.map(str::trim) {
+        None | Some("") | Some("all") => Ok(pipelines.iter().collect()),
+        Some(name) => pipelines
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| vec![p])
+            .ok_or_else(|| {
+                let known: Vec<&str> = pipelines.iter().map(|p| p.name.as_str()).collect();
+                EngineError::Configuration(format!(
+                    "no pipeline named {name:?}; known: {}",
+                    known.join(", ")
+                ))
+            }),
+    }
+}
+
+/// [`select`] with the instance name from the `FLOWS_INSTANCE` environment variable.
+pub fn select_from_env(pipelines: &[Pipeline]) -> Result<Vec<Pipeline>, EngineError> {
+    let instance = std::env::var("FLOWS_INSTANCE").ok();
+    Ok(select(pipelines, instance.as_deref())?
+        .into_iter()
+        .cloned()
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flows_core::function::StatelessFunction;
+    use flows_core::{Bytes, Topic};
+
+    fn pipeline(name: &str) -> Pipeline {
+        Pipeline::stateless(
+            name,
+            StatelessFunction::filter(Topic::new("in", Bytes, Bytes), "out", |_| true),
+        )
+    }
+
+    #[test]
+    fn instances_are_selected_by_name() {
+        let all = [pipeline("a"), pipeline("b")];
+        assert_eq!(select(&all, None).unwrap().len(), 2);
+        assert_eq!(select(&all, Some("all")).unwrap().len(), 2);
+        assert_eq!(select(&all, Some(" b ")).unwrap()[0].name(), "b");
+        let error = select(&all, Some("c")).unwrap_err().to_string();
+        assert!(error.contains("known: a, b"), "{error}");
+    }
+}

@@ -1,0 +1,331 @@
+//! Pipelines: what the engine runs, declared from the function types of `flows-core`.
+//!
+//! A [`Pipeline`] is a name (its consumer group), a function and an error policy. The
+//! engine cuts each input partition into batches and hands every batch to the
+//! pipeline's *stage*, which turns it into the records to publish:
+//! - stateless: the function per message;
+//! - stateful (and the stateful half of a join): [`apply_batch`](crate::apply_batch),
+//!   one state read and one state write per batch;
+//! - materialise: the mapper per message, then one batched write to the table.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use flows_core::function::{ErrorAction, StatefulProcessor, StatelessProcessor};
+use flows_core::{
+    EncodedRecord, FunctionError, Message, ProcessError, RawMessage, RepositoryError, Row,
+    RowChange, SingleStateRepository, Topic, UpsertRepository,
+};
+
+use crate::error::EngineError;
+use crate::policy::{ErrorPolicy, Fallback};
+use crate::stateful::{BatchError, apply_batch_while_owner};
+
+/// Decides what a failed message becomes (from the pipeline's [`ErrorPolicy`]).
+pub(crate) type OnError<'a> = dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync + 'a;
+
+/// Whether this instance still owns the partition being processed.
+pub(crate) type StillOwner<'a> = dyn Fn() -> bool + Send + Sync + 'a;
+
+/// Why a stage could not turn a batch into outputs.
+#[derive(Debug)]
+pub(crate) enum StageError {
+    /// A message failed and the policy aborted the batch (to retry it or stop).
+    Message(EngineError),
+    /// The store is unavailable or busy: retry the batch after a backoff.
+    Transient(RepositoryError),
+    /// Another instance wrote these states after this one lost the partition.
+    Fenced,
+    /// Stop the pipeline.
+    Fatal(EngineError),
+}
+
+impl From<RepositoryError> for StageError {
+    fn from(error: RepositoryError) -> Self {
+        if error.is_transient() {
+            StageError::Transient(error)
+        } else {
+            StageError::Fatal(error.into())
+        }
+    }
+}
+
+impl From<BatchError> for StageError {
+    fn from(error: BatchError) -> Self {
+        use flows_core::function::FoldError;
+        match error {
+            BatchError::Fold(FoldError::Aborted { .. }) | BatchError::PersistenceId { .. } => {
+                StageError::Message(EngineError::Message(Box::new(error)))
+            }
+            BatchError::Store(e) => e.into(),
+            // Another writer keeps winning; back off and read again.
+            BatchError::PersistentConflict { ids } => {
+                StageError::Transient(RepositoryError::Conflict { ids })
+            }
+            BatchError::Fenced => StageError::Fenced,
+            other => StageError::Fatal(EngineError::Message(Box::new(other))),
+        }
+    }
+}
+
+/// One kind of batch processing.
+#[async_trait]
+pub(crate) trait Stage: Send + Sync {
+    /// Topics the stage reads.
+    fn input_topics(&self) -> Vec<Arc<str>>;
+
+    /// Turns a batch (one partition, offset order) into the records to publish, after
+    /// making any state or table change durable.
+    async fn run(
+        &self,
+        batch: &[RawMessage],
+        on_error: &OnError<'_>,
+        still_owner: &StillOwner<'_>,
+    ) -> Result<Vec<EncodedRecord>, StageError>;
+}
+
+/// A message that failed inside a stateless or materialise stage under a stopping
+/// policy.
+#[derive(Debug, thiserror::Error)]
+#[error("message {topic}/{partition}@{offset}: {source}")]
+pub struct MessageFailed {
+    /// Topic of the message.
+    pub topic: String,
+    /// Partition of the message.
+    pub partition: i32,
+    /// Offset of the message.
+    pub offset: i64,
+    /// Why it failed.
+    #[source]
+    pub source: ProcessError,
+}
+
+/// Applies the policy to a failed message: its dead-letter records, or the abort error.
+fn handle_failure(
+    message: &RawMessage,
+    error: ProcessError,
+    on_error: &OnError<'_>,
+) -> Result<Vec<EncodedRecord>, StageError> {
+    match on_error(message, &error) {
+        ErrorAction::DeadLetter(records) => Ok(records),
+        ErrorAction::Abort => Err(StageError::Message(EngineError::Message(Box::new(
+            MessageFailed {
+                topic: message.topic.to_string(),
+                partition: message.partition,
+                offset: message.offset,
+                source: error,
+            },
+        )))),
+    }
+}
+
+struct StatelessStage<F>(F);
+
+#[async_trait]
+impl<F: StatelessProcessor> Stage for StatelessStage<F> {
+    fn input_topics(&self) -> Vec<Arc<str>> {
+        self.0.input_topics()
+    }
+
+    async fn run(
+        &self,
+        batch: &[RawMessage],
+        on_error: &OnError<'_>,
+        _still_owner: &StillOwner<'_>,
+    ) -> Result<Vec<EncodedRecord>, StageError> {
+        let mut outputs = Vec::with_capacity(batch.len());
+        for message in batch {
+            match self.0.process(message) {
+                Ok(records) => outputs.extend(records),
+                Err(error) => outputs.extend(handle_failure(message, error, on_error)?),
+            }
+        }
+        Ok(outputs)
+    }
+}
+
+struct StatefulStage<F, R> {
+    function: F,
+    store: R,
+}
+
+#[async_trait]
+impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, R> {
+    fn input_topics(&self) -> Vec<Arc<str>> {
+        self.function.input_topics()
+    }
+
+    async fn run(
+        &self,
+        batch: &[RawMessage],
+        on_error: &OnError<'_>,
+        still_owner: &StillOwner<'_>,
+    ) -> Result<Vec<EncodedRecord>, StageError> {
+        Ok(apply_batch_while_owner(&self.function, &self.store, batch, on_error, still_owner).await?)
+    }
+}
+
+/// A user function mapping a message to changes of a materialised table.
+type RowMapper<T> = dyn Fn(&RawMessage) -> Result<Vec<RowChange<T>>, ProcessError> + Send + Sync;
+
+struct MaterialiseStage<T, R> {
+    input: Arc<str>,
+    mapper: Box<RowMapper<T>>,
+    repository: R,
+}
+
+#[async_trait]
+impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
+    fn input_topics(&self) -> Vec<Arc<str>> {
+        vec![Arc::clone(&self.input)]
+    }
+
+    async fn run(
+        &self,
+        batch: &[RawMessage],
+        on_error: &OnError<'_>,
+        _still_owner: &StillOwner<'_>,
+    ) -> Result<Vec<EncodedRecord>, StageError> {
+        let mut changes = Vec::with_capacity(batch.len());
+        let mut outputs = Vec::new();
+        for message in batch {
+            match (self.mapper)(message) {
+                Ok(rows) => changes.extend(rows),
+                Err(error) => outputs.extend(handle_failure(message, error, on_error)?),
+            }
+        }
+        // Upserts are idempotent and applied in offset order, so a replayed batch
+        // leaves the table as the first attempt did.
+        if !changes.is_empty() {
+            self.repository.apply(&changes).await?;
+        }
+        Ok(outputs)
+    }
+}
+
+/// A named unit of work for the engine: a function over input topics, its consumer
+/// group (the name, see [`KafkaConfig::group_id`](crate::KafkaConfig::group_id)) and
+/// its [`ErrorPolicy`].
+///
+/// ```
+/// use flows_core::function::StatelessFunction;
+/// use flows_core::{Record, Topic, Utf8};
+/// use flows_kafka::{ErrorPolicy, Pipeline};
+///
+/// let upper = StatelessFunction::one_to_one(
+///     Topic::new("words", Utf8, Utf8),
+///     Topic::new("shouted-words", Utf8, Utf8),
+///     |m| Ok(Record::new(m.key, m.value.to_uppercase())),
+/// );
+/// let pipeline = Pipeline::stateless("shout", upper).on_error(ErrorPolicy::dead_letter("shout-dlq"));
+/// assert_eq!(pipeline.name(), "shout");
+/// assert_eq!(pipeline.input_topics(), vec!["words".to_owned()]);
+/// ```
+#[derive(Clone)]
+pub struct Pipeline {
+    pub(crate) name: String,
+    pub(crate) stage: Arc<dyn Stage>,
+    pub(crate) policy: ErrorPolicy,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("name", &self.name)
+            .field("inputs", &self.input_topics())
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+impl Pipeline {
+    fn with_stage(name: impl Into<String>, stage: Arc<dyn Stage>) -> Self {
+        Self {
+            name: name.into(),
+            stage,
+            policy: ErrorPolicy::default(),
+        }
+    }
+
+    /// A stateless pipeline (filter, map, one-to-two, explode, merge): outputs are
+    /// published at least once; there is no state.
+    pub fn stateless(name: impl Into<String>, function: impl StatelessProcessor + 'static) -> Self {
+        Self::with_stage(name, Arc::new(StatelessStage(function)))
+    }
+
+    /// A stateful pipeline: per-key state in `store`, exactly-once state changes,
+    /// outputs published at least once and identical on replay.
+    pub fn stateful(
+        name: impl Into<String>,
+        function: impl StatefulProcessor + 'static,
+        store: impl SingleStateRepository + 'static,
+    ) -> Self {
+        Self::with_stage(name, Arc::new(StatefulStage { function, store }))
+    }
+
+    /// A materialisation: every message of `input` is mapped by `f` to row changes,
+    /// upserted (or deleted) in `repository` in one batched write per batch.
+    pub fn materialise<K, V, T, R>(
+        name: impl Into<String>,
+        input: Topic<K, V>,
+        repository: R,
+        f: impl Fn(Message<K, V>) -> Result<Vec<RowChange<T>>, FunctionError> + Send + Sync + 'static,
+    ) -> Self
+    where
+        K: 'static,
+        V: 'static,
+        T: Row,
+        R: UpsertRepository<T> + 'static,
+    {
+        let decoder = input.clone();
+        let mapper: Box<RowMapper<T>> = Box::new(move |raw: &RawMessage| {
+            let message = decoder.decode(raw)?;
+            Ok(f(message)?)
+        });
+        Self::with_stage(
+            name,
+            Arc::new(MaterialiseStage {
+                input: input.shared_name(),
+                mapper,
+                repository,
+            }),
+        )
+    }
+
+    /// Sets the error policy (default: [`ErrorPolicy::stop`]).
+    pub fn on_error(mut self, policy: ErrorPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The pipeline's name (and consumer group, after the configured prefix).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The topics the pipeline reads, sorted.
+    pub fn input_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self
+            .stage
+            .input_topics()
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+
+    /// The error policy.
+    pub fn policy(&self) -> &ErrorPolicy {
+        &self.policy
+    }
+
+    /// The dead-letter topic of the policy, if any.
+    pub(crate) fn dead_letter_topic(&self) -> Option<&str> {
+        match &self.policy.fallback {
+            Fallback::DeadLetter(topic) => Some(topic),
+            Fallback::Stop => None,
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The partition worker: one task per assigned partition, running the batch cycle
+//! *collect → stage (state durable) → publish (acknowledged) → mark offset committable*
+//! strictly one batch after the other, which is what the replay-aware fold requires.
+//!
+//! The worker never talks to the consumer: it publishes the next offset to commit in its
+//! [`PartitionControl`], and the consumer thread commits it (G4: only offsets of batches
+//! whose state is durable and whose outputs were acknowledged ever get there).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::Duration;
+
+use flows_core::{RawMessage, TopicPartition};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+
+use crate::config::{BatchConfig, Backoff};
+use crate::error::EngineError;
+use crate::metrics::Metrics;
+use crate::pipeline::{Pipeline, StageError};
+use crate::producer::OutputProducer;
+
+/// Shared between a partition's worker and the consumer thread.
+#[derive(Debug)]
+pub(crate) struct PartitionControl {
+    /// Cleared when the partition is revoked (or the engine stops).
+    owned: AtomicBool,
+    /// Set when the worker must give up its batch at the next step boundary.
+    abandoned: AtomicBool,
+    notify: Notify,
+    /// Offset after the last completed batch, or -1.
+    next_offset: AtomicI64,
+}
+
+impl PartitionControl {
+    pub(crate) fn new() -> Self {
+        Self {
+            owned: AtomicBool::new(true),
+            abandoned: AtomicBool::new(false),
+            notify: Notify::new(),
+            next_offset: AtomicI64::new(-1),
+        }
+    }
+
+    pub(crate) fn owned(&self) -> bool {
+        self.owned.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn release(&self) {
+        self.owned.store(false, Ordering::Release);
+    }
+
+    pub(crate) fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    /// The offset to commit, if a batch completed.
+    pub(crate) fn next_offset(&self) -> Option<i64> {
+        let offset = self.next_offset.load(Ordering::Acquire);
+        (offset >= 0).then_some(offset)
+    }
+
+    /// Sleeps `duration`, waking early if the batch is abandoned.
+    async fn sleep(&self, duration: Duration) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.abandoned() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => {}
+            _ = notified => {}
+        }
+    }
+}
+
+/// Everything a worker needs, shared by the workers of one pipeline.
+pub(crate) struct WorkerContext {
+    pub(crate) pipeline: Pipeline,
+    pub(crate) producer: OutputProducer,
+    pub(crate) batch: BatchConfig,
+    pub(crate) backoff: Backoff,
+    pub(crate) metrics: Metrics,
+}
+
+/// How a batch ended.
+enum BatchEnd {
+    Completed,
+    Abandoned,
+}
+
+/// Runs the worker of `tp` until its channel closes (revoke or shutdown) or it is
+/// abandoned; returns the error that must stop the pipeline, if any.
+pub(crate) async fn run_partition(
+    context: Arc<WorkerContext>,
+    tp: TopicPartition,
+    control: Arc<PartitionControl>,
+    mut input: mpsc::Receiver<RawMessage>,
+) -> Result<(), EngineError> {
+    let max = context.batch.max_messages.max(1);
+    let mut batch = Vec::with_capacity(max);
+    loop {
+        batch.clear();
+        if input.recv_many(&mut batch, max).await == 0 {
+            return Ok(());
+        }
+        let deadline = Instant::now() + context.batch.max_delay;
+        while batch.len() < max {
+            let room = max - batch.len();
+            match tokio::time::timeout_at(deadline, input.recv_many(&mut batch, room)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        match process_batch(&context, &tp, &control, &batch).await? {
+            BatchEnd::Completed => {}
+            BatchEnd::Abandoned => {
+                context.metrics.add_abandoned_batches(1);
+                tracing::info!(pipeline = %context.pipeline.name, %tp, messages = batch.len(), "batch abandoned");
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn process_batch(
+    context: &WorkerContext,
+    tp: &TopicPartition,
+    control: &PartitionControl,
+    batch: &[RawMessage],
+) -> Result<BatchEnd, EngineError> {
+    let pipeline = &context.pipeline;
+    let mut attempt: u32 = 0;
+    let mut transient: u32 = 0;
+    let outputs = loop {
+        if control.abandoned() {
+            return Ok(BatchEnd::Abandoned);
+        }
+        let on_error = |message: &RawMessage, error: &flows_core::ProcessError| {
+            pipeline.policy.action(attempt, &pipeline.name, message, error)
+        };
+        let still_owner = || control.owned();
+        match pipeline.stage.run(batch, &on_error, &still_owner).await {
+            Ok(outputs) => break outputs,
+            Err(StageError::Message(error)) if attempt < pipeline.policy.retries => {
+                tracing::warn!(pipeline = %pipeline.name, %tp, attempt, %error, "message failed; retrying the batch");
+                context.metrics.add_function_retries(1);
+                control.sleep(pipeline.policy.retry_delay).await;
+                attempt += 1;
+            }
+            Err(StageError::Message(error)) | Err(StageError::Fatal(error)) => {
+                tracing::error!(pipeline = %pipeline.name, %tp, %error, "stopping the pipeline");
+                return Err(error);
+            }
+            Err(StageError::Transient(error)) => {
+                let delay = context.backoff.delay(transient);
+                tracing::warn!(pipeline = %pipeline.name, %tp, %error, retry_in = ?delay, "store unavailable; retrying the batch");
+                context.metrics.add_transient_retries(1);
+                control.sleep(delay).await;
+                transient = transient.saturating_add(1);
+            }
+            Err(StageError::Fenced) => {
+                tracing::warn!(pipeline = %pipeline.name, %tp, "another instance owns these states now; dropping the batch");
+                context.metrics.add_conflicts_fenced(1);
+                return Ok(BatchEnd::Abandoned);
+            }
+        }
+    };
+
+    let mut transient: u32 = 0;
+    loop {
+        if control.abandoned() {
+            // States are written; the next owner replays the stored outputs.
+            return Ok(BatchEnd::Abandoned);
+        }
+        match context.producer.send_all(&outputs).await {
+            Ok(()) => break,
+            Err(EngineError::Delivery { topic, source }) if !is_permanent(&source) => {
+                let delay = context.backoff.delay(transient);
+                tracing::warn!(pipeline = %pipeline.name, %tp, %topic, error = %source, retry_in = ?delay, "publishing failed; retrying");
+                context.metrics.add_transient_retries(1);
+                control.sleep(delay).await;
+                transient = transient.saturating_add(1);
+            }
+            Err(error) => {
+                tracing::error!(pipeline = %pipeline.name, %tp, %error, "stopping the pipeline");
+                return Err(error);
+            }
+        }
+    }
+
+    let dead_letters = pipeline
+        .dead_letter_topic()
+        .map_or(0, |dlq| outputs.iter().filter(|r| r.topic == dlq).count());
+    if let Some(last) = batch.last() {
+        control.next_offset.store(last.offset + 1, Ordering::Release);
+    }
+    let metrics = &context.metrics;
+    metrics.add_published(outputs.len() as u64);
+    metrics.add_dead_lettered(dead_letters as u64);
+    metrics.add_committed(batch.len() as u64);
+    metrics.add_batches(1);
+    Ok(BatchEnd::Completed)
+}
+
+/// Delivery errors that retrying cannot fix.
+fn is_permanent(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            MessageSizeTooLarge
+                | InvalidMessageSize
+                | TopicAuthorizationFailed
+                | ClusterAuthorizationFailed
+                | InvalidRecord
+                | InvalidTopic
+        )
+    )
+}
