@@ -651,6 +651,25 @@ pub trait UpsertRepository<T: Row>: Send + Sync {
     }
 }
 
+#[async_trait]
+impl<T: Row, R: UpsertRepository<T> + ?Sized> UpsertRepository<T> for Arc<R> {
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
+    }
+
+    fn schema(&self) -> &TableSchema {
+        (**self).schema()
+    }
+
+    async fn write(&self, batch: ChangeBatch) -> Result<(), RepositoryError> {
+        (**self).write(batch).await
+    }
+
+    async fn get_all(&self, keys: &[PrimaryKey]) -> Result<Vec<Option<T>>, RepositoryError> {
+        (**self).get_all(keys).await
+    }
+}
+
 /// Rebuilds rows from the values a backend found, in request order.
 pub fn rows_in_request_order<T: Row>(
     keys: &[PrimaryKey],

@@ -1,0 +1,371 @@
+//! Helpers for the engine's end-to-end tests: test configuration, producing and
+//! reading topics, a store that fails on command, and the word-count checkers that
+//! turn the guarantees (G1 exact state, G2 identical replays, G3 per-key order) into
+//! assertions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use flows::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+use flows::kafka::rdkafka::message::{Headers as _, Message as _};
+use flows::kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use flows::kafka::{Backoff, KafkaConfig, OutputProducer};
+use flows::{
+    Capabilities, EncodedRecord, Headers, PersistenceId, RawState, RepositoryError,
+    SingleStateRepository,
+};
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "off".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// An engine configuration for tests: small batches, short waits, fast failure
+/// detection (a dead member leaves the group after 6 s instead of 45 s).
+pub fn test_config(brokers: &str) -> KafkaConfig {
+    let mut config = KafkaConfig::new(brokers)
+        .batch(100, Duration::from_millis(20))
+        .consumer_property("session.timeout.ms", "6000")
+        .consumer_property("heartbeat.interval.ms", "500");
+    config.backoff = Backoff {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(500),
+    };
+    config.drain_timeout = Duration::from_secs(10);
+    config
+}
+
+/// One record as read back from a topic.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Consumed {
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Value bytes.
+    pub value: Option<Vec<u8>>,
+    /// Headers.
+    pub headers: Headers,
+}
+
+impl Consumed {
+    /// The key as UTF-8 (lossy).
+    pub fn key_str(&self) -> String {
+        String::from_utf8_lossy(self.key.as_deref().unwrap_or_default()).into_owned()
+    }
+
+    /// The value as UTF-8 (lossy).
+    pub fn value_str(&self) -> String {
+        String::from_utf8_lossy(self.value.as_deref().unwrap_or_default()).into_owned()
+    }
+
+    /// The first value of header `key`, as UTF-8.
+    pub fn header(&self, key: &str) -> Option<String> {
+        self.headers
+            .first(key)
+            .flatten()
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// Publishes `records` and waits for their acknowledgements.
+pub async fn produce(brokers: &str, records: &[EncodedRecord]) {
+    let producer = OutputProducer::new(&KafkaConfig::new(brokers)).expect("producer");
+    producer.send_all(records).await.expect("records acknowledged");
+}
+
+/// A record with a UTF-8 key and value.
+pub fn text_record(topic: &str, partition: Option<i32>, key: &str, value: &str) -> EncodedRecord {
+    EncodedRecord {
+        topic: topic.to_owned(),
+        partition,
+        key: Some(key.as_bytes().to_vec()),
+        value: Some(value.as_bytes().to_vec()),
+        headers: Headers::new(),
+        timestamp: None,
+    }
+}
+
+/// Reads `topic` from the beginning until every partition is read up to its high
+/// watermark and at least `at_least` records were seen (or `timeout` passes). Records
+/// are in partition order, then offset order.
+pub fn read_topic(brokers: &str, topic: &str, at_least: usize, timeout: Duration) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "flows-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    let deadline = Instant::now() + timeout;
+    let partitions = loop {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .expect("metadata");
+        let count = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map_or(0, |t| t.partitions().len() as i32);
+        if count > 0 || Instant::now() > deadline {
+            break count;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..partitions {
+        assignment
+            .add_partition_offset(topic, partition, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&assignment).expect("assign");
+    let mut records: BTreeMap<(i32, i64), Consumed> = BTreeMap::new();
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    loop {
+        let caught_up = (0..partitions).all(|p| {
+            let high = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+                .map_or(i64::MAX, |(_, high)| high);
+            next.get(&p).copied().unwrap_or(0) >= high
+        });
+        if (caught_up && records.len() >= at_least) || Instant::now() > deadline {
+            break;
+        }
+        while let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message.expect("message");
+            let mut headers = Headers::new();
+            if let Some(h) = message.headers() {
+                for header in h.iter() {
+                    headers.append(header.key, header.value.map(<[u8]>::to_vec));
+                }
+            }
+            next.insert(message.partition(), message.offset() + 1);
+            records.insert(
+                (message.partition(), message.offset()),
+                Consumed {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: message.key().map(<[u8]>::to_vec),
+                    value: message.payload().map(<[u8]>::to_vec),
+                    headers,
+                },
+            );
+        }
+    }
+    records.into_values().collect()
+}
+
+/// Polls `condition` every 50 ms until it holds or `timeout` passes; returns whether
+/// it held.
+pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Checks word-count outputs (key = word, value = count as text) against the expected
+/// final counts: for every word the counts 1..=n first appear in ascending order (G3,
+/// and G2's "every output is published"), every repeated count is a byte-identical copy
+/// (value and headers) of its first appearance (G2: a replay, not a recomputation), and
+/// no word is missing or extra. Returns how many duplicates were seen.
+pub fn check_word_count_outputs(
+    outputs: &[Consumed],
+    expected: &HashMap<String, i64>,
+) -> Result<usize, String> {
+    let mut by_word: HashMap<String, Vec<&Consumed>> = HashMap::new();
+    for record in outputs {
+        by_word.entry(record.key_str()).or_default().push(record);
+    }
+    let mut duplicates = 0;
+    for (word, records) in &by_word {
+        let Some(&final_count) = expected.get(word) else {
+            return Err(format!("unexpected output for word {word:?}"));
+        };
+        let mut first: Vec<&Consumed> = Vec::new();
+        for record in records {
+            let count: i64 = record
+                .value_str()
+                .parse()
+                .map_err(|_| format!("{word}: value {:?} is not a count", record.value_str()))?;
+            let seen = first.len() as i64;
+            if count == seen + 1 {
+                first.push(record);
+            } else if count >= 1 && count <= seen {
+                let original = first[(count - 1) as usize];
+                if original.value != record.value || original.headers != record.headers {
+                    return Err(format!(
+                        "{word}: count {count} was published twice with different bytes \
+                         (offsets {} and {}): recomputed, not replayed",
+                        original.offset, record.offset
+                    ));
+                }
+                duplicates += 1;
+            } else {
+                return Err(format!(
+                    "{word}: count {count} at offset {} after only {seen} counts (gap or regression)",
+                    record.offset
+                ));
+            }
+        }
+        if first.len() as i64 != final_count {
+            return Err(format!(
+                "{word}: outputs reach {} but the word was sent {final_count} times",
+                first.len()
+            ));
+        }
+    }
+    if let Some(missing) = expected.keys().find(|w| !by_word.contains_key(*w)) {
+        return Err(format!("no output at all for word {missing:?}"));
+    }
+    Ok(duplicates)
+}
+
+/// Reads the count (JSON integer) of every word from `store`.
+pub async fn stored_counts(
+    store: &dyn SingleStateRepository,
+    words: impl IntoIterator<Item = String>,
+) -> HashMap<String, i64> {
+    let ids: Vec<PersistenceId> = words
+        .into_iter()
+        .map(|w| PersistenceId::new(w).expect("valid id"))
+        .collect();
+    store
+        .get_all(&ids)
+        .await
+        .expect("read states")
+        .into_iter()
+        .map(|s| {
+            let count = s
+                .content
+                .as_deref()
+                .map_or(0, |c| serde_json::from_slice(c).expect("count"));
+            (s.id.as_str().to_owned(), count)
+        })
+        .collect()
+}
+
+/// The multiset of `words` as counts.
+pub fn tally<'a>(words: impl IntoIterator<Item = &'a str>) -> HashMap<String, i64> {
+    let mut counts = HashMap::new();
+    for word in words {
+        *counts.entry(word.to_owned()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A store wrapper that fails (as unavailable) on command, and can hold writes until
+/// released, for fault-injection tests.
+#[derive(Debug)]
+pub struct FaultyStore<R> {
+    inner: R,
+    fail: AtomicBool,
+    hold_writes: AtomicBool,
+    released: tokio::sync::Notify,
+    failures: AtomicU64,
+    held: AtomicU64,
+    log: Mutex<Vec<&'static str>>,
+}
+
+impl<R> FaultyStore<R> {
+    /// Wraps `inner`, healthy.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            fail: AtomicBool::new(false),
+            hold_writes: AtomicBool::new(false),
+            released: tokio::sync::Notify::new(),
+            failures: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            log: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Makes every call fail with [`RepositoryError::Unavailable`] (or heal).
+    pub fn set_failing(&self, failing: bool) {
+        self.fail.store(failing, Ordering::SeqCst);
+    }
+
+    /// Makes writes wait until [`release_writes`](Self::release_writes).
+    pub fn hold_writes(&self) {
+        self.hold_writes.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets held and future writes through.
+    pub fn release_writes(&self) {
+        self.hold_writes.store(false, Ordering::SeqCst);
+        self.released.notify_waiters();
+    }
+
+    /// How many calls failed on command.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::SeqCst)
+    }
+
+    /// How many writes are or were held.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    /// The outcomes of writes, in order (`"ok"`, `"conflict"`, `"error"`).
+    pub fn write_log(&self) -> Vec<&'static str> {
+        self.log.lock().expect("log").clone()
+    }
+
+    fn check(&self) -> Result<(), RepositoryError> {
+        if self.fail.load(Ordering::SeqCst) {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(RepositoryError::Unavailable("injected: store is down".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<R: SingleStateRepository> SingleStateRepository for FaultyStore<R> {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn get_all(&self, ids: &[PersistenceId]) -> Result<Vec<RawState>, RepositoryError> {
+        self.check()?;
+        self.inner.get_all(ids).await
+    }
+
+    async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
+        self.check()?;
+        if self.hold_writes.load(Ordering::SeqCst) {
+            self.held.fetch_add(1, Ordering::SeqCst);
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.hold_writes.load(Ordering::SeqCst) {
+                released.await;
+            }
+        }
+        let result = self.inner.upsert_all(states).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(RepositoryError::Conflict { .. }) => "conflict",
+            Err(_) => "error",
+        };
+        self.log.lock().expect("log").push(outcome);
+        result
+    }
+}

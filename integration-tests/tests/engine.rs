@@ -1,0 +1,540 @@
+//! The engine end to end on librdkafka's in-process mock cluster: every pipeline kind,
+//! error policies, store and broker faults, restarts and rebalances. Each test starts
+//! its own cluster, so tests run in parallel.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use flows::function::{PersistenceIdFn, StatefulFunction, StatelessFunction};
+use flows::kafka::policy::headers;
+use flows::kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use flows::kafka::{EmbeddedKafka, Engine, ErrorPolicy, Join, Pipeline};
+use flows::{
+    ColumnType, ColumnValue, FunctionError, Json, MemoryStateRepository, MemoryUpsertRepository, Record, Row,
+    RowChange, RowError, TableSchema, Topic, Utf8, Value,
+};
+use flows_integration_tests::{
+    FaultyStore, check_word_count_outputs, init_tracing, produce, read_topic, stored_counts,
+    tally, test_config, text_record, wait_until,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn cluster(topics: &[(&str, i32)]) -> EmbeddedKafka {
+    init_tracing();
+    let kafka = EmbeddedKafka::start(1).unwrap();
+    for (topic, partitions) in topics {
+        kafka.create_topic(topic, *partitions, 1).unwrap();
+    }
+    kafka
+}
+
+/// `n` words over `distinct` values, in a scrambled but reproducible order.
+fn words(n: usize, distinct: usize, seed: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| format!("w{}", (i * 7919 + seed * 31 + i / 3) % distinct))
+        .collect()
+}
+
+fn word_records(topic: &str, words: &[String]) -> Vec<flows::EncodedRecord> {
+    words
+        .iter()
+        .map(|w| text_record(topic, None, w, w))
+        .collect()
+}
+
+/// Word count with the count as plain text, so outputs are easy to read back.
+fn counter() -> StatefulFunction<i64> {
+    StatefulFunction::new(Json::<i64>::new()).one_to_one(
+        Topic::new("words", Utf8, Utf8),
+        Topic::new("counts", Utf8, Utf8),
+        PersistenceIdFn::key(),
+        |count: Option<&i64>, word| {
+            let count = count.copied().unwrap_or(0) + 1;
+            Ok((count, Record::new(word.key, count.to_string())))
+        },
+    )
+}
+
+async fn assert_word_count(
+    brokers: &str,
+    store: &dyn flows::SingleStateRepository,
+    expected: &HashMap<String, i64>,
+) -> usize {
+    let stored = stored_counts(store, expected.keys().cloned()).await;
+    assert_eq!(&stored, expected, "stored counts (G1)");
+    let total: i64 = expected.values().sum();
+    let outputs = read_topic(brokers, "counts", total as usize, WAIT);
+    check_word_count_outputs(&outputs, expected).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn word_count_is_exact_and_outputs_follow_input_order() {
+    let kafka = cluster(&[("words", 4), ("counts", 4)]);
+    let brokers = kafka.bootstrap_servers();
+    let input = words(3_000, 40, 1);
+    produce(&brokers, &word_records("words", &input)).await;
+
+    let store = Arc::new(MemoryStateRepository::new());
+    let engine = Engine::new(test_config(&brokers));
+    let running = engine
+        .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
+        .unwrap();
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 3_000).await);
+    let metrics = running.metrics().snapshot();
+    running.shutdown().await.unwrap();
+
+    let duplicates =
+        assert_word_count(&brokers, store.as_ref(), &tally(input.iter().map(String::as_str)))
+            .await;
+    assert_eq!(duplicates, 0, "no replay happened, so no duplicate may appear");
+    assert_eq!(metrics.published, 3_000);
+    assert!(
+        metrics.batches < 3_000,
+        "messages are processed in batches ({} batches)",
+        metrics.batches
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stateless_merge_explode_and_filter() {
+    let kafka = cluster(&[("left", 2), ("right", 3), ("tokens", 2), ("long-tokens", 1)]);
+    let brokers = kafka.bootstrap_servers();
+    let lines = ["the quick brown fox", "jumps over", "the lazy dog"];
+    let mut records = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let topic = if i % 2 == 0 { "left" } else { "right" };
+        records.push(text_record(topic, None, &format!("line-{i}"), line));
+    }
+    produce(&brokers, &records).await;
+
+    let split = StatelessFunction::merge(
+        vec![Topic::new("left", Utf8, Utf8), Topic::new("right", Utf8, Utf8)],
+        Topic::new("tokens", Utf8, Utf8),
+        |m| {
+            Ok(m.value
+                .split_whitespace()
+                .map(|w| Record::new(w.to_owned(), w.to_owned()))
+                .collect())
+        },
+    );
+    let long = StatelessFunction::filter(Topic::new("tokens", Utf8, Utf8), "long-tokens", |m| {
+        m.value.len() > 4
+    });
+    let engine = Engine::new(test_config(&brokers));
+    let a = engine.start(&Pipeline::stateless("split", split)).unwrap();
+    let b = engine.start(&Pipeline::stateless("long", long)).unwrap();
+    assert!(wait_until(WAIT, || b.metrics().snapshot().committed >= 9).await);
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+
+    let mut tokens: Vec<String> = read_topic(&brokers, "tokens", 9, WAIT)
+        .iter()
+        .map(|r| r.value_str())
+        .collect();
+    tokens.sort();
+    let mut expected: Vec<&str> = lines.iter().flat_map(|l| l.split_whitespace()).collect();
+    expected.sort();
+    assert_eq!(tokens, expected);
+    let mut long: Vec<String> = read_topic(&brokers, "long-tokens", 3, WAIT)
+        .iter()
+        .map(|r| r.value_str())
+        .collect();
+    long.sort();
+    assert_eq!(long, ["brown", "jumps", "quick"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_messages_go_to_the_dead_letter_topic_with_their_bytes() {
+    let kafka = cluster(&[("amounts", 1), ("doubled", 1), ("amounts-dlq", 1)]);
+    let brokers = kafka.bootstrap_servers();
+    let mut records = vec![
+        text_record("amounts", None, "a", "1"),
+        text_record("amounts", None, "b", "not json"),
+        text_record("amounts", None, "c", "3"),
+    ];
+    records[1].headers.append("trace", Some(b"t-1".to_vec()));
+    produce(&brokers, &records).await;
+
+    let double = StatelessFunction::one_to_one(
+        Topic::new("amounts", Utf8, Json::<i64>::new()),
+        Topic::new("doubled", Utf8, Json::<i64>::new()),
+        |m| Ok(Record::new(m.key, m.value * 2)),
+    );
+    let running = Engine::new(test_config(&brokers))
+        .start(&Pipeline::stateless("double", double).on_error(ErrorPolicy::dead_letter("amounts-dlq")))
+        .unwrap();
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 3).await);
+    let metrics = running.metrics().snapshot();
+    running.shutdown().await.unwrap();
+
+    assert_eq!(metrics.dead_lettered, 1);
+    let doubled: Vec<String> = read_topic(&brokers, "doubled", 2, WAIT)
+        .iter()
+        .map(|r| r.value_str())
+        .collect();
+    assert_eq!(doubled, ["2", "6"]);
+    let dead = read_topic(&brokers, "amounts-dlq", 1, WAIT);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].value_str(), "not json", "original bytes");
+    assert_eq!(dead[0].key_str(), "b");
+    assert_eq!(dead[0].header("trace").as_deref(), Some("t-1"), "original headers kept");
+    assert_eq!(dead[0].header(headers::ERROR_KIND).as_deref(), Some("decode"));
+    assert_eq!(dead[0].header(headers::SOURCE_OFFSET).as_deref(), Some("1"));
+    assert_eq!(dead[0].header(headers::PIPELINE).as_deref(), Some("double"));
+    assert!(dead[0].header(headers::ERROR_MESSAGE).unwrap().contains("amounts"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stop_policy_stops_without_committing_the_failed_message() {
+    let kafka = cluster(&[("words", 1), ("counts", 1)]);
+    let brokers = kafka.bootstrap_servers();
+    let input: Vec<String> = ["a", "b", "poison", "c"].map(String::from).to_vec();
+    produce(&brokers, &word_records("words", &input)).await;
+
+    let strict = || {
+        StatefulFunction::new(Json::<i64>::new()).one_to_one(
+            Topic::new("words", Utf8, Utf8),
+            Topic::new("counts", Utf8, Utf8),
+            PersistenceIdFn::key(),
+            |count: Option<&i64>, word| {
+                if word.value == "poison" {
+                    return Err(FunctionError::new("poisoned word"));
+                }
+                let count = count.copied().unwrap_or(0) + 1;
+                Ok((count, Record::new(word.key, count.to_string())))
+            },
+        )
+    };
+    let store = Arc::new(MemoryStateRepository::new());
+    let mut config = test_config(&brokers);
+    config.batch.max_messages = 1; // so that "a" and "b" complete before the poison
+    let engine = Engine::new(config);
+    let running = engine
+        .start(&Pipeline::stateful("count", strict(), Arc::clone(&store)))
+        .unwrap();
+    let error = running.wait().await.unwrap_err();
+    assert!(error.to_string().contains("poisoned word"), "{error}");
+
+    // Restarted with a function that accepts the word, the pipeline resumes at the
+    // poison message: it was never committed, and nothing before it is applied twice.
+    let running = engine
+        .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
+        .unwrap();
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 2).await);
+    running.shutdown().await.unwrap();
+    assert_word_count(&brokers, store.as_ref(), &tally(input.iter().map(String::as_str))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retrying_policy_reruns_a_failing_external_call() {
+    let kafka = cluster(&[("orders", 1), ("confirmed", 1)]);
+    let brokers = kafka.bootstrap_servers();
+    produce(&brokers, &[text_record("orders", None, "o1", "order-1")]).await;
+
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = Arc::clone(&calls);
+    // An external party that fails twice, then answers.
+    let confirm = StatelessFunction::one_to_one(
+        Topic::new("orders", Utf8, Utf8),
+        Topic::new("confirmed", Utf8, Utf8),
+        move |m| {
+            if seen.fetch_add(1, Ordering::SeqCst) < 2 {
+                return Err(FunctionError::new("service unavailable"));
+            }
+            Ok(Record::new(m.key, format!("{} confirmed", m.value)))
+        },
+    );
+    let policy = ErrorPolicy::stop().with_retries(3, Duration::from_millis(50));
+    let running = Engine::new(test_config(&brokers))
+        .start(&Pipeline::stateless("confirm", confirm).on_error(policy))
+        .unwrap();
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 1).await);
+    let metrics = running.metrics().snapshot();
+    running.shutdown().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(metrics.function_retries, 2);
+    let out = read_topic(&brokers, "confirmed", 1, WAIT);
+    assert_eq!(out[0].value_str(), "order-1 confirmed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_is_waited_out_and_nothing_is_lost() {
+    let kafka = cluster(&[("words", 3), ("counts", 3)]);
+    let brokers = kafka.bootstrap_servers();
+    let store = Arc::new(FaultyStore::new(MemoryStateRepository::new()));
+    let running = Engine::new(test_config(&brokers))
+        .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
+        .unwrap();
+    let first = words(500, 20, 2);
+    produce(&brokers, &word_records("words", &first)).await;
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 500).await);
+
+    store.set_failing(true);
+    let second = words(500, 20, 3);
+    produce(&brokers, &word_records("words", &second)).await;
+    assert!(wait_until(WAIT, || store.failures() >= 5).await, "the engine kept retrying");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(running.metrics().snapshot().committed, 500, "nothing committed while down");
+    store.set_failing(false);
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 1_000).await);
+    let metrics = running.metrics().snapshot();
+    running.shutdown().await.unwrap();
+
+    assert!(metrics.transient_retries >= 5, "{metrics:?}");
+    let all = first.iter().chain(&second).map(String::as_str);
+    assert_word_count(&brokers, store.as_ref(), &tally(all)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_errors_and_a_broker_outage_are_waited_out() {
+    let kafka = cluster(&[("words", 2), ("counts", 2)]);
+    let brokers = kafka.bootstrap_servers();
+    let store = Arc::new(MemoryStateRepository::new());
+    let running = Engine::new(test_config(&brokers))
+        .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
+        .unwrap();
+    let first = words(400, 15, 4);
+    produce(&brokers, &word_records("words", &first)).await;
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 400).await);
+
+    // Retriable produce errors: the idempotent producer retries them.
+    let second = words(400, 15, 5);
+    produce(&brokers, &word_records("words", &second)).await;
+    kafka.mock().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 6],
+    );
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 800).await);
+
+    // The only broker goes down for two seconds while input waits.
+    let third = words(400, 15, 6);
+    produce(&brokers, &word_records("words", &third)).await;
+    kafka.mock().broker_down(1).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kafka.mock().broker_up(1).unwrap();
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 1_200).await);
+    running.shutdown().await.unwrap();
+
+    let all = first.iter().chain(&second).chain(&third).map(String::as_str);
+    assert_word_count(&brokers, store.as_ref(), &tally(all)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_applies_both_topics_to_one_state() {
+    let kafka = cluster(&[("credits", 2), ("debits", 3), ("balance-mid", 4), ("balances", 2)]);
+    let brokers = kafka.bootstrap_servers();
+    let output = Topic::new("balances", Utf8, Utf8);
+    let balance = StatefulFunction::new(Json::<i64>::new())
+        .one_to_one(
+            Topic::new("credits", Utf8, Json::<i64>::new()),
+            output.clone(),
+            PersistenceIdFn::key(),
+            |total: Option<&i64>, m| {
+                let total = total.copied().unwrap_or(0) + m.value;
+                Ok((total, Record::new(m.key, total.to_string())))
+            },
+        )
+        .one_to_one(
+            Topic::new("debits", Utf8, Json::<i64>::new()),
+            output,
+            PersistenceIdFn::key(),
+            |total: Option<&i64>, m| {
+                let total = total.copied().unwrap_or(0) - m.value;
+                Ok((total, Record::new(m.key, total.to_string())))
+            },
+        );
+    let join = Join::new("balance", "balance-mid", balance);
+    let store = Arc::new(MemoryStateRepository::new());
+    let engine = Engine::new(test_config(&brokers));
+    let rekey = engine.start(&join.rekey_pipeline()).unwrap();
+    let apply = engine
+        .start(&join.stateful_pipeline(Arc::clone(&store)))
+        .unwrap();
+
+    let mut records = Vec::new();
+    let mut expected: HashMap<String, i64> = HashMap::new();
+    for i in 0..300i64 {
+        let account = format!("acct-{}", i % 7);
+        let (topic, delta) = if i % 3 == 0 { ("debits", -i) } else { ("credits", i) };
+        *expected.entry(account.clone()).or_insert(0) += delta;
+        records.push(text_record(topic, None, &account, &delta.abs().to_string()));
+    }
+    produce(&brokers, &records).await;
+    assert!(wait_until(WAIT, || apply.metrics().snapshot().committed >= 300).await);
+    rekey.shutdown().await.unwrap();
+    apply.shutdown().await.unwrap();
+
+    assert_eq!(stored_counts(store.as_ref(), expected.keys().cloned()).await, expected);
+    let outputs = read_topic(&brokers, "balances", 300, WAIT);
+    assert_eq!(outputs.len(), 300, "one output per source message");
+    // The last output per account is its final balance.
+    let mut last: HashMap<String, String> = HashMap::new();
+    for record in &outputs {
+        last.insert(record.key_str(), record.value_str());
+    }
+    for (account, total) in &expected {
+        assert_eq!(last[account], total.to_string(), "{account}");
+    }
+}
+
+/// The latest sentence seen for each word, materialised as a table row.
+#[derive(Clone, Debug, PartialEq)]
+struct LastSeen {
+    word: String,
+    line: String,
+}
+
+impl Row for LastSeen {
+    fn schema() -> TableSchema {
+        TableSchema::builder("last_seen")
+            .key("word", ColumnType::Text)
+            .column("line", ColumnType::Text)
+            .build()
+            .expect("valid schema")
+    }
+
+    fn to_values(&self) -> Vec<Value> {
+        vec![Value::Text(self.word.clone()), Value::Text(self.line.clone())]
+    }
+
+    fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
+        let mut v = values.into_iter();
+        Ok(Self {
+            word: ColumnValue::from_column(v.next(), "word")?,
+            line: ColumnValue::from_column(v.next(), "line")?,
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materialise_upserts_the_latest_row_per_key_in_batches() {
+    let kafka = cluster(&[("sightings", 3)]);
+    let brokers = kafka.bootstrap_servers();
+    let table = Arc::new(MemoryUpsertRepository::<LastSeen>::new());
+    let mut records = Vec::new();
+    let mut expected: HashMap<String, String> = HashMap::new();
+    for i in 0..600 {
+        let word = format!("w{}", i % 25);
+        let line = format!("line {i}");
+        expected.insert(word.clone(), line.clone());
+        records.push(text_record("sightings", None, &word, &line));
+    }
+    // "forget" deletes its row.
+    records.push(text_record("sightings", None, "w3", "forget"));
+    expected.remove("w3");
+    produce(&brokers, &records).await;
+
+    let running = Engine::new(test_config(&brokers))
+        .start(&Pipeline::materialise(
+            "last-seen",
+            Topic::new("sightings", Utf8, Utf8),
+            Arc::clone(&table),
+            |m| {
+                Ok(vec![if m.value == "forget" {
+                    RowChange::Delete(m.key.into())
+                } else {
+                    RowChange::Upsert(LastSeen {
+                        word: m.key,
+                        line: m.value,
+                    })
+                }])
+            },
+        ))
+        .unwrap();
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 601).await);
+    let metrics = running.metrics().snapshot();
+    running.shutdown().await.unwrap();
+    assert!(metrics.batches < 601, "written in batches");
+    let rows: HashMap<String, String> = table
+        .rows()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.word, r.line))
+        .collect();
+    assert_eq!(rows, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_pipeline_continues_exactly_where_it_stopped() {
+    let kafka = cluster(&[("words", 4), ("counts", 4)]);
+    let brokers = kafka.bootstrap_servers();
+    let store = Arc::new(MemoryStateRepository::new());
+    let input = words(4_000, 30, 7);
+    produce(&brokers, &word_records("words", &input)).await;
+    let engine = Engine::new(test_config(&brokers));
+    for _ in 0..3 {
+        let running = engine
+            .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
+            .unwrap();
+        // Stop somewhere in the middle of the stream.
+        wait_until(WAIT, || running.metrics().snapshot().committed >= 700).await;
+        running.shutdown().await.unwrap();
+    }
+    let running = engine
+        .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
+        .unwrap();
+    let expected = tally(input.iter().map(String::as_str));
+    let done = wait_until(WAIT, || {
+        futures_lite_counts(&store, &expected)
+    })
+    .await;
+    running.shutdown().await.unwrap();
+    assert!(done, "all words counted");
+    assert_word_count(&brokers, store.as_ref(), &expected).await;
+}
+
+/// Whether every state in the memory store holds its expected count (without awaiting).
+fn futures_lite_counts(store: &MemoryStateRepository, expected: &HashMap<String, i64>) -> bool {
+    let snapshot = store.snapshot();
+    let total: i64 = snapshot
+        .iter()
+        .filter_map(|s| s.content.as_deref())
+        .map(|c| serde_json::from_slice::<i64>(c).unwrap())
+        .sum();
+    total == expected.values().sum::<i64>()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_in_one_group_share_partitions_without_regressions() {
+    let kafka = cluster(&[("words", 6), ("counts", 6)]);
+    let brokers = kafka.bootstrap_servers();
+    let store = Arc::new(MemoryStateRepository::new());
+    let engine = Engine::new(test_config(&brokers));
+    let pipeline = Pipeline::stateful("count", counter(), Arc::clone(&store));
+    let first = engine.start(&pipeline).unwrap();
+    let batch_a = words(3_000, 50, 8);
+    produce(&brokers, &word_records("words", &batch_a)).await;
+    wait_until(WAIT, || first.metrics().snapshot().committed >= 500).await;
+
+    // A second instance joins mid-stream: partitions move while batches are in flight.
+    let second = engine.start(&pipeline).unwrap();
+    let batch_b = words(3_000, 50, 9);
+    produce(&brokers, &word_records("words", &batch_b)).await;
+    assert!(
+        wait_until(WAIT, || second.metrics().snapshot().committed > 0).await,
+        "the second instance got partitions"
+    );
+    // The first leaves mid-stream: its partitions move to the second.
+    first.shutdown().await.unwrap();
+    let batch_c = words(2_000, 50, 10);
+    produce(&brokers, &word_records("words", &batch_c)).await;
+
+    let all: Vec<&str> = batch_a
+        .iter()
+        .chain(&batch_b)
+        .chain(&batch_c)
+        .map(String::as_str)
+        .collect();
+    let expected = tally(all);
+    let done = wait_until(WAIT, || futures_lite_counts(&store, &expected)).await;
+    let metrics = second.metrics().snapshot();
+    second.shutdown().await.unwrap();
+    assert!(done, "all words counted");
+    assert!(metrics.rebalances >= 2, "{metrics:?}");
+    assert_word_count(&brokers, store.as_ref(), &expected).await;
+}
