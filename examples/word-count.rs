@@ -8,8 +8,9 @@
 //! With `FLOWS_BROKERS` set it is a long-lived worker against a real cluster instead:
 //! it reads topic `words` (key = word), writes `word-counts` (key = word, value = the
 //! count as JSON) and keeps its state in `FLOWS_STORE` (`postgres://…` with the
-//! `postgres` feature, `sqlite://…`, `memory://`), until SIGINT or SIGTERM. See
-//! `KafkaConfig::from_env` for the other `FLOWS_*` settings.
+//! `postgres` feature, `sqlite://…`, `memory://`; table `FLOWS_STATE_TABLE`, default
+//! `word_counts`), until SIGINT or SIGTERM. See `KafkaConfig::from_env` for the other
+//! `FLOWS_*` settings.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -56,7 +57,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Long-lived worker against real Kafka and a real store.
 async fn worker(config: KafkaConfig) -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("FLOWS_STORE").unwrap_or_else(|_| "sqlite://word-count.sqlite".into());
-    let store = flows::open_state_store(&url, "word_counts").await?;
+    let table = std::env::var("FLOWS_STATE_TABLE").unwrap_or_else(|_| "word_counts".into());
+    let store = flows::open_state_store(&url, &table).await?;
     let pipelines = flows::kafka::select_from_env(&[word_count(store)])?;
     Engine::new(config).run_until_signal(&pipelines).await?;
     Ok(())
