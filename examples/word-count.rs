@@ -126,7 +126,12 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
         table.push((count, state.id.as_str().to_owned()));
     }
     table.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-    println!("\nfinal counts ({} words, {} distinct, {} batches):", words.len(), table.len(), stats.batches);
+    println!(
+        "\nfinal counts ({} words, {} distinct, {} batches):",
+        words.len(),
+        table.len(),
+        stats.batches
+    );
     for (count, word) in &table {
         println!("  {word:<16} {count}");
     }

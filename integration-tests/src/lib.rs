@@ -22,8 +22,7 @@ use flows::{
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "off".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "off".into()),
         )
         .with_test_writer()
         .try_init();
@@ -82,7 +81,10 @@ impl Consumed {
 /// Publishes `records` and waits for their acknowledgements.
 pub async fn produce(brokers: &str, records: &[EncodedRecord]) {
     let producer = OutputProducer::new(&KafkaConfig::new(brokers)).expect("producer");
-    producer.send_all(records).await.expect("records acknowledged");
+    producer
+        .send_all(records)
+        .await
+        .expect("records acknowledged");
 }
 
 /// A record with a UTF-8 key and value.
@@ -331,7 +333,9 @@ impl<R> FaultyStore<R> {
     fn check(&self) -> Result<(), RepositoryError> {
         if self.fail.load(Ordering::SeqCst) {
             self.failures.fetch_add(1, Ordering::SeqCst);
-            return Err(RepositoryError::Unavailable("injected: store is down".into()));
+            return Err(RepositoryError::Unavailable(
+                "injected: store is down".into(),
+            ));
         }
         Ok(())
     }

@@ -14,12 +14,12 @@ use flows::kafka::policy::headers;
 use flows::kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use flows::kafka::{EmbeddedKafka, Engine, ErrorPolicy, Join, Pipeline};
 use flows::{
-    ColumnType, ColumnValue, FunctionError, Json, MemoryStateRepository, MemoryUpsertRepository, Record, Row,
-    RowChange, RowError, TableSchema, Topic, Utf8, Value,
+    ColumnType, ColumnValue, FunctionError, Json, MemoryStateRepository, MemoryUpsertRepository,
+    Record, Row, RowChange, RowError, TableSchema, Topic, Utf8, Value,
 };
 use flows_integration_tests::{
-    FaultyStore, check_word_count_outputs, init_tracing, produce, read_topic, stored_counts,
-    tally, test_config, text_record, wait_until,
+    FaultyStore, check_word_count_outputs, init_tracing, produce, read_topic, stored_counts, tally,
+    test_config, text_record, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -88,10 +88,16 @@ async fn word_count_is_exact_and_outputs_follow_input_order() {
     let metrics = running.metrics().snapshot();
     running.shutdown().await.unwrap();
 
-    let duplicates =
-        assert_word_count(&brokers, store.as_ref(), &tally(input.iter().map(String::as_str)))
-            .await;
-    assert_eq!(duplicates, 0, "no replay happened, so no duplicate may appear");
+    let duplicates = assert_word_count(
+        &brokers,
+        store.as_ref(),
+        &tally(input.iter().map(String::as_str)),
+    )
+    .await;
+    assert_eq!(
+        duplicates, 0,
+        "no replay happened, so no duplicate may appear"
+    );
     assert_eq!(metrics.published, 3_000);
     assert!(
         metrics.batches < 3_000,
@@ -113,7 +119,10 @@ async fn stateless_merge_explode_and_filter() {
     produce(&brokers, &records).await;
 
     let split = StatelessFunction::merge(
-        vec![Topic::new("left", Utf8, Utf8), Topic::new("right", Utf8, Utf8)],
+        vec![
+            Topic::new("left", Utf8, Utf8),
+            Topic::new("right", Utf8, Utf8),
+        ],
         Topic::new("tokens", Utf8, Utf8),
         |m| {
             Ok(m.value
@@ -166,7 +175,10 @@ async fn undecodable_messages_go_to_the_dead_letter_topic_with_their_bytes() {
         |m| Ok(Record::new(m.key, m.value * 2)),
     );
     let running = Engine::new(test_config(&brokers))
-        .start(&Pipeline::stateless("double", double).on_error(ErrorPolicy::dead_letter("amounts-dlq")))
+        .start(
+            &Pipeline::stateless("double", double)
+                .on_error(ErrorPolicy::dead_letter("amounts-dlq")),
+        )
         .unwrap();
     assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 3).await);
     let metrics = running.metrics().snapshot();
@@ -182,11 +194,23 @@ async fn undecodable_messages_go_to_the_dead_letter_topic_with_their_bytes() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].value_str(), "not json", "original bytes");
     assert_eq!(dead[0].key_str(), "b");
-    assert_eq!(dead[0].header("trace").as_deref(), Some("t-1"), "original headers kept");
-    assert_eq!(dead[0].header(headers::ERROR_KIND).as_deref(), Some("decode"));
+    assert_eq!(
+        dead[0].header("trace").as_deref(),
+        Some("t-1"),
+        "original headers kept"
+    );
+    assert_eq!(
+        dead[0].header(headers::ERROR_KIND).as_deref(),
+        Some("decode")
+    );
     assert_eq!(dead[0].header(headers::SOURCE_OFFSET).as_deref(), Some("1"));
     assert_eq!(dead[0].header(headers::PIPELINE).as_deref(), Some("double"));
-    assert!(dead[0].header(headers::ERROR_MESSAGE).unwrap().contains("amounts"));
+    assert!(
+        dead[0]
+            .header(headers::ERROR_MESSAGE)
+            .unwrap()
+            .contains("amounts")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,7 +251,12 @@ async fn the_stop_policy_stops_without_committing_the_failed_message() {
         .unwrap();
     assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 2).await);
     running.shutdown().await.unwrap();
-    assert_word_count(&brokers, store.as_ref(), &tally(input.iter().map(String::as_str))).await;
+    assert_word_count(
+        &brokers,
+        store.as_ref(),
+        &tally(input.iter().map(String::as_str)),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,9 +306,16 @@ async fn a_store_outage_is_waited_out_and_nothing_is_lost() {
     store.set_failing(true);
     let second = words(500, 20, 3);
     produce(&brokers, &word_records("words", &second)).await;
-    assert!(wait_until(WAIT, || store.failures() >= 5).await, "the engine kept retrying");
+    assert!(
+        wait_until(WAIT, || store.failures() >= 5).await,
+        "the engine kept retrying"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(running.metrics().snapshot().committed, 500, "nothing committed while down");
+    assert_eq!(
+        running.metrics().snapshot().committed,
+        500,
+        "nothing committed while down"
+    );
     store.set_failing(false);
     assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 1_000).await);
     let metrics = running.metrics().snapshot();
@@ -320,13 +356,22 @@ async fn broker_errors_and_a_broker_outage_are_waited_out() {
     assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 1_200).await);
     running.shutdown().await.unwrap();
 
-    let all = first.iter().chain(&second).chain(&third).map(String::as_str);
+    let all = first
+        .iter()
+        .chain(&second)
+        .chain(&third)
+        .map(String::as_str);
     assert_word_count(&brokers, store.as_ref(), &tally(all)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_applies_both_topics_to_one_state() {
-    let kafka = cluster(&[("credits", 2), ("debits", 3), ("balance-mid", 4), ("balances", 2)]);
+    let kafka = cluster(&[
+        ("credits", 2),
+        ("debits", 3),
+        ("balance-mid", 4),
+        ("balances", 2),
+    ]);
     let brokers = kafka.bootstrap_servers();
     let output = Topic::new("balances", Utf8, Utf8);
     let balance = StatefulFunction::new(Json::<i64>::new())
@@ -360,7 +405,11 @@ async fn a_join_applies_both_topics_to_one_state() {
     let mut expected: HashMap<String, i64> = HashMap::new();
     for i in 0..300i64 {
         let account = format!("acct-{}", i % 7);
-        let (topic, delta) = if i % 3 == 0 { ("debits", -i) } else { ("credits", i) };
+        let (topic, delta) = if i % 3 == 0 {
+            ("debits", -i)
+        } else {
+            ("credits", i)
+        };
         *expected.entry(account.clone()).or_insert(0) += delta;
         records.push(text_record(topic, None, &account, &delta.abs().to_string()));
     }
@@ -369,7 +418,10 @@ async fn a_join_applies_both_topics_to_one_state() {
     rekey.shutdown().await.unwrap();
     apply.shutdown().await.unwrap();
 
-    assert_eq!(stored_counts(store.as_ref(), expected.keys().cloned()).await, expected);
+    assert_eq!(
+        stored_counts(store.as_ref(), expected.keys().cloned()).await,
+        expected
+    );
     let outputs = read_topic(&brokers, "balances", 300, WAIT);
     assert_eq!(outputs.len(), 300, "one output per source message");
     // The last output per account is its final balance.
@@ -399,7 +451,10 @@ impl Row for LastSeen {
     }
 
     fn to_values(&self) -> Vec<Value> {
-        vec![Value::Text(self.word.clone()), Value::Text(self.line.clone())]
+        vec![
+            Value::Text(self.word.clone()),
+            Value::Text(self.line.clone()),
+        ]
     }
 
     fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
@@ -479,10 +534,7 @@ async fn a_restarted_pipeline_continues_exactly_where_it_stopped() {
         .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
         .unwrap();
     let expected = tally(input.iter().map(String::as_str));
-    let done = wait_until(WAIT, || {
-        futures_lite_counts(&store, &expected)
-    })
-    .await;
+    let done = wait_until(WAIT, || futures_lite_counts(&store, &expected)).await;
     running.shutdown().await.unwrap();
     assert!(done, "all words counted");
     assert_word_count(&brokers, store.as_ref(), &expected).await;

@@ -100,7 +100,10 @@ fn spawn_worker(binary: &PathBuf, brokers: &str, table: &str) -> Child {
 }
 
 async fn total(store: &dyn SingleStateRepository, words: &[String]) -> i64 {
-    stored_counts(store, words.iter().cloned()).await.values().sum()
+    stored_counts(store, words.iter().cloned())
+        .await
+        .values()
+        .sum()
 }
 
 async fn wait_for_total(
@@ -165,7 +168,10 @@ async fn kill_and_restart(binary: PathBuf, seed: u64) {
             Duration::from_secs(90),
         )
         .await;
-        assert!(progressed.is_some(), "phase {phase}: the worker made no progress");
+        assert!(
+            progressed.is_some(),
+            "phase {phase}: the worker made no progress"
+        );
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
         worker.kill().unwrap(); // SIGKILL
         worker.wait().unwrap();

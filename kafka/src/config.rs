@@ -79,14 +79,17 @@ impl KafkaConfig {
         }
         let number = |name: &str, value: String| {
             value.trim().parse::<u64>().map_err(|_| {
-                crate::EngineError::Configuration(format!("{name} must be a whole number, not {value:?}"))
+                crate::EngineError::Configuration(format!(
+                    "{name} must be a whole number, not {value:?}"
+                ))
             })
         };
         if let Some(value) = var("FLOWS_BATCH_MAX_MESSAGES") {
             config.batch.max_messages = number("FLOWS_BATCH_MAX_MESSAGES", value)?.max(1) as usize;
         }
         if let Some(value) = var("FLOWS_BATCH_MAX_DELAY_MS") {
-            config.batch.max_delay = Duration::from_millis(number("FLOWS_BATCH_MAX_DELAY_MS", value)?);
+            config.batch.max_delay =
+                Duration::from_millis(number("FLOWS_BATCH_MAX_DELAY_MS", value)?);
         }
         for (name, target) in [
             ("FLOWS_CONSUMER_PROPERTIES", &mut config.consumer_overrides),
@@ -153,8 +156,9 @@ impl KafkaConfig {
             ("partition.assignment.strategy", "cooperative-sticky"),
             ("fetch.min.bytes", "1"),
             ("fetch.wait.max.ms", "100"),
-            ("queued.min.messages", "20000"),
-            ("queued.max.messages.kbytes", "65536"),
+            // Per partition: each assigned partition has its own queue.
+            ("queued.min.messages", "10000"),
+            ("queued.max.messages.kbytes", "8192"),
         ];
         merge(&defaults, &self.consumer_overrides)
     }
@@ -243,7 +247,10 @@ mod tests {
         assert_eq!(get(&defaults, "enable.auto.commit"), Some("false"));
         assert_eq!(get(&defaults, "enable.auto.offset.store"), Some("false"));
         assert_eq!(get(&defaults, "group.id"), Some("p.g"));
-        assert_eq!(KafkaConfig::new("b").group_prefix("p.").group_id("g"), "p.g");
+        assert_eq!(
+            KafkaConfig::new("b").group_prefix("p.").group_id("g"),
+            "p.g"
+        );
     }
 
     #[test]

@@ -1,28 +1,32 @@
-//! The consumer thread of a running pipeline: polls Kafka, hands each message to its
-//! partition's worker, commits the offsets workers completed, and handles rebalances.
+//! The consumer thread of a running pipeline: serves the consumer's events (rebalances,
+//! errors), starts and stops partition workers, and commits the offsets they completed.
+//!
+//! Each assigned partition's messages are split into a queue of its own before the
+//! partition is assigned, and its worker reads that queue directly: a slow partition
+//! holds back only itself, and librdkafka stops fetching it when its queue is full
+//! (`queued.min.messages`, `queued.max.messages.kbytes`), so memory stays bounded.
 //!
 //! It runs on its own OS thread because librdkafka calls the rebalance callback from
 //! `poll`, and that callback must *block* until the revoked partitions' workers have
 //! finished (or abandoned) their batch and their offsets are committed (G5); blocking a
 //! runtime thread there could starve the very workers it waits for.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use flows_core::{Headers, RawMessage, TopicPartition};
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinHandle;
 
 use crate::error::EngineError;
-use crate::worker::{PartitionControl, WorkerContext, run_partition};
+use crate::worker::{PartitionControl, PartitionInput, WorkerContext, run_partition};
 
 /// How long `poll` blocks; also the latency of stop requests and commits.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -31,12 +35,10 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 /// How long to wait for an abandoned worker to notice before moving on.
 const ABANDON_GRACE: Duration = Duration::from_secs(5);
 
+/// The consumer type of the engine.
+pub(crate) type EngineConsumer = BaseConsumer<EngineContext>;
+
 struct Slot {
-    sender: mpsc::Sender<RawMessage>,
-    /// Messages that did not fit in the worker's channel; the partition is paused
-    /// while this is not empty, so it stays small.
-    pending: VecDeque<RawMessage>,
-    paused: bool,
     control: Arc<PartitionControl>,
     task: JoinHandle<()>,
     committed: i64,
@@ -50,10 +52,16 @@ pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
     fatal: Mutex<Option<EngineError>>,
     slots: Mutex<HashMap<TopicPartition, Slot>>,
+    /// The consumer, for splitting partition queues inside rebalance callbacks.
+    consumer: OnceLock<Weak<EngineConsumer>>,
 }
 
 impl Shared {
-    pub(crate) fn new(worker: Arc<WorkerContext>, runtime: Handle, drain_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        worker: Arc<WorkerContext>,
+        runtime: Handle,
+        drain_timeout: Duration,
+    ) -> Self {
         Self {
             worker,
             runtime,
@@ -61,7 +69,13 @@ impl Shared {
             stop: AtomicBool::new(false),
             fatal: Mutex::new(None),
             slots: Mutex::new(HashMap::new()),
+            consumer: OnceLock::new(),
         }
+    }
+
+    /// Registers the consumer (once, right after it is created).
+    pub(crate) fn set_consumer(&self, consumer: &Arc<EngineConsumer>) {
+        let _ = self.consumer.set(Arc::downgrade(consumer));
     }
 
     fn slots(&self) -> MutexGuard<'_, HashMap<TopicPartition, Slot>> {
@@ -82,103 +96,63 @@ impl Shared {
         self.fatal.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    fn spawn_worker(self: &Arc<Self>, tp: &TopicPartition) -> Slot {
-        let capacity = self.worker.batch.max_messages.max(1);
-        let (sender, receiver) = mpsc::channel(capacity);
+    /// Splits `tp` into its own queue and starts its worker. Called before the
+    /// partition is assigned, so no message of it reaches the consumer's main queue.
+    fn start_worker(self: &Arc<Self>, tp: &TopicPartition) -> Result<Slot, EngineError> {
+        let consumer = self
+            .consumer
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| EngineError::Internal("consumer gone during rebalance".into()))?;
+        let mut queue = consumer
+            .split_partition_queue(&tp.topic, tp.partition)
+            .ok_or_else(|| EngineError::Internal(format!("cannot split the queue of {tp}")))?;
         let control = Arc::new(PartitionControl::new());
+        let waker = Arc::clone(&control);
+        queue.set_nonempty_callback(move || waker.input_arrived());
+        let input = QueueInput {
+            queue,
+            topic: Arc::clone(&tp.topic),
+        };
         let shared = Arc::clone(self);
         let task_control = Arc::clone(&control);
         let tp_owned = tp.clone();
         let context = Arc::clone(&self.worker);
         let task = self.runtime.spawn(async move {
-            if let Err(error) = run_partition(context, tp_owned, task_control, receiver).await {
+            if let Err(error) = run_partition(context, tp_owned, task_control, input).await {
                 shared.fail(error);
             }
         });
         tracing::debug!(pipeline = %self.worker.pipeline.name, %tp, "partition worker started");
-        Slot {
-            sender,
-            pending: VecDeque::new(),
-            paused: false,
+        Ok(Slot {
             control,
             task,
             committed: -1,
-        }
-    }
-
-    /// Hands `message` to its partition's worker, pausing the partition when the
-    /// worker is behind.
-    fn dispatch(self: &Arc<Self>, consumer: &BaseConsumer<EngineContext>, message: RawMessage) {
-        let tp = message.topic_partition();
-        let mut slots = self.slots();
-        let slot = slots
-            .entry(tp.clone())
-            .or_insert_with(|| self.spawn_worker(&tp));
-        if !slot.pending.is_empty() {
-            slot.pending.push_back(message);
-            return;
-        }
-        match slot.sender.try_send(message) {
-            Ok(()) => {}
-            Err(TrySendError::Full(message)) => {
-                slot.pending.push_back(message);
-                if !slot.paused {
-                    slot.paused = pause(consumer, &tp, true);
-                }
-            }
-            // The worker stopped with an error; the pipeline is stopping and this
-            // message is not committed.
-            Err(TrySendError::Closed(_)) => {}
-        }
-    }
-
-    /// Moves pending messages into workers' channels; resumes drained partitions.
-    fn flush_pending(&self, consumer: &BaseConsumer<EngineContext>) {
-        let mut slots = self.slots();
-        for (tp, slot) in slots.iter_mut() {
-            while let Some(message) = slot.pending.pop_front() {
-                match slot.sender.try_send(message) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(message)) => {
-                        slot.pending.push_front(message);
-                        break;
-                    }
-                    Err(TrySendError::Closed(_)) => {
-                        slot.pending.clear();
-                        break;
-                    }
-                }
-            }
-            if slot.pending.is_empty() && slot.paused {
-                slot.paused = !pause(consumer, tp, false);
-            }
-        }
+        })
     }
 
     /// Commits the offsets of completed batches not committed yet.
-    fn commit_completed(&self, consumer: &BaseConsumer<EngineContext>, mode: CommitMode) {
+    fn commit_completed(&self, consumer: &EngineConsumer, mode: CommitMode) {
         let mut list = TopicPartitionList::new();
         let mut slots = self.slots();
         for (tp, slot) in slots.iter_mut() {
             if let Some(next) = slot.control.next_offset()
                 && next > slot.committed
-            {
-                if list
+                && list
                     .add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next))
                     .is_ok()
-                {
-                    slot.committed = next;
-                }
+            {
+                slot.committed = next;
             }
         }
         drop(slots);
         commit(consumer, &list, mode);
     }
 
-    /// Stops the workers of `partitions`: no new input, the in-flight batch finishes
-    /// within the drain timeout or is abandoned; then their offsets are committed
-    /// synchronously, before the partitions are released.
-    fn release(&self, consumer: &BaseConsumer<EngineContext>, partitions: &[TopicPartition]) {
+    /// Stops the workers of `partitions`: they start no new batch, the one in flight
+    /// finishes within the drain timeout or is abandoned; then their offsets are
+    /// committed synchronously, before the partitions are released.
+    fn release(&self, consumer: &EngineConsumer, partitions: &[TopicPartition]) {
         let released: Vec<(TopicPartition, Slot)> = {
             let mut slots = self.slots();
             partitions
@@ -186,37 +160,29 @@ impl Shared {
                 .filter_map(|tp| slots.remove(tp).map(|slot| (tp.clone(), slot)))
                 .collect()
         };
-        if released.is_empty() {
-            return;
-        }
-        let mut finishing = Vec::with_capacity(released.len());
-        for (tp, slot) in released {
+        for (_, slot) in &released {
             slot.control.release();
-            // Dropping the sender closes the channel: the worker finishes what it holds.
-            let Slot {
-                control,
-                task,
-                committed,
-                ..
-            } = slot;
-            finishing.push((tp, control, task, committed));
         }
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
         let mut list = TopicPartitionList::new();
-        for (tp, control, mut task, committed) in finishing {
-            let finished = self
-                .runtime
-                .block_on(async { tokio::time::timeout_at(deadline, &mut task).await.is_ok() });
+        for (tp, mut slot) in released {
+            let finished = self.runtime.block_on(async {
+                tokio::time::timeout_at(deadline, &mut slot.task)
+                    .await
+                    .is_ok()
+            });
             if !finished {
                 tracing::warn!(pipeline = %self.worker.pipeline.name, %tp, "in-flight batch did not finish in time; abandoning it");
-                control.abandon();
+                slot.control.abandon();
                 let _ = self
                     .runtime
-                    .block_on(async { tokio::time::timeout(ABANDON_GRACE, &mut task).await });
-                task.abort();
+                    .block_on(async { tokio::time::timeout(ABANDON_GRACE, &mut slot.task).await });
+                slot.task.abort();
+                // Wait for the abort, so that the partition's queue is dropped.
+                let _ = self.runtime.block_on(&mut slot.task);
             }
-            if let Some(next) = control.next_offset()
-                && next > committed
+            if let Some(next) = slot.control.next_offset()
+                && next > slot.committed
             {
                 let _ = list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next));
             }
@@ -229,24 +195,28 @@ impl Shared {
     }
 }
 
-fn pause(consumer: &BaseConsumer<EngineContext>, tp: &TopicPartition, pause: bool) -> bool {
-    let mut list = TopicPartitionList::new();
-    list.add_partition(&tp.topic, tp.partition);
-    let result = if pause {
-        consumer.pause(&list)
-    } else {
-        consumer.resume(&list)
-    };
-    match result {
-        Ok(()) => true,
-        Err(error) => {
-            tracing::warn!(%tp, %error, pause, "could not pause/resume partition");
-            false
+/// A partition's own queue, read by its worker.
+struct QueueInput {
+    queue: PartitionQueue<EngineContext>,
+    topic: Arc<str>,
+}
+
+impl PartitionInput for QueueInput {
+    fn drain(&mut self, batch: &mut Vec<RawMessage>, max: usize) {
+        while batch.len() < max {
+            match self.queue.poll(Duration::ZERO) {
+                Some(Ok(message)) => batch.push(to_raw(&message, &self.topic)),
+                Some(Err(error)) => {
+                    // Fetch errors are reported here; librdkafka retries by itself.
+                    tracing::warn!(topic = %self.topic, %error, "partition queue error");
+                }
+                None => break,
+            }
         }
     }
 }
 
-fn commit(consumer: &BaseConsumer<EngineContext>, list: &TopicPartitionList, mode: CommitMode) {
+fn commit(consumer: &EngineConsumer, list: &TopicPartitionList, mode: CommitMode) {
     if list.count() == 0 {
         return;
     }
@@ -266,32 +236,34 @@ impl ClientContext for EngineContext {}
 
 impl ConsumerContext for EngineContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(list) = rebalance {
-            self.shared.worker.metrics.add_rebalances(1);
-            let partitions = partitions_of(list);
-            tracing::info!(pipeline = %self.shared.worker.pipeline.name, revoked = ?partitions, "partitions revoked");
-            self.shared.release(consumer, &partitions);
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let shared = &self.shared;
+        let name = &shared.worker.pipeline.name;
         match rebalance {
-            Rebalance::Assign(list) => {
-                self.shared.worker.metrics.add_rebalances(1);
+            Rebalance::Revoke(list) => {
+                shared.worker.metrics.add_rebalances(1);
                 let partitions = partitions_of(list);
-                tracing::info!(pipeline = %self.shared.worker.pipeline.name, assigned = ?partitions, "partitions assigned");
-                let mut slots = self.shared.slots();
+                tracing::info!(pipeline = %name, revoked = %list_partitions(&partitions), "partitions revoked");
+                shared.release(consumer, &partitions);
+            }
+            Rebalance::Assign(list) => {
+                shared.worker.metrics.add_rebalances(1);
+                let partitions = partitions_of(list);
+                tracing::info!(pipeline = %name, assigned = %list_partitions(&partitions), "partitions assigned");
                 for tp in partitions {
-                    if !slots.contains_key(&tp) {
-                        let slot = self.shared.spawn_worker(&tp);
-                        slots.insert(tp, slot);
+                    if shared.slots().contains_key(&tp) {
+                        continue;
+                    }
+                    match shared.start_worker(&tp) {
+                        Ok(slot) => {
+                            shared.slots().insert(tp, slot);
+                        }
+                        Err(error) => shared.fail(error),
                     }
                 }
             }
             Rebalance::Error(error) => {
-                tracing::warn!(pipeline = %self.shared.worker.pipeline.name, %error, "rebalance error");
+                tracing::warn!(pipeline = %name, %error, "rebalance error");
             }
-            Rebalance::Revoke(_) => {}
         }
     }
 
@@ -309,16 +281,13 @@ fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
         .collect()
 }
 
-/// Converts a consumed message into an owned [`RawMessage`], sharing topic names.
-fn to_raw(message: &BorrowedMessage<'_>, topics: &mut HashMap<String, Arc<str>>) -> RawMessage {
-    let topic = match topics.get(message.topic()) {
-        Some(topic) => Arc::clone(topic),
-        None => {
-            let topic: Arc<str> = Arc::from(message.topic());
-            topics.insert(message.topic().to_owned(), Arc::clone(&topic));
-            topic
-        }
-    };
+fn list_partitions(partitions: &[TopicPartition]) -> String {
+    let names: Vec<String> = partitions.iter().map(ToString::to_string).collect();
+    names.join(", ")
+}
+
+/// Converts a consumed message into an owned [`RawMessage`].
+fn to_raw(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> RawMessage {
     let mut headers = Headers::new();
     if let Some(borrowed) = message.headers() {
         for header in borrowed.iter() {
@@ -326,7 +295,7 @@ fn to_raw(message: &BorrowedMessage<'_>, topics: &mut HashMap<String, Arc<str>>)
         }
     }
     RawMessage {
-        topic,
+        topic: Arc::clone(topic),
         partition: message.partition(),
         offset: message.offset(),
         key: message.key().map(<[u8]>::to_vec),
@@ -336,21 +305,24 @@ fn to_raw(message: &BorrowedMessage<'_>, topics: &mut HashMap<String, Arc<str>>)
     }
 }
 
-/// The consumer thread's body: poll, dispatch, commit, until stopped; then release
-/// every partition (finishing in-flight batches) and close the consumer.
+/// The consumer thread's body: serve events and commit completed offsets until
+/// stopped; then release every partition (finishing in-flight batches) and close.
 pub(crate) fn poll_loop(
-    consumer: BaseConsumer<EngineContext>,
+    consumer: Arc<EngineConsumer>,
     shared: Arc<Shared>,
 ) -> Result<(), EngineError> {
-    let mut topics = HashMap::new();
     let mut last_commit = std::time::Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
         match consumer.poll(POLL_INTERVAL) {
             Some(Ok(message)) => {
-                let raw = to_raw(&message, &mut topics);
-                drop(message);
-                shared.worker.metrics.add_consumed(1);
-                shared.dispatch(&consumer, raw);
+                // Every assigned partition has its own queue; a message here means that
+                // invariant broke. Stop rather than risk committing past it.
+                shared.fail(EngineError::Internal(format!(
+                    "message {}/{}@{} arrived outside its partition queue",
+                    message.topic(),
+                    message.partition(),
+                    message.offset()
+                )));
             }
             Some(Err(error)) => {
                 // librdkafka reconnects by itself; errors here are informational.
@@ -358,7 +330,6 @@ pub(crate) fn poll_loop(
             }
             None => {}
         }
-        shared.flush_pending(&consumer);
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             shared.commit_completed(&consumer, CommitMode::Async);
             last_commit = std::time::Instant::now();

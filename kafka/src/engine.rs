@@ -54,12 +54,17 @@ impl Engine {
         let shared = Arc::new(Shared::new(worker, runtime, self.config.drain_timeout));
 
         let mut client = ClientConfig::new();
-        for (key, value) in self.config.consumer_properties(&self.config.group_id(&pipeline.name)) {
+        for (key, value) in self
+            .config
+            .consumer_properties(&self.config.group_id(&pipeline.name))
+        {
             client.set(key, value);
         }
-        let consumer: BaseConsumer<EngineContext> = client.create_with_context(EngineContext {
-            shared: Arc::clone(&shared),
-        })?;
+        let consumer: Arc<BaseConsumer<EngineContext>> =
+            Arc::new(client.create_with_context(EngineContext {
+                shared: Arc::clone(&shared),
+            })?);
+        shared.set_consumer(&consumer);
         let topics = pipeline.input_topics();
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topic_refs)?;
@@ -185,7 +190,9 @@ impl RunningPipeline {
     pub async fn wait(mut self) -> Result<(), EngineError> {
         match self.done.take() {
             Some(done) => done.await.unwrap_or_else(|_| {
-                Err(EngineError::Internal("the consumer thread ended without a result".into()))
+                Err(EngineError::Internal(
+                    "the consumer thread ended without a result".into(),
+                ))
             }),
             None => Ok(()),
         }

@@ -330,6 +330,9 @@ mod tests {
         broken.headers = Headers::new();
         let applied = joined.apply(&id, None, &[&consumed[0], &broken]).unwrap();
         assert_eq!(applied.content.as_deref(), Some(&b"50"[..]));
-        assert_eq!(applied.outcomes[1].as_ref().unwrap_err().kind(), "unknown-topic");
+        assert_eq!(
+            applied.outcomes[1].as_ref().unwrap_err().kind(),
+            "unknown-topic"
+        );
     }
 }

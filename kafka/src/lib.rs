@@ -76,6 +76,4 @@ pub use pipeline::{MessageFailed, Pipeline};
 pub use policy::{ErrorPolicy, Fallback, dead_letter_record};
 pub use producer::OutputProducer;
 pub use rdkafka;
-pub use stateful::{
-    BatchError, MAX_CONFLICT_RETRIES, apply_batch, apply_batch_while_owner,
-};
+pub use stateful::{BatchError, MAX_CONFLICT_RETRIES, apply_batch, apply_batch_while_owner};

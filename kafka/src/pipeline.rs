@@ -161,7 +161,10 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         on_error: &OnError<'_>,
         still_owner: &StillOwner<'_>,
     ) -> Result<Vec<EncodedRecord>, StageError> {
-        Ok(apply_batch_while_owner(&self.function, &self.store, batch, on_error, still_owner).await?)
+        Ok(
+            apply_batch_while_owner(&self.function, &self.store, batch, on_error, still_owner)
+                .await?,
+        )
     }
 }
 

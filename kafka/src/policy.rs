@@ -129,7 +129,10 @@ pub fn dead_letter_record(
             headers::SOURCE_PARTITION,
             message.partition.to_string().into_bytes(),
         )
-        .with(headers::SOURCE_OFFSET, message.offset.to_string().into_bytes());
+        .with(
+            headers::SOURCE_OFFSET,
+            message.offset.to_string().into_bytes(),
+        );
     EncodedRecord {
         topic: topic.to_owned(),
         partition: None,
@@ -161,11 +164,17 @@ mod tests {
         assert_eq!(record.key.as_deref(), Some(&b"k"[..]));
         let header = |k| record.headers.first(k).flatten();
         assert_eq!(header(headers::ERROR_KIND), Some(&b"function"[..]));
-        assert_eq!(header(headers::ERROR_MESSAGE), Some(&b"function failed: boom"[..]));
+        assert_eq!(
+            header(headers::ERROR_MESSAGE),
+            Some(&b"function failed: boom"[..])
+        );
         assert_eq!(header(headers::SOURCE_TOPIC), Some(&b"in"[..]));
         assert_eq!(header(headers::SOURCE_PARTITION), Some(&b"3"[..]));
         assert_eq!(header(headers::SOURCE_OFFSET), Some(&b"7"[..]));
         assert_eq!(header(headers::PIPELINE), Some(&b"p"[..]));
-        assert_eq!(ErrorPolicy::stop().action(0, "p", &message, &error), ErrorAction::Abort);
+        assert_eq!(
+            ErrorPolicy::stop().action(0, "p", &message, &error),
+            ErrorAction::Abort
+        );
     }
 }

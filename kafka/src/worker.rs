@@ -2,9 +2,11 @@
 //! *collect → stage (state durable) → publish (acknowledged) → mark offset committable*
 //! strictly one batch after the other, which is what the replay-aware fold requires.
 //!
-//! The worker never talks to the consumer: it publishes the next offset to commit in its
-//! [`PartitionControl`], and the consumer thread commits it (G4: only offsets of batches
-//! whose state is durable and whose outputs were acknowledged ever get there).
+//! The worker reads its partition's own queue ([`PartitionInput`]), so a busy partition
+//! simply stops being read and librdkafka stops fetching it (bounded memory, no pause);
+//! other partitions go on. It never commits: it publishes the next offset to commit in
+//! its [`PartitionControl`], and the consumer thread commits it (G4: only offsets of
+//! batches whose state is durable and whose outputs were acknowledged ever get there).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -12,10 +14,10 @@ use std::time::Duration;
 
 use flows_core::{RawMessage, TopicPartition};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::{BatchConfig, Backoff};
+use crate::config::{Backoff, BatchConfig};
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, StageError};
@@ -29,6 +31,8 @@ pub(crate) struct PartitionControl {
     /// Set when the worker must give up its batch at the next step boundary.
     abandoned: AtomicBool,
     notify: Notify,
+    /// Signalled when the partition's queue becomes non-empty (or the worker must stop).
+    input_ready: Notify,
     /// Offset after the last completed batch, or -1.
     next_offset: AtomicI64,
 }
@@ -39,6 +43,7 @@ impl PartitionControl {
             owned: AtomicBool::new(true),
             abandoned: AtomicBool::new(false),
             notify: Notify::new(),
+            input_ready: Notify::new(),
             next_offset: AtomicI64::new(-1),
         }
     }
@@ -47,8 +52,20 @@ impl PartitionControl {
         self.owned.load(Ordering::Acquire)
     }
 
+    /// The partition is no longer ours: finish the batch in flight, start no other.
     pub(crate) fn release(&self) {
         self.owned.store(false, Ordering::Release);
+        self.input_ready.notify_one();
+    }
+
+    /// Wakes the worker: its input queue has messages.
+    pub(crate) fn input_arrived(&self) {
+        self.input_ready.notify_one();
+    }
+
+    /// Waits for input (or a stop) until `deadline`.
+    async fn wait_for_input(&self, deadline: Instant) {
+        let _ = tokio::time::timeout_at(deadline, self.input_ready.notified()).await;
     }
 
     pub(crate) fn abandoned(&self) -> bool {
@@ -96,30 +113,52 @@ enum BatchEnd {
     Abandoned,
 }
 
-/// Runs the worker of `tp` until its channel closes (revoke or shutdown) or it is
-/// abandoned; returns the error that must stop the pipeline, if any.
+/// The messages of one partition, in offset order.
+pub(crate) trait PartitionInput: Send {
+    /// Moves available messages into `batch` without waiting, up to `max` in all.
+    fn drain(&mut self, batch: &mut Vec<RawMessage>, max: usize);
+}
+
+/// Longest wait for input before looking again (a safety net; arrivals wake the worker).
+const INPUT_RECHECK: Duration = Duration::from_millis(100);
+
+/// Runs the worker of `tp` until the partition is released (revoke or shutdown) or its
+/// batch is abandoned; returns the error that must stop the pipeline, if any.
 pub(crate) async fn run_partition(
     context: Arc<WorkerContext>,
     tp: TopicPartition,
     control: Arc<PartitionControl>,
-    mut input: mpsc::Receiver<RawMessage>,
+    mut input: impl PartitionInput,
 ) -> Result<(), EngineError> {
     let max = context.batch.max_messages.max(1);
     let mut batch = Vec::with_capacity(max);
     loop {
         batch.clear();
-        if input.recv_many(&mut batch, max).await == 0 {
-            return Ok(());
+        loop {
+            if !control.owned() || control.abandoned() {
+                return Ok(());
+            }
+            input.drain(&mut batch, max);
+            if !batch.is_empty() {
+                break;
+            }
+            control.wait_for_input(Instant::now() + INPUT_RECHECK).await;
         }
         let deadline = Instant::now() + context.batch.max_delay;
-        while batch.len() < max {
-            let room = max - batch.len();
-            match tokio::time::timeout_at(deadline, input.recv_many(&mut batch, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
+        while batch.len() < max && control.owned() {
+            if Instant::now() >= deadline {
+                break;
             }
+            control
+                .wait_for_input(deadline.min(Instant::now() + INPUT_RECHECK))
+                .await;
+            input.drain(&mut batch, max);
         }
-        match process_batch(&context, &tp, &control, &batch).await? {
+        context.metrics.add_consumed(batch.len() as u64);
+        let started = Instant::now();
+        let end = process_batch(&context, &tp, &control, &batch).await?;
+        tracing::debug!(pipeline = %context.pipeline.name, %tp, messages = batch.len(), elapsed = ?started.elapsed(), "batch done");
+        match end {
             BatchEnd::Completed => {}
             BatchEnd::Abandoned => {
                 context.metrics.add_abandoned_batches(1);
@@ -144,7 +183,9 @@ async fn process_batch(
             return Ok(BatchEnd::Abandoned);
         }
         let on_error = |message: &RawMessage, error: &flows_core::ProcessError| {
-            pipeline.policy.action(attempt, &pipeline.name, message, error)
+            pipeline
+                .policy
+                .action(attempt, &pipeline.name, message, error)
         };
         let still_owner = || control.owned();
         match pipeline.stage.run(batch, &on_error, &still_owner).await {
@@ -200,7 +241,9 @@ async fn process_batch(
         .dead_letter_topic()
         .map_or(0, |dlq| outputs.iter().filter(|r| r.topic == dlq).count());
     if let Some(last) = batch.last() {
-        control.next_offset.store(last.offset + 1, Ordering::Release);
+        control
+            .next_offset
+            .store(last.offset + 1, Ordering::Release);
     }
     let metrics = &context.metrics;
     metrics.add_published(outputs.len() as u64);

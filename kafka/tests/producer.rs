@@ -83,8 +83,8 @@ fn assert_same_per_partition(sent: &[EncodedRecord], received: &[EncodedRecord])
 async fn records_arrive_byte_for_byte_in_order() {
     let kafka = EmbeddedKafka::start(1).expect("mock cluster");
     kafka.create_topic("out", 3, 1).expect("topic");
-    let producer = OutputProducer::new(&KafkaConfig::new(kafka.bootstrap_servers()))
-        .expect("producer");
+    let producer =
+        OutputProducer::new(&KafkaConfig::new(kafka.bootstrap_servers())).expect("producer");
     let records: Vec<_> = (0..2_000).map(|i| record("out", i)).collect();
     producer.send_all(&records).await.expect("all acknowledged");
     let brokers = kafka.bootstrap_servers();
@@ -109,8 +109,8 @@ async fn transient_produce_errors_are_retried_without_duplicates() {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
         ],
     );
-    let config = KafkaConfig::new(kafka.bootstrap_servers())
-        .producer_property("retry.backoff.ms", "10");
+    let config =
+        KafkaConfig::new(kafka.bootstrap_servers()).producer_property("retry.backoff.ms", "10");
     let producer = OutputProducer::new(&config).expect("producer");
     let records: Vec<_> = (0..500).map(|i| record("flaky", i)).collect();
     producer
@@ -132,8 +132,8 @@ async fn a_non_retriable_rejection_is_reported_not_swallowed() {
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 4],
     );
-    let producer = OutputProducer::new(&KafkaConfig::new(kafka.bootstrap_servers()))
-        .expect("producer");
+    let producer =
+        OutputProducer::new(&KafkaConfig::new(kafka.bootstrap_servers())).expect("producer");
     let mut single = record("strict", 1);
     single.partition = Some(0);
     let err = producer

@@ -23,7 +23,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         |count: Option<&i64>, word| {
             let count = count.copied().unwrap_or(0) + 1;
             let stamp = rand::random::<u64>().to_string();
-            Ok((count, Record::new(word.key, count).with_header("stamp", stamp)))
+            Ok((
+                count,
+                Record::new(word.key, count).with_header("stamp", stamp),
+            ))
         },
     );
     let pipeline = Pipeline::stateful("word-count", count, store)

@@ -1,0 +1,461 @@
+//! Engine throughput against a plain rdkafka passthrough, on one broker, in one run.
+//!
+//! `cargo bench -p flows-integration-tests --bench engine` (PostgreSQL needed for the
+//! PostgreSQL row; `FLOWS_TEST_POSTGRES_URL`, default the `flows_test` database).
+//!
+//! The driver starts the broker (`embedded-kafka`, librdkafka's mock cluster, in its
+//! own process), fills topic `words` with `FLOWS_BENCH_MESSAGES` messages (default
+//! 1,000,000) over 10,000 distinct words and 8 partitions, then runs each program as its
+//! own process, one after the other, each reading the whole topic in its own consumer
+//! group:
+//! - (a) `passthrough`: consume-and-produce written directly against rdkafka, tuned (the
+//!   ceiling);
+//! - (b) `stateless`: a flows stateless one-to-one;
+//! - (c) `count-memory`, `count-sqlite`, `count-postgres`: flows word count.
+//!
+//! Each program reports its own numbers: messages per second from its first consumed
+//! message to its last acknowledged output (group join excluded), CPU seconds and peak
+//! resident memory (from `/proc/self`). Default engine settings throughout.
+
+#![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use flows::function::{PersistenceIdFn, StatefulFunction, StatelessFunction};
+use flows::kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use flows::kafka::rdkafka::client::DefaultClientContext;
+use flows::kafka::rdkafka::config::ClientConfig;
+use flows::kafka::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use flows::kafka::rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use flows::kafka::rdkafka::message::Message as _;
+use flows::kafka::rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use flows::kafka::rdkafka::{Offset, TopicPartitionList};
+use flows::kafka::{Engine, KafkaConfig, OutputProducer, Pipeline};
+use flows::{EncodedRecord, Headers, Json, Record, Topic, Utf8};
+
+const DISTINCT: usize = 10_000;
+const PARTITIONS: i32 = 8;
+
+fn messages() -> u64 {
+    std::env::var("FLOWS_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+fn postgres_url() -> String {
+    std::env::var("FLOWS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/flows_test".into())
+}
+
+/// What a program reports on its last line of output.
+#[derive(Debug)]
+struct Report {
+    messages: u64,
+    seconds: f64,
+    cpu_seconds: f64,
+    peak_rss_mb: f64,
+}
+
+impl Report {
+    fn measure(messages: u64, seconds: f64) -> Self {
+        let cpu_seconds = cpu_seconds_of(std::process::id());
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        if std::env::var("FLOWS_BENCH_DEBUG").is_ok() {
+            for line in status
+                .lines()
+                .filter(|l| l.starts_with("Rss") || l.starts_with("Vm"))
+            {
+                eprintln!("  {line}");
+            }
+        }
+        let peak_kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        Self {
+            messages,
+            seconds,
+            cpu_seconds,
+            peak_rss_mb: peak_kb / 1024.0,
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "REPORT {} {:.3} {:.2} {:.1}",
+            self.messages, self.seconds, self.cpu_seconds, self.peak_rss_mb
+        )
+    }
+
+    fn parse(line: &str) -> Option<Self> {
+        let mut parts = line.strip_prefix("REPORT ")?.split_whitespace();
+        Some(Self {
+            messages: parts.next()?.parse().ok()?,
+            seconds: parts.next()?.parse().ok()?,
+            cpu_seconds: parts.next()?.parse().ok()?,
+            peak_rss_mb: parts.next()?.parse().ok()?,
+        })
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(position) = args.iter().position(|a| a == "--child") {
+        let mode = args[position + 1].clone();
+        let brokers = args[position + 2].clone();
+        flows_integration_tests::init_tracing();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let report = runtime.block_on(child(&mode, &brokers));
+        println!("{}", report.line());
+        return;
+    }
+    // `cargo bench` passes `--bench`; `cargo test` runs benches only with `--benches`.
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    driver();
+}
+
+/// The broker under test: an external one (`FLOWS_BENCH_BROKERS`), or the mock cluster
+/// in a process of its own.
+struct Broker {
+    bootstrap: String,
+    process: Option<Child>,
+}
+
+impl Broker {
+    fn start() -> Self {
+        if let Ok(bootstrap) = std::env::var("FLOWS_BENCH_BROKERS") {
+            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .create()
+                .unwrap();
+            let topic = NewTopic::new("words", PARTITIONS, TopicReplication::Fixed(1));
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            let created = runtime
+                .block_on(admin.create_topics([&topic], &AdminOptions::new()))
+                .unwrap();
+            eprintln!("external broker {bootstrap}: create topic words: {created:?}");
+            return Self {
+                bootstrap,
+                process: None,
+            };
+        }
+        let mut process = Command::new(env!("CARGO_BIN_EXE_embedded-kafka"))
+            .arg(format!("words:{PARTITIONS}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(process.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let bootstrap = line.trim().strip_prefix("BOOTSTRAP=").unwrap().to_owned();
+        Self {
+            bootstrap,
+            process: Some(process),
+        }
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        self.process
+            .as_ref()
+            .map_or(0.0, |p| cpu_seconds_of(p.id()))
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(process) = &mut self.process {
+            drop(process.stdin.take());
+            let _ = process.kill();
+            let _ = process.wait();
+        }
+    }
+}
+
+fn driver() {
+    let total = messages();
+    let broker = Broker::start();
+    let brokers = broker.bootstrap.clone();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let producer = OutputProducer::new(&KafkaConfig::new(&brokers)).unwrap();
+        let chunk = 50_000u64;
+        let mut sent = 0u64;
+        while sent < total {
+            let records: Vec<EncodedRecord> = (sent..(sent + chunk).min(total))
+                .map(|i| {
+                    // Deterministic, skewed word choice.
+                    let word = format!("word{}", (i.wrapping_mul(2_654_435_761) % DISTINCT as u64));
+                    EncodedRecord {
+                        topic: "words".into(),
+                        partition: None,
+                        key: Some(word.clone().into_bytes()),
+                        value: Some(word.into_bytes()),
+                        headers: Headers::new(),
+                        timestamp: None,
+                    }
+                })
+                .collect();
+            producer.send_all(&records).await.unwrap();
+            sent += records.len() as u64;
+        }
+    });
+    eprintln!("fed {total} messages ({DISTINCT} words, {PARTITIONS} partitions)");
+
+    let mut rows: Vec<(&str, Report)> = Vec::new();
+    let only = std::env::var("FLOWS_BENCH_ONLY").unwrap_or_default();
+    for mode in [
+        "passthrough",
+        "stateless",
+        "count-memory",
+        "count-sqlite",
+        "count-postgres",
+    ] {
+        if !only.is_empty() && !only.split(',').any(|m| m == mode) {
+            continue;
+        }
+        let broker_cpu_before = broker.cpu_seconds();
+        // FLOWS_BENCH_WRAPPER runs each program under a profiler (e.g. valgrind).
+        let wrapper = std::env::var("FLOWS_BENCH_WRAPPER").unwrap_or_default();
+        let mut command: Vec<String> = wrapper.split_whitespace().map(String::from).collect();
+        command.push(std::env::current_exe().unwrap().display().to_string());
+        let output = Command::new(&command[0])
+            .args(&command[1..])
+            .args(["--child", mode, &brokers])
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        // Anything else the program printed (logs with RUST_LOG) goes to stderr.
+        for line in stdout.lines().filter(|l| !l.starts_with("REPORT ")) {
+            eprintln!("{line}");
+        }
+        match stdout.lines().find_map(Report::parse) {
+            Some(report) => {
+                let broker_cpu = broker.cpu_seconds() - broker_cpu_before;
+                eprintln!("{mode}: {report:?}, broker CPU {broker_cpu:.1} s");
+                rows.push((mode, report));
+            }
+            None => eprintln!("{mode}: failed ({:?}): {stdout}", output.status),
+        }
+    }
+    drop(broker);
+
+    let baseline = rows
+        .iter()
+        .find(|(m, _)| *m == "passthrough")
+        .map_or(1.0, |(_, r)| r.messages as f64 / r.seconds);
+    let mut out = std::io::stdout().lock();
+    let broker_name = std::env::var("FLOWS_BENCH_BROKERS").map_or_else(
+        |_| "the mock cluster in its own process".to_owned(),
+        |b| format!("the broker at {b}"),
+    );
+    writeln!(
+        out,
+        "\n{total} messages, {DISTINCT} distinct words, {PARTITIONS} partitions, {broker_name}"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "| program | msgs/s | ratio to (a) | CPU s | peak RSS MB |"
+    )
+    .unwrap();
+    writeln!(out, "|---|---:|---:|---:|---:|").unwrap();
+    for (mode, r) in &rows {
+        let rate = r.messages as f64 / r.seconds;
+        writeln!(
+            out,
+            "| {mode} | {rate:.0} | {:.2} | {:.1} | {:.0} |",
+            rate / baseline,
+            r.cpu_seconds,
+            r.peak_rss_mb
+        )
+        .unwrap();
+    }
+}
+
+/// CPU seconds (user + system) used so far by process `pid` (fields 14 and 15 of
+/// `/proc/<pid>/stat`, after the parenthesised command name).
+fn cpu_seconds_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+async fn child(mode: &str, brokers: &str) -> Report {
+    let total = messages();
+    match mode {
+        "passthrough" => tokio::task::block_in_place(|| passthrough(brokers, total)),
+        "stateless" => {
+            let copy = StatelessFunction::one_to_one(
+                Topic::new("words", Utf8, Utf8),
+                Topic::new("bench-stateless-out", Utf8, Utf8),
+                |m| Ok(Record::new(m.key, m.value)),
+            );
+            run_flows(brokers, Pipeline::stateless("bench-stateless", copy), total).await
+        }
+        "count-memory" => {
+            let store = flows::open_state_store("memory://", "bench").await.unwrap();
+            run_flows(brokers, word_count("bench-count-memory", store), total).await
+        }
+        "count-sqlite" => {
+            let dir = std::env::temp_dir().join(format!("flows-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let url = format!("sqlite://{}", dir.join("bench.sqlite").display());
+            let store = flows::open_state_store(&url, "bench_counts").await.unwrap();
+            let report = run_flows(brokers, word_count("bench-count-sqlite", store), total).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            report
+        }
+        "count-postgres" => {
+            let table = format!("bench_counts_{}", std::process::id());
+            let store = flows::open_state_store(&postgres_url(), &table)
+                .await
+                .unwrap();
+            run_flows(brokers, word_count("bench-count-postgres", store), total).await
+        }
+        other => panic!("unknown mode {other}"),
+    }
+}
+
+fn word_count(name: &str, store: Arc<dyn flows::SingleStateRepository>) -> Pipeline {
+    let count = StatefulFunction::new(Json::<i64>::new()).one_to_one(
+        Topic::new("words", Utf8, Utf8),
+        Topic::new(format!("{name}-out"), Utf8, Json::<i64>::new()),
+        PersistenceIdFn::key(),
+        |count: Option<&i64>, word| {
+            let count = count.copied().unwrap_or(0) + 1;
+            Ok((count, Record::new(word.key, count)))
+        },
+    );
+    Pipeline::stateful(name, count, store)
+}
+
+/// Defaults, unless FLOWS_* variables (see `KafkaConfig::from_env`) say otherwise.
+fn bench_config(brokers: &str) -> KafkaConfig {
+    KafkaConfig::from_env().unwrap().map_or_else(
+        || KafkaConfig::new(brokers),
+        |c| KafkaConfig {
+            brokers: brokers.into(),
+            ..c
+        },
+    )
+}
+
+async fn run_flows(brokers: &str, pipeline: Pipeline, total: u64) -> Report {
+    let config = bench_config(brokers);
+    let running = Engine::new(config).start(&pipeline).unwrap();
+    let mut started = None;
+    loop {
+        let snapshot = running.metrics().snapshot();
+        if started.is_none() && snapshot.consumed > 0 {
+            started = Some(Instant::now());
+        }
+        if snapshot.committed >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let seconds = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    running.shutdown().await.unwrap();
+    Report::measure(total, seconds)
+}
+
+/// The ceiling: consume-and-produce written directly against rdkafka, with flows' tuned
+/// client settings, one thread per partition (each on its own partition queue, as
+/// flows does), offsets stored per message and committed asynchronously every second.
+fn passthrough(brokers: &str, total: u64) -> Report {
+    let config = bench_config(brokers);
+    let mut consumer_config = ClientConfig::new();
+    for (k, v) in config.consumer_properties("bench-passthrough") {
+        consumer_config.set(k, v);
+    }
+    let consumer: Arc<BaseConsumer> = Arc::new(consumer_config.create().unwrap());
+    let mut producer_config = ClientConfig::new();
+    for (k, v) in config.producer_properties() {
+        producer_config.set(k, v);
+    }
+    let producer: Arc<ThreadedProducer<_>> = Arc::new(producer_config.create().unwrap());
+
+    // Partition queues must be split before the first poll, so assign explicitly.
+    let mut assignment = TopicPartitionList::new();
+    for partition in 0..PARTITIONS {
+        assignment
+            .add_partition_offset("words", partition, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let seen = Arc::new(AtomicU64::new(0));
+    let started: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
+    let threads: Vec<_> = (0..PARTITIONS)
+        .map(|partition| {
+            let queue = consumer.split_partition_queue("words", partition).unwrap();
+            let (consumer, producer) = (Arc::clone(&consumer), Arc::clone(&producer));
+            let (seen, started) = (Arc::clone(&seen), Arc::clone(&started));
+            std::thread::spawn(move || {
+                while seen.load(Ordering::Relaxed) < total {
+                    let Some(message) = queue.poll(Duration::from_millis(100)) else {
+                        continue;
+                    };
+                    let message = message.unwrap();
+                    started.get_or_init(Instant::now);
+                    let mut record = BaseRecord::<[u8], [u8]>::to("bench-passthrough-out");
+                    if let Some(key) = message.key() {
+                        record = record.key(key);
+                    }
+                    if let Some(payload) = message.payload() {
+                        record = record.payload(payload);
+                    }
+                    loop {
+                        match producer.send(record) {
+                            Ok(()) => break,
+                            Err((
+                                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
+                                back,
+                            )) => {
+                                record = back;
+                                std::thread::sleep(Duration::from_millis(1));
+                            }
+                            Err((error, _)) => panic!("produce failed: {error}"),
+                        }
+                    }
+                    consumer.store_offset_from_message(&message).unwrap();
+                    seen.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let mut last_commit = Instant::now();
+    while seen.load(Ordering::Relaxed) < total {
+        // Serves the consumer's events; messages all go to the partition queues.
+        let _ = consumer.poll(Duration::from_millis(20));
+        if last_commit.elapsed() > Duration::from_secs(1) {
+            let _ = consumer.commit_consumer_state(CommitMode::Async);
+            last_commit = Instant::now();
+        }
+    }
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    let seconds = started.get().map_or(0.0, |s| s.elapsed().as_secs_f64());
+    let _ = consumer.commit_consumer_state(CommitMode::Sync);
+    Report::measure(total, seconds)
+}
