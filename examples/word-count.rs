@@ -12,15 +12,14 @@
 //! `word_counts`), until SIGINT or SIGTERM. See `KafkaConfig::from_env` for the other
 //! `FLOWS_*` settings.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use flows::function::{PersistenceIdFn, StatefulFunction, StatelessFunction};
-use flows::kafka::{EmbeddedKafka, Engine, ErrorPolicy, KafkaConfig, OutputProducer, Pipeline};
+use flows::kafka::{ErrorPolicy, Pipeline};
 use flows::{Json, PersistenceId, Record, SingleStateRepository, Topic, Utf8};
-
-const SAMPLE: &str = include_str!("sample.txt");
 
 /// The pipeline: per word, a count; every change is published to `word-counts`.
 fn word_count(store: Arc<dyn SingleStateRepository>) -> Pipeline {
@@ -39,58 +38,27 @@ fn word_count(store: Arc<dyn SingleStateRepository>) -> Pipeline {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let config = KafkaConfig::from_env()?;
-    // The worker logs its lifecycle; the demo prints counts, so it logs only problems.
-    let default_filter = if config.is_some() { "info" } else { "warn" };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .init();
-    match config {
-        Some(config) => worker(config).await,
-        None => demo().await,
-    }
-}
-
-/// Long-lived worker against real Kafka and a real store.
-async fn worker(config: KafkaConfig) -> Result<(), Box<dyn std::error::Error>> {
-    let url = std::env::var("FLOWS_STORE").unwrap_or_else(|_| "sqlite://word-count.sqlite".into());
+    let setup = common::Setup::new(&[("words", 4), ("word-counts", 4), ("words-dead-letter", 1)])?;
     let table = std::env::var("FLOWS_STATE_TABLE").unwrap_or_else(|_| "word_counts".into());
-    let store = flows::open_state_store(&url, &table).await?;
-    let pipelines = flows::kafka::select_from_env(&[word_count(store)])?;
-    Engine::new(config).run_until_signal(&pipelines).await?;
-    Ok(())
-}
-
-/// Everything in process: mock cluster, SQLite in a temporary file, a sample text.
-async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-    let kafka = EmbeddedKafka::start(1)?;
-    for topic in ["words", "word-counts", "words-dead-letter"] {
-        kafka.create_topic(topic, 4, 1)?;
+    let store = flows::open_state_store(&setup.store_url, &table).await?;
+    if !setup.is_embedded() {
+        setup.run(&[word_count(store)], |_| false).await?;
+        return Ok(());
     }
-    let config = KafkaConfig::new(kafka.bootstrap_servers());
 
-    let dir = std::env::temp_dir().join(format!("flows-word-count-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let url = format!("sqlite://{}", dir.join("state.sqlite").display());
-    let store = flows::open_state_store(&url, "word_counts").await?;
-
-    let words: Vec<String> = SAMPLE
-        .split(|c: char| !c.is_alphanumeric() && c != '\'')
-        .map(|w| w.trim_matches('\'').to_lowercase())
-        .filter(|w| !w.is_empty())
-        .collect();
+    let words = common::words_of(include_str!("sample.txt"));
     let topic = Topic::new("words", Utf8, Utf8);
     let records = words
         .iter()
         .map(|w| topic.encode(&Record::new(w.clone(), w.clone()), None))
         .collect::<Result<Vec<_>, _>>()?;
-    OutputProducer::new(&config)?.send_all(&records).await?;
-    println!("fed {} words to the embedded Kafka; counting…", words.len());
+    setup.feed(&records).await?;
+    println!(
+        "fed {} words to the embedded Kafka; counts as they change:",
+        words.len()
+    );
 
-    // A second pipeline prints every published count: that is what downstream sees.
+    // A second pipeline prints every published count: what downstream consumers see.
     let printer = StatelessFunction::explode(
         Topic::new("word-counts", Utf8, Json::<i64>::new()),
         Topic::new("unused", Utf8, Utf8),
@@ -99,20 +67,14 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
             Ok(Vec::new())
         },
     );
-    let engine = Engine::new(config);
-    let counting = engine.start(&word_count(Arc::clone(&store)))?;
-    let printing = engine.start(&Pipeline::stateless("word-count-printer", printer))?;
-
-    let started = Instant::now();
-    while printing.metrics().snapshot().committed < words.len() as u64 {
-        if counting.is_stopping() || started.elapsed() > Duration::from_secs(120) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let stats = counting.metrics().snapshot();
-    counting.shutdown().await?;
-    printing.shutdown().await?;
+    let pipelines = [
+        word_count(Arc::clone(&store)),
+        Pipeline::stateless("word-count-printer", printer),
+    ];
+    let total = words.len() as u64;
+    setup
+        .run(&pipelines, |running| common::committed(running, 1) >= total)
+        .await?;
 
     let distinct: Vec<PersistenceId> = words
         .iter()
@@ -127,18 +89,16 @@ async fn demo() -> Result<(), Box<dyn std::error::Error>> {
     }
     table.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
     println!(
-        "\nfinal counts ({} words, {} distinct, {} batches):",
+        "\nfinal counts ({} words, {} distinct):",
         words.len(),
-        table.len(),
-        stats.batches
+        table.len()
     );
     for (count, word) in &table {
         println!("  {word:<16} {count}");
     }
-    let total: i64 = table.iter().map(|(c, _)| c).sum();
-    let _ = std::fs::remove_dir_all(&dir);
-    if total != words.len() as i64 {
-        return Err(format!("counted {total} words, fed {}", words.len()).into());
+    let counted: i64 = table.iter().map(|(c, _)| c).sum();
+    if counted != words.len() as i64 {
+        return Err(format!("counted {counted} words, fed {}", words.len()).into());
     }
     Ok(())
 }

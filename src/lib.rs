@@ -9,10 +9,10 @@
 //! | *(always)* | [`memory`] | in-memory (tests, demos) |
 //! | `sqlite` *(default)* | [`sqlite`] | SQLite, embedded |
 //! | `postgres` | [`postgres`] | PostgreSQL, the reference backend |
-//! | `kafka` | [`kafka`] | the engine on Kafka (in progress) |
+//! | `kafka` *(default)* | [`kafka`] | the engine on Kafka (rdkafka + tokio) |
 //!
-//! [`open_state_store`] picks a backend from a URL scheme, so one program runs against
-//! any store by configuration alone.
+//! [`open_state_store`] and [`open_upsert_repository`] pick a backend from a URL
+//! scheme, so one program runs against any store by configuration alone.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), flows::RepositoryError> {
@@ -42,6 +42,39 @@ pub use flows_kafka as kafka;
 
 use std::sync::Arc;
 
+/// The backend a store URL names, by its scheme.
+enum Backend {
+    Memory,
+    #[cfg(feature = "sqlite")]
+    Sqlite,
+    #[cfg(feature = "postgres")]
+    Postgres,
+}
+
+impl Backend {
+    fn of(url: &str) -> Result<Self, RepositoryError> {
+        let scheme = url.split(':').next().unwrap_or_default();
+        match scheme {
+            "memory" => Ok(Self::Memory),
+            #[cfg(feature = "sqlite")]
+            "sqlite" => Ok(Self::Sqlite),
+            #[cfg(feature = "postgres")]
+            "postgres" | "postgresql" => Ok(Self::Postgres),
+            #[cfg(not(feature = "sqlite"))]
+            "sqlite" => Err(RepositoryError::Configuration(
+                "sqlite:// URLs need the `sqlite` feature of flows".to_owned(),
+            )),
+            #[cfg(not(feature = "postgres"))]
+            "postgres" | "postgresql" => Err(RepositoryError::Configuration(
+                "postgres:// URLs need the `postgres` feature of flows".to_owned(),
+            )),
+            other => Err(RepositoryError::Configuration(format!(
+                "unsupported store URL scheme {other:?} (expected memory, sqlite or postgres)"
+            ))),
+        }
+    }
+}
+
 /// Opens the state table `table` in the store named by `url`; the scheme picks the
 /// backend:
 ///
@@ -55,31 +88,45 @@ pub async fn open_state_store(
     url: &str,
     table: &str,
 ) -> Result<Arc<dyn SingleStateRepository>, RepositoryError> {
-    let scheme = url.split(':').next().unwrap_or_default();
-    match scheme {
-        "memory" => Ok(Arc::new(MemoryStateRepository::new())),
+    match Backend::of(url)? {
+        Backend::Memory => Ok(Arc::new(MemoryStateRepository::new())),
         #[cfg(feature = "sqlite")]
-        "sqlite" => {
+        Backend::Sqlite => {
             let store = flows_sqlite::SqliteStore::connect(url).await?;
             Ok(Arc::new(
                 flows_sqlite::SqliteStateRepository::new(store, table).await?,
             ))
         }
         #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => {
+        Backend::Postgres => {
             let store = flows_postgres::PostgresStore::connect(url).await?;
             Ok(Arc::new(
                 flows_postgres::PostgresStateRepository::new(store, table).await?,
             ))
         }
-        other => Err(RepositoryError::Configuration(match other {
-            "sqlite" => "sqlite:// URLs need the `sqlite` feature of flows".to_owned(),
-            "postgres" | "postgresql" => {
-                "postgres:// URLs need the `postgres` feature of flows".to_owned()
-            }
-            _ => format!(
-                "unsupported store URL scheme {other:?} (expected memory, sqlite or postgres)"
-            ),
-        })),
+    }
+}
+
+/// Opens the table of row type `T` (named by `T::schema()`, created if missing) in the
+/// store named by `url`, with the schemes of [`open_state_store`].
+pub async fn open_upsert_repository<T: Row>(
+    url: &str,
+) -> Result<Arc<dyn UpsertRepository<T>>, RepositoryError> {
+    match Backend::of(url)? {
+        Backend::Memory => Ok(Arc::new(MemoryUpsertRepository::<T>::new())),
+        #[cfg(feature = "sqlite")]
+        Backend::Sqlite => {
+            let store = flows_sqlite::SqliteStore::connect(url).await?;
+            Ok(Arc::new(
+                flows_sqlite::SqliteUpsertRepository::<T>::new(store).await?,
+            ))
+        }
+        #[cfg(feature = "postgres")]
+        Backend::Postgres => {
+            let store = flows_postgres::PostgresStore::connect(url).await?;
+            Ok(Arc::new(
+                flows_postgres::PostgresUpsertRepository::<T>::new(store).await?,
+            ))
+        }
     }
 }

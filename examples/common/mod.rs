@@ -1,0 +1,121 @@
+//! What the examples share: running on the embedded default (in-process Kafka mock
+//! cluster, SQLite in a temporary file) unless `FLOWS_BROKERS` points at a real cluster.
+
+#![allow(dead_code)] // each example uses part of this
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use flows::EncodedRecord;
+use flows::kafka::{
+    EmbeddedKafka, Engine, EngineError, KafkaConfig, OutputProducer, Pipeline, RunningPipeline,
+};
+
+/// Where an example runs.
+pub struct Setup {
+    /// The Kafka configuration (embedded or from `FLOWS_*`).
+    pub config: KafkaConfig,
+    /// The store URL (`FLOWS_STORE`, or SQLite in a temporary directory).
+    pub store_url: String,
+    embedded: Option<(EmbeddedKafka, PathBuf)>,
+}
+
+impl Setup {
+    /// Reads `FLOWS_BROKERS`/`FLOWS_STORE`; without them starts the mock cluster with
+    /// `topics` (name, partitions) and a SQLite file. Also sets up logging.
+    pub fn new(topics: &[(&str, i32)]) -> Result<Self, Box<dyn std::error::Error>> {
+        let config = KafkaConfig::from_env()?;
+        // A worker logs its lifecycle; a demo prints results, so it logs only problems.
+        let default_filter = if config.is_some() { "info" } else { "warn" };
+        tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| default_filter.into()),
+            )
+            .init();
+        if let Some(config) = config {
+            let store_url = std::env::var("FLOWS_STORE")
+                .unwrap_or_else(|_| "sqlite://flows-example.sqlite".into());
+            return Ok(Self {
+                config,
+                store_url,
+                embedded: None,
+            });
+        }
+        let kafka = EmbeddedKafka::start(1)?;
+        for (topic, partitions) in topics {
+            kafka.create_topic(topic, *partitions, 1)?;
+        }
+        let dir = std::env::temp_dir().join(format!("flows-example-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self {
+            config: KafkaConfig::new(kafka.bootstrap_servers()),
+            store_url: format!("sqlite://{}", dir.join("state.sqlite").display()),
+            embedded: Some((kafka, dir)),
+        })
+    }
+
+    /// Whether this is the self-contained demo (no `FLOWS_BROKERS`).
+    pub fn is_embedded(&self) -> bool {
+        self.embedded.is_some()
+    }
+
+    /// Publishes `records` and waits for their acknowledgements.
+    pub async fn feed(&self, records: &[EncodedRecord]) -> Result<(), EngineError> {
+        OutputProducer::new(&self.config)?.send_all(records).await
+    }
+
+    /// Embedded: starts `pipelines`, waits until `done` says the work is finished (or a
+    /// pipeline stops, or two minutes pass), stops them. Real cluster: runs the
+    /// pipelines chosen by `FLOWS_INSTANCE` until SIGINT/SIGTERM.
+    pub async fn run(
+        &self,
+        pipelines: &[Pipeline],
+        done: impl Fn(&[RunningPipeline]) -> bool,
+    ) -> Result<(), EngineError> {
+        let engine = Engine::new(self.config.clone());
+        if !self.is_embedded() {
+            let selected = flows::kafka::select_from_env(pipelines)?;
+            return engine.run_until_signal(&selected).await;
+        }
+        let mut running = Vec::new();
+        for pipeline in pipelines {
+            running.push(engine.start(pipeline)?);
+        }
+        let started = Instant::now();
+        while !done(&running) && started.elapsed() < Duration::from_secs(120) {
+            if running.iter().any(RunningPipeline::is_stopping) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for pipeline in &running {
+            pipeline.stop();
+        }
+        for pipeline in running {
+            pipeline.wait().await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if let Some((_, dir)) = &self.embedded {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The words of `text`, lowercased, without punctuation.
+pub fn words_of(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .map(|w| w.trim_matches('\'').to_lowercase())
+        .filter(|w| !w.is_empty())
+        .collect()
+}
+
+/// Committed messages of the pipeline at `index`.
+pub fn committed(running: &[RunningPipeline], index: usize) -> u64 {
+    running[index].metrics().snapshot().committed
+}

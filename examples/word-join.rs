@@ -1,0 +1,123 @@
+//! Word join: counts from topic `words` and definitions from topic `definitions`, both
+//! keyed by word, joined into one state per word; every change publishes a word card
+//! to `word-cards`.
+//!
+//! As in the seed, a join is two pipelines: `word-join-rekey` copies both sources into
+//! the intermediate topic `word-join-intermediate` keyed by persistence id, and
+//! `word-join` applies one handler per source topic to the shared state. Deploy them
+//! together or apart (`FLOWS_INSTANCE=word-join-rekey` / `word-join`).
+//!
+//! `cargo run --example word-join` runs on the embedded default; with `FLOWS_BROKERS`
+//! it is a long-lived worker (see `word-count.rs`).
+
+mod common;
+
+use flows::function::{PersistenceIdFn, StatefulFunction, StatelessFunction};
+use flows::kafka::{ErrorPolicy, Join, Pipeline};
+use flows::{Json, Record, Topic, Utf8};
+use serde::{Deserialize, Serialize};
+
+/// What is known about a word.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct WordCard {
+    count: i64,
+    definition: Option<String>,
+}
+
+fn card_text(word: &str, card: &WordCard) -> String {
+    let definition = card.definition.as_deref().unwrap_or("(no definition yet)");
+    format!("{word} x{}: {definition}", card.count)
+}
+
+fn join() -> Join {
+    let cards = Topic::new("word-cards", Utf8, Utf8);
+    let function = StatefulFunction::new(Json::<WordCard>::new())
+        .one_to_one(
+            Topic::new("words", Utf8, Utf8),
+            cards.clone(),
+            PersistenceIdFn::key(),
+            |card: Option<&WordCard>, word| {
+                let mut card = card.cloned().unwrap_or_default();
+                card.count += 1;
+                let text = card_text(&word.key, &card);
+                Ok((card, Record::new(word.key, text)))
+            },
+        )
+        .one_to_one(
+            Topic::new("definitions", Utf8, Utf8),
+            cards,
+            PersistenceIdFn::key(),
+            |card: Option<&WordCard>, definition| {
+                let mut card = card.cloned().unwrap_or_default();
+                card.definition = Some(definition.value);
+                let text = card_text(&definition.key, &card);
+                Ok((card, Record::new(definition.key, text)))
+            },
+        );
+    Join::new("word-join", "word-join-intermediate", function)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let setup = common::Setup::new(&[
+        ("words", 4),
+        ("definitions", 2),
+        ("word-join-intermediate", 8),
+        ("word-cards", 4),
+        ("word-join-dead-letter", 1),
+    ])?;
+    let store = flows::open_state_store(&setup.store_url, "word_cards").await?;
+    let join = join();
+    let dead_letter = ErrorPolicy::dead_letter("word-join-dead-letter");
+    let mut pipelines = vec![
+        join.rekey_pipeline().on_error(dead_letter.clone()),
+        join.stateful_pipeline(store).on_error(dead_letter),
+    ];
+    if !setup.is_embedded() {
+        setup.run(&pipelines, |_| false).await?;
+        return Ok(());
+    }
+
+    let words = common::words_of(include_str!("sample.txt"));
+    let word_topic = Topic::new("words", Utf8, Utf8);
+    let definition_topic = Topic::new("definitions", Utf8, Utf8);
+    let definitions = [
+        (
+            "times",
+            "plural of time: an instance of something happening",
+        ),
+        ("age", "a distinctive period of history"),
+        ("season", "one of the four divisions of the year"),
+        ("epoch", "a period of time marked by notable events"),
+    ];
+    let mut records = Vec::new();
+    for (i, word) in words.iter().enumerate() {
+        records.push(word_topic.encode(&Record::new(word.clone(), word.clone()), None)?);
+        if let Some((w, d)) = definitions.get(i / 20).filter(|_| i % 20 == 0) {
+            records.push(
+                definition_topic.encode(&Record::new((*w).to_owned(), (*d).to_owned()), None)?,
+            );
+        }
+    }
+    setup.feed(&records).await?;
+    let total = records.len() as u64;
+
+    let printer = StatelessFunction::explode(
+        Topic::new("word-cards", Utf8, Utf8),
+        Topic::new("unused", Utf8, Utf8),
+        |m| {
+            println!("  {}", m.value);
+            Ok(Vec::new())
+        },
+    );
+    pipelines.push(Pipeline::stateless("word-join-printer", printer));
+    setup
+        .run(&pipelines, |running| common::committed(running, 2) >= total)
+        .await?;
+    println!(
+        "joined {} words and {} definitions",
+        words.len(),
+        definitions.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! Word materialise: the counts published on `word-counts` upserted, in batches, into
+//! the table `word_count_table (word TEXT PRIMARY KEY, count BIGINT)`.
+//!
+//! With `FLOWS_STORE=postgres://…` (feature `postgres`) the table is in PostgreSQL, as
+//! in the seed; on the embedded default (`cargo run --example word-materialise`) it is
+//! SQLite, and the demo also runs the word count that feeds `word-counts`, then prints
+//! the table. With `FLOWS_BROKERS` it is a long-lived worker (see `word-count.rs`;
+//! `FLOWS_INSTANCE=word-materialise` runs only the materialisation).
+
+mod common;
+
+use std::sync::Arc;
+
+use flows::function::{PersistenceIdFn, StatefulFunction};
+use flows::kafka::{ErrorPolicy, Pipeline};
+use flows::{
+    ColumnType, ColumnValue, Json, PrimaryKey, Record, Row, RowChange, RowError, TableSchema,
+    Topic, UpsertRepository, Utf8, Value,
+};
+
+/// One row of the materialised table.
+#[derive(Clone, Debug, PartialEq)]
+struct WordCountRow {
+    word: String,
+    count: i64,
+}
+
+impl Row for WordCountRow {
+    fn schema() -> TableSchema {
+        TableSchema::builder("word_count_table")
+            .key("word", ColumnType::Text)
+            .column("count", ColumnType::Int64)
+            .build()
+            .expect("a valid schema")
+    }
+
+    fn to_values(&self) -> Vec<Value> {
+        vec![Value::Text(self.word.clone()), Value::Int64(self.count)]
+    }
+
+    fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
+        let mut v = values.into_iter();
+        Ok(Self {
+            word: ColumnValue::from_column(v.next(), "word")?,
+            count: ColumnValue::from_column(v.next(), "count")?,
+        })
+    }
+}
+
+fn materialise(table: Arc<dyn UpsertRepository<WordCountRow>>) -> Pipeline {
+    Pipeline::materialise(
+        "word-materialise",
+        Topic::new("word-counts", Utf8, Json::<i64>::new()),
+        table,
+        |m| {
+            Ok(vec![RowChange::Upsert(WordCountRow {
+                word: m.key,
+                count: m.value,
+            })])
+        },
+    )
+    .on_error(ErrorPolicy::dead_letter("word-counts-dead-letter"))
+}
+
+fn word_count(store: Arc<dyn flows::SingleStateRepository>) -> Pipeline {
+    let count = StatefulFunction::new(Json::<i64>::new()).one_to_one(
+        Topic::new("words", Utf8, Utf8),
+        Topic::new("word-counts", Utf8, Json::<i64>::new()),
+        PersistenceIdFn::key(),
+        |count: Option<&i64>, word| {
+            let count = count.copied().unwrap_or(0) + 1;
+            Ok((count, Record::new(word.key, count)))
+        },
+    );
+    Pipeline::stateful("word-count", count, store)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let setup = common::Setup::new(&[
+        ("words", 4),
+        ("word-counts", 4),
+        ("word-counts-dead-letter", 1),
+    ])?;
+    let table = flows::open_upsert_repository::<WordCountRow>(&setup.store_url).await?;
+    if !setup.is_embedded() {
+        setup.run(&[materialise(table)], |_| false).await?;
+        return Ok(());
+    }
+
+    let words = common::words_of(include_str!("sample.txt"));
+    let topic = Topic::new("words", Utf8, Utf8);
+    let records = words
+        .iter()
+        .map(|w| topic.encode(&Record::new(w.clone(), w.clone()), None))
+        .collect::<Result<Vec<_>, _>>()?;
+    setup.feed(&records).await?;
+    let states = flows::open_state_store(&setup.store_url, "word_counts").await?;
+    let pipelines = [word_count(states), materialise(Arc::clone(&table))];
+    let total = words.len() as u64;
+    setup
+        .run(&pipelines, |running| common::committed(running, 1) >= total)
+        .await?;
+
+    let mut distinct = words.clone();
+    distinct.sort();
+    distinct.dedup();
+    let keys: Vec<PrimaryKey> = distinct.iter().cloned().map(PrimaryKey::from).collect();
+    let mut rows: Vec<WordCountRow> = table.get_all(&keys).await?.into_iter().flatten().collect();
+    rows.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.word.cmp(&b.word)));
+    println!("word_count_table ({} rows):", rows.len());
+    for row in rows.iter().take(15) {
+        println!("  {:<16} {}", row.word, row.count);
+    }
+    if rows.len() > 15 {
+        println!("  … and {} more", rows.len() - 15);
+    }
+    Ok(())
+}
