@@ -590,3 +590,59 @@ async fn two_instances_in_one_group_share_partitions_without_regressions() {
     assert!(metrics.rebalances >= 2, "{metrics:?}");
     assert_word_count(&brokers, store.as_ref(), &expected).await;
 }
+
+/// G5: instance A stalls while writing a batch (its store holds the write); instance B
+/// joins, A's revoke cannot finish, A exceeds `max.poll.interval.ms` and is dropped from
+/// the group, B takes the partitions and processes the same messages. When A's write is
+/// finally let through, the version check rejects it and A drops that batch: nothing of
+/// it is published or committed. Final state exact; outputs in order; repeats identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_instance_is_fenced_by_the_version_check() {
+    let kafka = cluster(&[("words", 2), ("counts", 2)]);
+    let brokers = kafka.bootstrap_servers();
+    let shared = Arc::new(MemoryStateRepository::new());
+    let stalled_store = Arc::new(FaultyStore::new(Arc::clone(&shared)));
+
+    let mut stalled_config =
+        test_config(&brokers).consumer_property("max.poll.interval.ms", "7000");
+    stalled_config.drain_timeout = Duration::from_secs(60);
+    let a = Engine::new(stalled_config)
+        .start(&Pipeline::stateful(
+            "count",
+            counter(),
+            Arc::clone(&stalled_store),
+        ))
+        .unwrap();
+    stalled_store.hold_writes();
+    let input = words(400, 40, 11);
+    let records: Vec<_> = input
+        .iter()
+        .enumerate()
+        .map(|(i, w)| text_record("words", Some((i % 2) as i32), w, w))
+        .collect();
+    produce(&brokers, &records).await;
+    assert!(
+        wait_until(WAIT, || stalled_store.held() >= 2).await,
+        "both of A's partition workers are stuck writing"
+    );
+
+    let b = Engine::new(test_config(&brokers))
+        .start(&Pipeline::stateful("count", counter(), Arc::clone(&shared)))
+        .unwrap();
+    let expected = tally(input.iter().map(String::as_str));
+    assert!(
+        wait_until(WAIT, || futures_lite_counts(&shared, &expected)).await,
+        "B processed everything while A was stalled"
+    );
+    stalled_store.release_writes();
+    assert!(
+        wait_until(WAIT, || a.metrics().snapshot().conflicts_fenced >= 1).await,
+        "A's stale write was rejected and its batch dropped: {:?}, writes {:?}",
+        a.metrics().snapshot(),
+        stalled_store.write_log()
+    );
+    assert!(stalled_store.write_log().contains(&"conflict"));
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    assert_word_count(&brokers, shared.as_ref(), &expected).await;
+}
