@@ -14,8 +14,8 @@ use flows::kafka::rdkafka::message::{Headers as _, Message as _};
 use flows::kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use flows::kafka::{Backoff, KafkaConfig, OutputProducer};
 use flows::{
-    Capabilities, EncodedRecord, Headers, PersistenceId, RawState, RepositoryError,
-    SingleStateRepository,
+    Capabilities, ChangeBatch, EncodedRecord, Headers, PersistenceId, PrimaryKey, RawState,
+    RepositoryError, Row, SingleStateRepository, TableSchema, UpsertRepository,
 };
 
 /// Logs to the test output when `RUST_LOG` is set.
@@ -371,5 +371,65 @@ impl<R: SingleStateRepository> SingleStateRepository for FaultyStore<R> {
         };
         self.log.lock().expect("log").push(outcome);
         result
+    }
+}
+
+/// A table wrapper that fails (as unavailable) on command, for fault-injection tests of
+/// materialisation.
+pub struct FaultyTable<R> {
+    inner: R,
+    fail: AtomicBool,
+    failures: AtomicU64,
+}
+
+impl<R> FaultyTable<R> {
+    /// Wraps `inner`, healthy.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            fail: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes every call fail with [`RepositoryError::Unavailable`] (or heal).
+    pub fn set_failing(&self, failing: bool) {
+        self.fail.store(failing, Ordering::SeqCst);
+    }
+
+    /// How many calls failed on command.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::SeqCst)
+    }
+
+    fn check(&self) -> Result<(), RepositoryError> {
+        if self.fail.load(Ordering::SeqCst) {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(RepositoryError::Unavailable(
+                "injected: table is down".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<T: Row, R: UpsertRepository<T>> UpsertRepository<T> for FaultyTable<R> {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    fn schema(&self) -> &TableSchema {
+        self.inner.schema()
+    }
+
+    async fn write(&self, batch: ChangeBatch) -> Result<(), RepositoryError> {
+        self.check()?;
+        self.inner.write(batch).await
+    }
+
+    async fn get_all(&self, keys: &[PrimaryKey]) -> Result<Vec<Option<T>>, RepositoryError> {
+        self.check()?;
+        self.inner.get_all(keys).await
     }
 }

@@ -15,11 +15,11 @@ use flows::kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use flows::kafka::{EmbeddedKafka, Engine, ErrorPolicy, Join, Pipeline};
 use flows::{
     ColumnType, ColumnValue, FunctionError, Json, MemoryStateRepository, MemoryUpsertRepository,
-    Record, Row, RowChange, RowError, TableSchema, Topic, Utf8, Value,
+    Record, Row, RowChange, RowError, TableSchema, Topic, UpsertRepository, Utf8, Value,
 };
 use flows_integration_tests::{
-    FaultyStore, check_word_count_outputs, init_tracing, produce, read_topic, stored_counts, tally,
-    test_config, text_record, wait_until,
+    FaultyStore, FaultyTable, check_word_count_outputs, init_tracing, produce, read_topic,
+    stored_counts, tally, test_config, text_record, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -534,14 +534,14 @@ async fn a_restarted_pipeline_continues_exactly_where_it_stopped() {
         .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
         .unwrap();
     let expected = tally(input.iter().map(String::as_str));
-    let done = wait_until(WAIT, || futures_lite_counts(&store, &expected)).await;
+    let done = wait_until(WAIT, || all_counted(&store, &expected)).await;
     running.shutdown().await.unwrap();
     assert!(done, "all words counted");
     assert_word_count(&brokers, store.as_ref(), &expected).await;
 }
 
-/// Whether every state in the memory store holds its expected count (without awaiting).
-fn futures_lite_counts(store: &MemoryStateRepository, expected: &HashMap<String, i64>) -> bool {
+/// Whether the memory store's counts add up to the expected total (checked without awaiting).
+fn all_counted(store: &MemoryStateRepository, expected: &HashMap<String, i64>) -> bool {
     let snapshot = store.snapshot();
     let total: i64 = snapshot
         .iter()
@@ -583,7 +583,7 @@ async fn two_instances_in_one_group_share_partitions_without_regressions() {
         .map(String::as_str)
         .collect();
     let expected = tally(all);
-    let done = wait_until(WAIT, || futures_lite_counts(&store, &expected)).await;
+    let done = wait_until(WAIT, || all_counted(&store, &expected)).await;
     let metrics = second.metrics().snapshot();
     second.shutdown().await.unwrap();
     assert!(done, "all words counted");
@@ -615,12 +615,7 @@ async fn a_stalled_instance_is_fenced_by_the_version_check() {
         .unwrap();
     stalled_store.hold_writes();
     let input = words(400, 40, 11);
-    let records: Vec<_> = input
-        .iter()
-        .enumerate()
-        .map(|(i, w)| text_record("words", Some((i % 2) as i32), w, w))
-        .collect();
-    produce(&brokers, &records).await;
+    produce(&brokers, &word_records("words", &input)).await;
     assert!(
         wait_until(WAIT, || stalled_store.held() >= 2).await,
         "both of A's partition workers are stuck writing"
@@ -631,7 +626,7 @@ async fn a_stalled_instance_is_fenced_by_the_version_check() {
         .unwrap();
     let expected = tally(input.iter().map(String::as_str));
     assert!(
-        wait_until(WAIT, || futures_lite_counts(&shared, &expected)).await,
+        wait_until(WAIT, || all_counted(&shared, &expected)).await,
         "B processed everything while A was stalled"
     );
     stalled_store.release_writes();
@@ -645,4 +640,163 @@ async fn a_stalled_instance_is_fenced_by_the_version_check() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
     assert_word_count(&brokers, shared.as_ref(), &expected).await;
+}
+
+/// G6 for the other pipeline kinds: a stateless pipeline, a join (both halves) and a
+/// materialisation run together while produce requests fail and the broker goes down
+/// and up, and while the join's state store and the materialised table are unavailable
+/// for a while. Everything completes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_pipeline_kind_waits_out_broker_and_store_faults() {
+    let kafka = cluster(&[
+        ("lines", 2),
+        ("tokens", 2),
+        ("credits", 2),
+        ("debits", 2),
+        ("balance-mid", 3),
+        ("balances", 2),
+    ]);
+    let brokers = kafka.bootstrap_servers();
+    let engine = Engine::new(test_config(&brokers));
+
+    let split = StatelessFunction::explode(
+        Topic::new("lines", Utf8, Utf8),
+        Topic::new("tokens", Utf8, Utf8),
+        |m| {
+            Ok(m.value
+                .split_whitespace()
+                .map(|w| Record::new(w.to_owned(), w.to_owned()))
+                .collect())
+        },
+    );
+    let output = Topic::new("balances", Utf8, Utf8);
+    let balance = StatefulFunction::new(Json::<i64>::new())
+        .one_to_one(
+            Topic::new("credits", Utf8, Json::<i64>::new()),
+            output.clone(),
+            PersistenceIdFn::key(),
+            |total: Option<&i64>, m| {
+                let total = total.copied().unwrap_or(0) + m.value;
+                Ok((total, Record::new(m.key, total.to_string())))
+            },
+        )
+        .one_to_one(
+            Topic::new("debits", Utf8, Json::<i64>::new()),
+            output,
+            PersistenceIdFn::key(),
+            |total: Option<&i64>, m| {
+                let total = total.copied().unwrap_or(0) - m.value;
+                Ok((total, Record::new(m.key, total.to_string())))
+            },
+        );
+    let join = Join::new("balance", "balance-mid", balance);
+    let states = Arc::new(FaultyStore::new(MemoryStateRepository::new()));
+    let table = Arc::new(FaultyTable::new(MemoryUpsertRepository::<LastSeen>::new()));
+    let last_seen = Pipeline::materialise(
+        "last-seen",
+        Topic::new("tokens", Utf8, Utf8),
+        Arc::clone(&table),
+        |m| {
+            Ok(vec![RowChange::Upsert(LastSeen {
+                word: m.key,
+                line: m.value,
+            })])
+        },
+    );
+    let pipelines = [
+        Pipeline::stateless("split", split),
+        join.rekey_pipeline(),
+        join.stateful_pipeline(Arc::clone(&states)),
+        last_seen,
+    ];
+    let running: Vec<_> = pipelines.iter().map(|p| engine.start(p).unwrap()).collect();
+
+    let mut lines = Vec::new();
+    let mut money = Vec::new();
+    let mut expected: HashMap<String, i64> = HashMap::new();
+    for i in 0..200i64 {
+        lines.push(text_record(
+            "lines",
+            None,
+            &format!("l{i}"),
+            &format!("t{} t{}", i % 13, i % 7),
+        ));
+        let account = format!("acct-{}", i % 5);
+        let (topic, delta) = if i % 4 == 0 {
+            ("debits", -i)
+        } else {
+            ("credits", i)
+        };
+        *expected.entry(account.clone()).or_insert(0) += delta;
+        money.push(text_record(topic, None, &account, &delta.abs().to_string()));
+    }
+    let half = |v: &Vec<flows::EncodedRecord>, first: bool| -> Vec<flows::EncodedRecord> {
+        let (a, b) = v.split_at(v.len() / 2);
+        if first { a.to_vec() } else { b.to_vec() }
+    };
+
+    // First half with failing produce requests and both stores down.
+    states.set_failing(true);
+    table.set_failing(true);
+    kafka.mock().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 8],
+    );
+    produce(&brokers, &half(&lines, true)).await;
+    produce(&brokers, &half(&money, true)).await;
+    assert!(wait_until(WAIT, || states.failures() >= 3 && table.failures() >= 3).await);
+    states.set_failing(false);
+    table.set_failing(false);
+
+    // Second half across a broker outage.
+    produce(&brokers, &half(&lines, false)).await;
+    produce(&brokers, &half(&money, false)).await;
+    kafka.mock().broker_down(1).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kafka.mock().broker_up(1).unwrap();
+
+    let done = wait_until(WAIT, || {
+        running[0].metrics().snapshot().committed >= 200
+            && running[2].metrics().snapshot().committed >= 200
+            && running[3].metrics().snapshot().committed >= 400
+    })
+    .await;
+    let retries: Vec<u64> = running
+        .iter()
+        .map(|r| r.metrics().snapshot().transient_retries)
+        .collect();
+    for pipeline in running {
+        pipeline.shutdown().await.unwrap();
+    }
+    assert!(done, "every pipeline finished");
+    assert!(
+        retries[2] > 0 && retries[3] > 0,
+        "store outages were retried: {retries:?}"
+    );
+
+    assert_eq!(
+        stored_counts(states.as_ref(), expected.keys().cloned()).await,
+        expected
+    );
+    let tokens = read_topic(&brokers, "tokens", 400, WAIT);
+    assert_eq!(
+        tokens.len(),
+        400,
+        "each line's two tokens, once (no replays happened)"
+    );
+    let rows: HashMap<String, String> = table
+        .get_all(
+            &(0..13)
+                .map(|i| flows::PrimaryKey::from(format!("t{i}")))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .map(|r| (r.word, r.line))
+        .collect();
+    assert_eq!(rows.len(), 13, "every token materialised");
+    let balances = read_topic(&brokers, "balances", 200, WAIT);
+    assert!(balances.len() >= 200, "one output per money message");
 }

@@ -3,12 +3,19 @@
 use std::time::Duration;
 
 /// How input is cut into batches. Per partition, a batch closes when it holds
-/// `max_messages` messages or `max_delay` has passed since its first message.
+/// `max_messages` messages or `max_bytes` of keys and values, or when `max_delay` has
+/// passed since its first message.
+///
+/// Larger batches mean fewer store round trips and acknowledgement waits per message
+/// (see the README's performance table) and more memory: each partition in flight holds
+/// one batch, its states and its outputs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchConfig {
-    /// Most messages in one batch (default 1,000: one `get_all`/`upsert_all` of that
-    /// many states is ~20× cheaper per state than single reads and writes on PostgreSQL).
+    /// Most messages in one batch (default 5,000).
     pub max_messages: usize,
+    /// Most key and value bytes in one batch (default 4 MiB), so that large messages
+    /// make smaller batches instead of large memory.
+    pub max_bytes: usize,
     /// Longest wait for a batch to fill (default 50 ms: bounds the latency added).
     pub max_delay: Duration,
 }
@@ -16,7 +23,8 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            max_messages: 1_000,
+            max_messages: 5_000,
+            max_bytes: 4 * 1024 * 1024,
             max_delay: Duration::from_millis(50),
         }
     }
@@ -66,7 +74,7 @@ impl KafkaConfig {
     /// |---|---|
     /// | `FLOWS_BROKERS` | `bootstrap.servers` |
     /// | `FLOWS_GROUP_PREFIX` | consumer group prefix |
-    /// | `FLOWS_BATCH_MAX_MESSAGES`, `FLOWS_BATCH_MAX_DELAY_MS` | batching |
+    /// | `FLOWS_BATCH_MAX_MESSAGES`, `FLOWS_BATCH_MAX_BYTES`, `FLOWS_BATCH_MAX_DELAY_MS` | batching |
     /// | `FLOWS_CONSUMER_PROPERTIES`, `FLOWS_PRODUCER_PROPERTIES` | `key=value,key=value` librdkafka overrides |
     pub fn from_env() -> Result<Option<Self>, crate::EngineError> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
@@ -86,6 +94,9 @@ impl KafkaConfig {
         };
         if let Some(value) = var("FLOWS_BATCH_MAX_MESSAGES") {
             config.batch.max_messages = number("FLOWS_BATCH_MAX_MESSAGES", value)?.max(1) as usize;
+        }
+        if let Some(value) = var("FLOWS_BATCH_MAX_BYTES") {
+            config.batch.max_bytes = number("FLOWS_BATCH_MAX_BYTES", value)?.max(1) as usize;
         }
         if let Some(value) = var("FLOWS_BATCH_MAX_DELAY_MS") {
             config.batch.max_delay =
@@ -115,12 +126,10 @@ impl KafkaConfig {
         self
     }
 
-    /// Sets the batching of input.
+    /// Sets the batching of input by message count and delay (keeping `max_bytes`).
     pub fn batch(mut self, max_messages: usize, max_delay: Duration) -> Self {
-        self.batch = BatchConfig {
-            max_messages: max_messages.max(1),
-            max_delay,
-        };
+        self.batch.max_messages = max_messages.max(1);
+        self.batch.max_delay = max_delay;
         self
     }
 

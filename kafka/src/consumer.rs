@@ -26,7 +26,7 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use crate::error::EngineError;
-use crate::worker::{PartitionControl, PartitionInput, WorkerContext, run_partition};
+use crate::worker::{Batch, PartitionControl, PartitionInput, WorkerContext, run_partition};
 
 /// How long `poll` blocks; also the latency of stop requests and commits.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -202,8 +202,8 @@ struct QueueInput {
 }
 
 impl PartitionInput for QueueInput {
-    fn drain(&mut self, batch: &mut Vec<RawMessage>, max: usize) {
-        while batch.len() < max {
+    fn drain(&mut self, batch: &mut Batch) {
+        while batch.has_room() {
             match self.queue.poll(Duration::ZERO) {
                 Some(Ok(message)) => batch.push(to_raw(&message, &self.topic)),
                 Some(Err(error)) => {

@@ -44,17 +44,20 @@ impl OutputProducer {
     pub async fn send_all(&self, records: &[EncodedRecord]) -> Result<(), EngineError> {
         let mut deliveries = Vec::with_capacity(records.len());
         for record in records {
-            let headers = record
-                .headers
-                .iter()
-                .fold(OwnedHeaders::new(), |headers, h| {
-                    headers.insert(Header {
-                        key: &h.key,
-                        value: h.value.as_deref(),
-                    })
-                });
-            let mut future_record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&record.topic).headers(headers);
+            let mut future_record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&record.topic);
+            // Header lists are allocated by librdkafka: only build one when needed.
+            if !record.headers.is_empty() {
+                let headers = record.headers.iter().fold(
+                    OwnedHeaders::new_with_capacity(record.headers.len()),
+                    |headers, h| {
+                        headers.insert(Header {
+                            key: &h.key,
+                            value: h.value.as_deref(),
+                        })
+                    },
+                );
+                future_record = future_record.headers(headers);
+            }
             if let Some(key) = &record.key {
                 future_record = future_record.key(key.as_slice());
             }

@@ -115,8 +115,45 @@ enum BatchEnd {
 
 /// The messages of one partition, in offset order.
 pub(crate) trait PartitionInput: Send {
-    /// Moves available messages into `batch` without waiting, up to `max` in all.
-    fn drain(&mut self, batch: &mut Vec<RawMessage>, max: usize);
+    /// Moves available messages into `batch` without waiting, until it is full.
+    fn drain(&mut self, batch: &mut Batch);
+}
+
+/// A batch being collected, with its limits.
+pub(crate) struct Batch {
+    pub(crate) messages: Vec<RawMessage>,
+    bytes: usize,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+impl Batch {
+    fn new(config: &BatchConfig) -> Self {
+        let max_messages = config.max_messages.max(1);
+        Self {
+            messages: Vec::with_capacity(max_messages.min(16_384)),
+            bytes: 0,
+            max_messages,
+            max_bytes: config.max_bytes.max(1),
+        }
+    }
+
+    /// Whether another message may be added.
+    pub(crate) fn has_room(&self) -> bool {
+        self.messages.len() < self.max_messages && self.bytes < self.max_bytes
+    }
+
+    /// Adds a message (a batch may exceed `max_bytes` by its last message).
+    pub(crate) fn push(&mut self, message: RawMessage) {
+        self.bytes +=
+            message.key.as_ref().map_or(0, Vec::len) + message.value.as_ref().map_or(0, Vec::len);
+        self.messages.push(message);
+    }
+
+    fn clear(&mut self) {
+        self.messages.clear();
+        self.bytes = 0;
+    }
 }
 
 /// Longest wait for input before looking again (a safety net; arrivals wake the worker).
@@ -130,33 +167,33 @@ pub(crate) async fn run_partition(
     control: Arc<PartitionControl>,
     mut input: impl PartitionInput,
 ) -> Result<(), EngineError> {
-    let max = context.batch.max_messages.max(1);
-    let mut batch = Vec::with_capacity(max);
+    let mut collected = Batch::new(&context.batch);
     loop {
-        batch.clear();
+        collected.clear();
         loop {
             if !control.owned() || control.abandoned() {
                 return Ok(());
             }
-            input.drain(&mut batch, max);
-            if !batch.is_empty() {
+            input.drain(&mut collected);
+            if !collected.messages.is_empty() {
                 break;
             }
             control.wait_for_input(Instant::now() + INPUT_RECHECK).await;
         }
         let deadline = Instant::now() + context.batch.max_delay;
-        while batch.len() < max && control.owned() {
+        while collected.has_room() && control.owned() {
             if Instant::now() >= deadline {
                 break;
             }
             control
                 .wait_for_input(deadline.min(Instant::now() + INPUT_RECHECK))
                 .await;
-            input.drain(&mut batch, max);
+            input.drain(&mut collected);
         }
+        let batch = &collected.messages;
         context.metrics.add_consumed(batch.len() as u64);
         let started = Instant::now();
-        let end = process_batch(&context, &tp, &control, &batch).await?;
+        let end = process_batch(&context, &tp, &control, batch).await?;
         tracing::debug!(pipeline = %context.pipeline.name, %tp, messages = batch.len(), elapsed = ?started.elapsed(), "batch done");
         match end {
             BatchEnd::Completed => {}
