@@ -800,3 +800,67 @@ async fn every_pipeline_kind_waits_out_broker_and_store_faults() {
     let balances = read_topic(&brokers, "balances", 200, WAIT);
     assert!(balances.len() >= 200, "one output per money message");
 }
+
+/// G4: while the broker refuses the outputs (retriable produce errors), the states are
+/// written but no input offset is committed; once the outputs are acknowledged, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_are_committed_only_after_the_outputs_are_acknowledged() {
+    let kafka = cluster(&[("words", 1), ("counts", 1)]);
+    let brokers = kafka.bootstrap_servers();
+    let input = words(100, 10, 12);
+    produce(&brokers, &word_records("words", &input)).await;
+    kafka.mock().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 1_000],
+    );
+
+    let store = Arc::new(MemoryStateRepository::new());
+    let running = Engine::new(test_config(&brokers))
+        .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
+        .unwrap();
+    let expected = tally(input.iter().map(String::as_str));
+    assert!(
+        wait_until(WAIT, || all_counted(&store, &expected)).await,
+        "states written"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await; // several commit intervals
+    assert_eq!(
+        running.metrics().snapshot().published,
+        0,
+        "outputs still refused"
+    );
+    assert_eq!(
+        committed_offset(&brokers, "count", "words"),
+        None,
+        "nothing committed"
+    );
+
+    kafka.mock().clear_request_errors(RDKafkaApiKey::Produce);
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 100).await);
+    running.shutdown().await.unwrap();
+    assert_eq!(committed_offset(&brokers, "count", "words"), Some(100));
+    assert_word_count(&brokers, store.as_ref(), &expected).await;
+}
+
+/// The offset committed by consumer group `group` for partition 0 of `topic`.
+fn committed_offset(brokers: &str, group: &str, topic: &str) -> Option<i64> {
+    use flows::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+    use flows::kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    list.add_partition(topic, 0);
+    let committed = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .unwrap();
+    let offset = match committed.elements()[0].offset() {
+        Offset::Offset(offset) => Some(offset),
+        _ => None,
+    };
+    // Drop the list before the consumer (a live list can hang the consumer's drop).
+    drop(committed);
+    offset
+}
