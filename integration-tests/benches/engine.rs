@@ -170,10 +170,9 @@ impl Broker {
         }
     }
 
-    fn cpu_seconds(&self) -> f64 {
-        self.process
-            .as_ref()
-            .map_or(0.0, |p| cpu_seconds_of(p.id()))
+    /// CPU seconds used by the broker so far, when it is our own process.
+    fn cpu_seconds(&self) -> Option<f64> {
+        self.process.as_ref().map(|p| cpu_seconds_of(p.id()))
     }
 }
 
@@ -248,8 +247,12 @@ fn driver() {
         }
         match stdout.lines().find_map(Report::parse) {
             Some(report) => {
-                let broker_cpu = broker.cpu_seconds() - broker_cpu_before;
-                eprintln!("{mode}: {report:?}, broker CPU {broker_cpu:.1} s");
+                match (broker.cpu_seconds(), broker_cpu_before) {
+                    (Some(after), Some(before)) => {
+                        eprintln!("{mode}: {report:?}, broker CPU {:.1} s", after - before);
+                    }
+                    _ => eprintln!("{mode}: {report:?}"),
+                }
                 rows.push((mode, report));
             }
             None => eprintln!("{mode}: failed ({:?}): {stdout}", output.status),

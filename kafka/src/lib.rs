@@ -30,7 +30,8 @@
 //! # How a pipeline runs
 //! One consumer per pipeline (group `{prefix}{name}`) on its own thread, one task per
 //! assigned partition. Each partition is cut into batches (at most
-//! [`BatchConfig::max_messages`], at most [`BatchConfig::max_delay`] of waiting), and
+//! [`BatchConfig::max_messages`] or [`BatchConfig::max_bytes`], at most
+//! [`BatchConfig::max_delay`] of waiting), and
 //! each batch goes through one cycle, strictly after the previous one of that
 //! partition: *process* (for stateful pipelines one `get_all`, one fold per key, one
 //! `upsert_all`) → *publish* every output and await every acknowledgement → mark the
