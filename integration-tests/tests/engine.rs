@@ -519,17 +519,29 @@ async fn a_restarted_pipeline_continues_exactly_where_it_stopped() {
     let kafka = cluster(&[("words", 4), ("counts", 4)]);
     let brokers = kafka.bootstrap_servers();
     let store = Arc::new(MemoryStateRepository::new());
-    let input = words(4_000, 30, 7);
-    produce(&brokers, &word_records("words", &input)).await;
-    let engine = Engine::new(test_config(&brokers));
-    for _ in 0..3 {
+    let mut config = test_config(&brokers);
+    config.batch.max_messages = 20; // many small batches: a stop lands mid-stream
+    let engine = Engine::new(config);
+    let mut input = Vec::new();
+    for round in 0..3 {
+        let chunk = words(1_500, 30, 7 + round);
+        produce(&brokers, &word_records("words", &chunk)).await;
+        input.extend(chunk);
         let running = engine
             .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
             .unwrap();
-        // Stop somewhere in the middle of the stream.
-        wait_until(WAIT, || running.metrics().snapshot().committed >= 700).await;
+        assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 100).await);
         running.shutdown().await.unwrap();
     }
+    let counted: i64 = stored_counts(store.as_ref(), input.iter().cloned())
+        .await
+        .values()
+        .sum();
+    assert!(
+        (counted as usize) < input.len(),
+        "the stops happened mid-stream ({counted} of {} counted)",
+        input.len()
+    );
     let running = engine
         .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
         .unwrap();
