@@ -85,19 +85,19 @@ where
     R: SingleStateRepository + ?Sized,
 {
     let mut outputs: Vec<Vec<EncodedRecord>> = vec![Vec::new(); messages.len()];
-    // Message indices per persistence id, in input order; ids in first-seen order.
-    let mut groups: HashMap<PersistenceId, Vec<usize>> = HashMap::new();
-    let mut order: Vec<PersistenceId> = Vec::new();
+    // Ids in first-seen order, and for each the indices of its messages in input order.
+    let mut group_of: HashMap<PersistenceId, usize> = HashMap::new();
+    let mut ids: Vec<PersistenceId> = Vec::new();
+    let mut members: Vec<Vec<usize>> = Vec::new();
     for (index, message) in messages.iter().enumerate() {
         match processor.persistence_id(message) {
             Ok(id) => {
-                groups
-                    .entry(id.clone())
-                    .or_insert_with(|| {
-                        order.push(id);
-                        Vec::new()
-                    })
-                    .push(index);
+                let group = *group_of.entry(id).or_insert_with_key(|id| {
+                    ids.push(id.clone());
+                    members.push(Vec::new());
+                    members.len() - 1
+                });
+                members[group].push(index);
             }
             Err(source) => match on_error(message, &source) {
                 // No state to record this in: a replay dead-letters it again, identically.
@@ -113,37 +113,30 @@ where
             },
         }
     }
+    if ids.is_empty() {
+        return Ok(outputs.into_iter().flatten().collect());
+    }
+    drop(group_of);
 
     // After a conflict every id of the batch is read and folded again, not only the
     // conflicting ones: an atomic store wrote none of the batch, and in a non-atomic one
     // the states that were written now replay their stored outputs instead of applying.
-    let pending = order;
     let mut last_conflict = Vec::new();
     for _attempt in 0..=MAX_CONFLICT_RETRIES {
-        if pending.is_empty() {
-            break;
-        }
-        let states = store.get_all(&pending).await?;
-        let mut writes = Vec::new();
-        let mut folded: HashMap<PersistenceId, Vec<(usize, Vec<EncodedRecord>)>> = HashMap::new();
-        for state in states {
-            let indices = &groups[&state.id];
+        // `get_all` answers in request order, one state per id.
+        let states = store.get_all(&ids).await?;
+        let mut writes = Vec::with_capacity(states.len());
+        let mut folded: Vec<Vec<EncodedRecord>> = Vec::with_capacity(messages.len());
+        for (state, indices) in states.into_iter().zip(&members) {
             let group: Vec<&RawMessage> = indices.iter().map(|&i| &messages[i]).collect();
-            let id = state.id.clone();
             let outcome = fold(processor, state, &group, |m, e| on_error(m, e))?;
-            folded.insert(
-                id,
-                indices
-                    .iter()
-                    .zip(outcome.messages)
-                    .map(|(&i, m)| (i, m.outputs))
-                    .collect(),
-            );
+            folded.extend(outcome.messages.into_iter().map(|m| m.outputs));
             writes.extend(outcome.write);
         }
         match store.upsert_all(&writes).await {
             Ok(_) => {
-                for (index, records) in folded.into_values().flatten() {
+                let indices = members.iter().flatten();
+                for (&index, records) in indices.zip(folded) {
                     outputs[index] = records;
                 }
                 return Ok(outputs.into_iter().flatten().collect());
@@ -160,9 +153,6 @@ where
             }
             Err(other) => return Err(other.into()),
         }
-    }
-    if pending.is_empty() {
-        return Ok(outputs.into_iter().flatten().collect());
     }
     Err(BatchError::PersistentConflict { ids: last_conflict })
 }
