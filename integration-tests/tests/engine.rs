@@ -876,3 +876,66 @@ fn committed_offset(brokers: &str, group: &str, topic: &str) -> Option<i64> {
     drop(committed);
     offset
 }
+
+/// A mapped row that does not fit the table (here: one value too many) fails only its
+/// own message: it is dead-lettered, and the rest of the batch is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_does_not_fit_the_table_is_dead_lettered_alone() {
+    let kafka = cluster(&[("sightings", 1), ("sightings-dlq", 1)]);
+    let brokers = kafka.bootstrap_servers();
+    produce(
+        &brokers,
+        &[
+            text_record("sightings", None, "w1", "line 1"),
+            text_record("sightings", None, "w2", "wrong arity"),
+            text_record("sightings", None, "w3", "line 3"),
+        ],
+    )
+    .await;
+    let table = Arc::new(MemoryUpsertRepository::<Loose>::new());
+    let running = Engine::new(test_config(&brokers))
+        .start(
+            &Pipeline::materialise(
+                "loose",
+                Topic::new("sightings", Utf8, Utf8),
+                Arc::clone(&table),
+                |m| {
+                    let mut values = vec![Value::Text(m.key), Value::Text(m.value.clone())];
+                    if m.value == "wrong arity" {
+                        values.push(Value::Null);
+                    }
+                    Ok(vec![RowChange::Upsert(Loose(values))])
+                },
+            )
+            .on_error(ErrorPolicy::dead_letter("sightings-dlq")),
+        )
+        .unwrap();
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 3).await);
+    running.shutdown().await.unwrap();
+    assert_eq!(table.len(), 2, "the two valid rows are written");
+    let dead = read_topic(&brokers, "sightings-dlq", 1, WAIT);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].key_str(), "w2");
+    assert_eq!(
+        dead[0].header(headers::ERROR_KIND).as_deref(),
+        Some("function")
+    );
+}
+
+/// A row type whose values are whatever the mapper made (to produce invalid rows).
+#[derive(Clone, Debug, PartialEq)]
+struct Loose(Vec<Value>);
+
+impl Row for Loose {
+    fn schema() -> TableSchema {
+        LastSeen::schema()
+    }
+
+    fn to_values(&self) -> Vec<Value> {
+        self.0.clone()
+    }
+
+    fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
+        Ok(Self(values))
+    }
+}

@@ -191,8 +191,21 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
     ) -> Result<Vec<EncodedRecord>, StageError> {
         let mut changes = Vec::with_capacity(batch.len());
         let mut outputs = Vec::new();
+        let schema = self.repository.schema();
         for message in batch {
-            match (self.mapper)(message) {
+            // A row that does not fit the table fails its own message (policy), not the
+            // whole batch's write.
+            let mapped = (self.mapper)(message).and_then(|rows| {
+                for change in &rows {
+                    match change {
+                        RowChange::Upsert(row) => schema.check_row(&row.to_values()),
+                        RowChange::Delete(key) => schema.check_key(key),
+                    }
+                    .map_err(|e| ProcessError::Function(FunctionError::from_error(e)))?;
+                }
+                Ok(rows)
+            });
+            match mapped {
                 Ok(rows) => changes.extend(rows),
                 Err(error) => outputs.extend(handle_failure(message, error, on_error)?),
             }
