@@ -32,6 +32,8 @@ use crate::worker::{Batch, PartitionControl, PartitionInput, WorkerContext, run_
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How often completed offsets are committed (asynchronously) while running.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+/// How often a running pipeline logs its counters.
+const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(30);
 /// How long to wait for an abandoned worker to notice before moving on.
 const ABANDON_GRACE: Duration = Duration::from_secs(5);
 
@@ -312,6 +314,7 @@ pub(crate) fn poll_loop(
     shared: Arc<Shared>,
 ) -> Result<(), EngineError> {
     let mut last_commit = std::time::Instant::now();
+    let mut last_progress_log = std::time::Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
         match consumer.poll(POLL_INTERVAL) {
             Some(Ok(message)) => {
@@ -333,6 +336,19 @@ pub(crate) fn poll_loop(
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             shared.commit_completed(&consumer, CommitMode::Async);
             last_commit = std::time::Instant::now();
+        }
+        if last_progress_log.elapsed() >= PROGRESS_LOG_INTERVAL {
+            let m = shared.worker.metrics.snapshot();
+            tracing::info!(
+                pipeline = %shared.worker.pipeline.name,
+                committed = m.committed,
+                published = m.published,
+                dead_lettered = m.dead_lettered,
+                transient_retries = m.transient_retries,
+                partitions = shared.owned_partitions().len(),
+                "progress"
+            );
+            last_progress_log = std::time::Instant::now();
         }
     }
     tracing::info!(pipeline = %shared.worker.pipeline.name, "stopping: finishing in-flight batches");

@@ -103,3 +103,71 @@ impl Metrics {
         Self::default()
     }
 }
+
+impl MetricsSnapshot {
+    /// The counters in the Prometheus text exposition format, labelled with the
+    /// pipeline's name, for an HTTP endpoint of the application's choice.
+    ///
+    /// ```
+    /// let text = flows_kafka::MetricsSnapshot::default().to_prometheus("word-count");
+    /// assert!(text.contains("flows_messages_committed_total{pipeline=\"word-count\"} 0"));
+    /// ```
+    pub fn to_prometheus(&self, pipeline: &str) -> String {
+        let label = pipeline.replace('\\', "\\\\").replace('"', "\\\"");
+        let counters = [
+            (
+                "flows_messages_consumed_total",
+                "Messages received from Kafka.",
+                self.consumed,
+            ),
+            (
+                "flows_messages_committed_total",
+                "Messages whose batch completed.",
+                self.committed,
+            ),
+            (
+                "flows_records_published_total",
+                "Output records acknowledged.",
+                self.published,
+            ),
+            ("flows_batches_total", "Batches completed.", self.batches),
+            (
+                "flows_dead_lettered_total",
+                "Messages sent to the dead-letter topic.",
+                self.dead_lettered,
+            ),
+            (
+                "flows_transient_retries_total",
+                "Retries after a store or broker failure.",
+                self.transient_retries,
+            ),
+            (
+                "flows_function_retries_total",
+                "Batch re-runs under a retrying error policy.",
+                self.function_retries,
+            ),
+            (
+                "flows_abandoned_batches_total",
+                "Batches abandoned on revoke or shutdown.",
+                self.abandoned_batches,
+            ),
+            (
+                "flows_fenced_batches_total",
+                "Batches dropped after losing the partition.",
+                self.conflicts_fenced,
+            ),
+            (
+                "flows_rebalances_total",
+                "Rebalance events.",
+                self.rebalances,
+            ),
+        ];
+        let mut text = String::new();
+        for (name, help, value) in counters {
+            text.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{pipeline=\"{label}\"}} {value}\n"
+            ));
+        }
+        text
+    }
+}
