@@ -939,3 +939,29 @@ impl Row for Loose {
         Ok(Self(values))
     }
 }
+
+/// A user function that panics stops the pipeline with an error, instead of leaving its
+/// partition silently stalled; nothing after the panicking message is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_function_stops_the_pipeline_loudly() {
+    let kafka = cluster(&[("orders", 1), ("confirmed", 1)]);
+    let brokers = kafka.bootstrap_servers();
+    produce(&brokers, &[text_record("orders", None, "o1", "boom")]).await;
+    let confirm = StatelessFunction::one_to_one(
+        Topic::new("orders", Utf8, Utf8),
+        Topic::new("confirmed", Utf8, Utf8),
+        |m| {
+            assert!(m.value != "boom", "the function panicked on purpose");
+            Ok(Record::new(m.key, m.value))
+        },
+    );
+    let running = Engine::new(test_config(&brokers))
+        .start(&Pipeline::stateless("confirm", confirm))
+        .unwrap();
+    let error = tokio::time::timeout(WAIT, running.wait())
+        .await
+        .expect("the pipeline stopped")
+        .unwrap_err();
+    assert!(error.to_string().contains("ended unexpectedly"), "{error}");
+    assert_eq!(committed_offset(&brokers, "confirm", "orders"), None);
+}

@@ -192,6 +192,23 @@ impl Shared {
         commit(consumer, &list, CommitMode::Sync);
     }
 
+    /// Stops the pipeline if a worker ended while its partition is still assigned: that
+    /// only happens when it panicked (a user function panicking, say), and its partition
+    /// would otherwise stall silently.
+    fn check_workers(&self) {
+        let dead: Vec<TopicPartition> = self
+            .slots()
+            .iter()
+            .filter(|(_, slot)| slot.task.is_finished() && slot.control.owned())
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        if let Some(tp) = dead.first() {
+            self.fail(EngineError::Internal(format!(
+                "the worker of {tp} ended unexpectedly (a panic in a user function?)"
+            )));
+        }
+    }
+
     fn owned_partitions(&self) -> Vec<TopicPartition> {
         self.slots().keys().cloned().collect()
     }
@@ -334,6 +351,7 @@ pub(crate) fn poll_loop(
             None => {}
         }
         if last_commit.elapsed() >= COMMIT_INTERVAL {
+            shared.check_workers();
             shared.commit_completed(&consumer, CommitMode::Async);
             last_commit = std::time::Instant::now();
         }
