@@ -965,3 +965,61 @@ async fn a_panicking_function_stops_the_pipeline_loudly() {
     assert!(error.to_string().contains("ended unexpectedly"), "{error}");
     assert_eq!(committed_offset(&brokers, "confirm", "orders"), None);
 }
+
+/// Materialisation into a real PostgreSQL table (as `examples/word-materialise.rs`
+/// does with `FLOWS_STORE=postgres://…`): the latest row per key, deletes applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materialise_into_postgres() {
+    let url = std::env::var("FLOWS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/flows_test".into());
+    let table = flows::open_upsert_repository::<LastSeen>(&url)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is required: {e}"));
+    // The table is shared with nothing else; start from a known state.
+    let words: Vec<String> = (0..20).map(|i| format!("pg-w{i}")).collect();
+    let keys: Vec<flows::PrimaryKey> = words.iter().cloned().map(flows::PrimaryKey::from).collect();
+    table.delete_all(&keys).await.unwrap();
+
+    let kafka = cluster(&[("pg-sightings", 2)]);
+    let brokers = kafka.bootstrap_servers();
+    let mut records = Vec::new();
+    let mut expected: HashMap<String, String> = HashMap::new();
+    for i in 0..300 {
+        let word = &words[i % 20];
+        let line = format!("line {i}");
+        expected.insert(word.clone(), line.clone());
+        records.push(text_record("pg-sightings", None, word, &line));
+    }
+    records.push(text_record("pg-sightings", None, "pg-w7", "forget"));
+    expected.remove("pg-w7");
+    produce(&brokers, &records).await;
+
+    let running = Engine::new(test_config(&brokers))
+        .start(&Pipeline::materialise(
+            "pg-last-seen",
+            Topic::new("pg-sightings", Utf8, Utf8),
+            Arc::clone(&table),
+            |m| {
+                Ok(vec![if m.value == "forget" {
+                    RowChange::Delete(m.key.into())
+                } else {
+                    RowChange::Upsert(LastSeen {
+                        word: m.key,
+                        line: m.value,
+                    })
+                }])
+            },
+        ))
+        .unwrap();
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 301).await);
+    running.shutdown().await.unwrap();
+    let rows: HashMap<String, String> = table
+        .get_all(&keys)
+        .await
+        .unwrap()
+        .into_iter()
+        .flatten()
+        .map(|r| (r.word, r.line))
+        .collect();
+    assert_eq!(rows, expected);
+}

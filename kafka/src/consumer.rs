@@ -305,6 +305,33 @@ fn list_partitions(partitions: &[TopicPartition]) -> String {
     names.join(", ")
 }
 
+/// How long closing the consumer (leaving the group) may take before it is left behind.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Closes the consumer (leaves the group) on a thread of its own, waiting at most
+/// [`CLOSE_TIMEOUT`]. librdkafka can block forever in a close that follows an eviction
+/// from the group (`max.poll.interval.ms` exceeded); nothing is left to commit by then,
+/// and the broker expires the member by its session timeout, so the stop goes on.
+fn close(consumer: Arc<EngineConsumer>, pipeline: &str) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name(format!("flows-close-{pipeline}"))
+        .spawn(move || {
+            drop(consumer);
+            let _ = done_tx.send(());
+        });
+    match spawned {
+        Ok(_) => {
+            if done_rx.recv_timeout(CLOSE_TIMEOUT).is_err() {
+                tracing::warn!(%pipeline, "the consumer did not close in time; leaving it to the session timeout");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%pipeline, %error, "cannot close the consumer on its own thread")
+        }
+    }
+}
+
 /// Converts a consumed message into an owned [`RawMessage`].
 fn to_raw(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> RawMessage {
     let mut headers = Headers::new();
@@ -373,7 +400,7 @@ pub(crate) fn poll_loop(
     let owned = shared.owned_partitions();
     shared.release(&consumer, &owned);
     consumer.unsubscribe();
-    drop(consumer);
+    close(consumer, &shared.worker.pipeline.name);
     match shared.take_fatal() {
         Some(error) => Err(error),
         None => Ok(()),
