@@ -33,8 +33,8 @@ pub use memory::{MemoryStateRepository, MemoryUpsertRepository};
 pub use message::{Header, Headers, Message, RawMessage, Record, TopicPartition};
 pub use repository::{BoxError, Capabilities, RepositoryError, SingleStateRepository};
 pub use row::{
-    ChangeBatch, Column, ColumnType, ColumnValue, PrimaryKey, Row, RowChange, RowError,
-    TableSchema, UpsertRepository, Value,
+    ChangeBatch, ChangeBatchBuilder, Column, ColumnType, ColumnValue, PrimaryKey, Row, RowChange,
+    RowError, TableSchema, UpsertRepository, ValidChange, Value,
 };
 pub use state::{EncodedRecord, LastResults, Progress, RawState, State, StateCodecError};
 pub use topic::Topic;

@@ -559,23 +559,78 @@ impl ChangeBatch {
         schema: &TableSchema,
         changes: impl IntoIterator<Item = RowChangeRef<'a, T>>,
     ) -> Result<Self, RowError> {
-        // key -> (position of the last change, Some(values) for upsert / None for delete)
-        let mut last: HashMap<PrimaryKey, (usize, Option<Vec<Value>>)> = HashMap::new();
-        for (position, change) in changes.into_iter().enumerate() {
-            let (key, values) = match change {
-                RowChangeRef::Upsert(row) => {
-                    let values = row.to_values();
-                    schema.check_row(&values)?;
-                    (schema.key_of(&values), Some(values))
-                }
-                RowChangeRef::Delete(key) => {
-                    schema.check_key(key)?;
-                    (key.clone(), None)
-                }
-            };
-            last.insert(key, (position, values));
+        let mut builder = ChangeBatchBuilder::default();
+        for change in changes {
+            builder.push(ValidChange::new(schema, change)?);
         }
-        let mut ordered: Vec<_> = last.into_iter().collect();
+        Ok(builder.build())
+    }
+
+    /// Whether the batch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.deletes.is_empty()
+    }
+}
+
+/// One change checked against a table's schema: its primary key and, for an upsert,
+/// the row's values. Checking changes one by one lets a caller reject a single bad
+/// change (one message, say) and still write the rest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidChange {
+    key: PrimaryKey,
+    values: Option<Vec<Value>>,
+}
+
+impl ValidChange {
+    /// Checks `change` against `schema`.
+    pub fn new<T: Row>(
+        schema: &TableSchema,
+        change: RowChangeRef<'_, T>,
+    ) -> Result<Self, RowError> {
+        match change {
+            RowChangeRef::Upsert(row) => {
+                let values = row.to_values();
+                schema.check_row(&values)?;
+                Ok(Self {
+                    key: schema.key_of(&values),
+                    values: Some(values),
+                })
+            }
+            RowChangeRef::Delete(key) => {
+                schema.check_key(key)?;
+                Ok(Self {
+                    key: key.clone(),
+                    values: None,
+                })
+            }
+        }
+    }
+}
+
+/// Compacts [`ValidChange`]s, in order, into a [`ChangeBatch`]: the last change to a key
+/// wins.
+#[derive(Debug, Default)]
+pub struct ChangeBatchBuilder {
+    // key -> (position of the last change, Some(values) for upsert / None for delete)
+    last: HashMap<PrimaryKey, (usize, Option<Vec<Value>>)>,
+    next: usize,
+}
+
+impl ChangeBatchBuilder {
+    /// An empty builder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a change after all earlier ones.
+    pub fn push(&mut self, change: ValidChange) {
+        self.last.insert(change.key, (self.next, change.values));
+        self.next += 1;
+    }
+
+    /// The compacted batch, changes in the order of their last occurrence.
+    pub fn build(self) -> ChangeBatch {
+        let mut ordered: Vec<_> = self.last.into_iter().collect();
         ordered.sort_by_key(|(_, (position, _))| *position);
         let mut batch = ChangeBatch::default();
         for (key, (_, values)) in ordered {
@@ -584,12 +639,7 @@ impl ChangeBatch {
                 None => batch.deletes.push(key),
             }
         }
-        Ok(batch)
-    }
-
-    /// Whether the batch changes nothing.
-    pub fn is_empty(&self) -> bool {
-        self.upserts.is_empty() && self.deletes.is_empty()
+        batch
     }
 }
 

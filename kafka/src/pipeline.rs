@@ -13,8 +13,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use flows_core::function::{ErrorAction, StatefulProcessor, StatelessProcessor};
 use flows_core::{
-    EncodedRecord, FunctionError, Message, ProcessError, RawMessage, RepositoryError, Row,
-    RowChange, SingleStateRepository, Topic, UpsertRepository,
+    ChangeBatchBuilder, EncodedRecord, FunctionError, Message, ProcessError, RawMessage,
+    RepositoryError, Row, RowChange, SingleStateRepository, Topic, UpsertRepository, ValidChange,
 };
 
 use crate::error::EngineError;
@@ -189,31 +189,30 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
         on_error: &OnError<'_>,
         _still_owner: &StillOwner<'_>,
     ) -> Result<Vec<EncodedRecord>, StageError> {
-        let mut changes = Vec::with_capacity(batch.len());
-        let mut outputs = Vec::new();
         let schema = self.repository.schema();
+        let mut changes = ChangeBatchBuilder::new();
+        let mut outputs = Vec::new();
         for message in batch {
             // A row that does not fit the table fails its own message (policy), not the
             // whole batch's write.
-            let mapped = (self.mapper)(message).and_then(|rows| {
-                for change in &rows {
-                    match change {
-                        RowChange::Upsert(row) => schema.check_row(&row.to_values()),
-                        RowChange::Delete(key) => schema.check_key(key),
-                    }
-                    .map_err(|e| ProcessError::Function(FunctionError::from_error(e)))?;
-                }
-                Ok(rows)
+            let checked = (self.mapper)(message).and_then(|rows| {
+                rows.iter()
+                    .map(|change| {
+                        ValidChange::new(schema, change.into())
+                            .map_err(|e| ProcessError::Function(FunctionError::from_error(e)))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
             });
-            match mapped {
-                Ok(rows) => changes.extend(rows),
+            match checked {
+                Ok(valid) => valid.into_iter().for_each(|change| changes.push(change)),
                 Err(error) => outputs.extend(handle_failure(message, error, on_error)?),
             }
         }
         // Upserts are idempotent and applied in offset order, so a replayed batch
         // leaves the table as the first attempt did.
+        let changes = changes.build();
         if !changes.is_empty() {
-            self.repository.apply(&changes).await?;
+            self.repository.write(changes).await?;
         }
         Ok(outputs)
     }
