@@ -272,15 +272,41 @@ pub fn tally<'a>(words: impl IntoIterator<Item = &'a str>) -> HashMap<String, i6
     counts
 }
 
+/// An outage on command: while on, every check fails as [`RepositoryError::Unavailable`].
+#[derive(Debug, Default)]
+struct Outage {
+    on: AtomicBool,
+    failures: AtomicU64,
+}
+
+impl Outage {
+    fn set(&self, on: bool) {
+        self.on.store(on, Ordering::SeqCst);
+    }
+
+    fn failures(&self) -> u64 {
+        self.failures.load(Ordering::SeqCst)
+    }
+
+    fn check(&self, what: &str) -> Result<(), RepositoryError> {
+        if self.on.load(Ordering::SeqCst) {
+            self.failures.fetch_add(1, Ordering::SeqCst);
+            return Err(RepositoryError::Unavailable(
+                format!("injected: {what} is down").into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A store wrapper that fails (as unavailable) on command, and can hold writes until
 /// released, for fault-injection tests.
 #[derive(Debug)]
 pub struct FaultyStore<R> {
     inner: R,
-    fail: AtomicBool,
+    outage: Outage,
     hold_writes: AtomicBool,
     released: tokio::sync::Notify,
-    failures: AtomicU64,
     held: AtomicU64,
     log: Mutex<Vec<&'static str>>,
 }
@@ -290,10 +316,9 @@ impl<R> FaultyStore<R> {
     pub fn new(inner: R) -> Self {
         Self {
             inner,
-            fail: AtomicBool::new(false),
+            outage: Outage::default(),
             hold_writes: AtomicBool::new(false),
             released: tokio::sync::Notify::new(),
-            failures: AtomicU64::new(0),
             held: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
         }
@@ -301,7 +326,7 @@ impl<R> FaultyStore<R> {
 
     /// Makes every call fail with [`RepositoryError::Unavailable`] (or heal).
     pub fn set_failing(&self, failing: bool) {
-        self.fail.store(failing, Ordering::SeqCst);
+        self.outage.set(failing);
     }
 
     /// Makes writes wait until [`release_writes`](Self::release_writes).
@@ -317,7 +342,7 @@ impl<R> FaultyStore<R> {
 
     /// How many calls failed on command.
     pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::SeqCst)
+        self.outage.failures()
     }
 
     /// How many writes are or were held.
@@ -329,16 +354,6 @@ impl<R> FaultyStore<R> {
     pub fn write_log(&self) -> Vec<&'static str> {
         self.log.lock().expect("log").clone()
     }
-
-    fn check(&self) -> Result<(), RepositoryError> {
-        if self.fail.load(Ordering::SeqCst) {
-            self.failures.fetch_add(1, Ordering::SeqCst);
-            return Err(RepositoryError::Unavailable(
-                "injected: store is down".into(),
-            ));
-        }
-        Ok(())
-    }
 }
 
 #[async_trait]
@@ -348,12 +363,12 @@ impl<R: SingleStateRepository> SingleStateRepository for FaultyStore<R> {
     }
 
     async fn get_all(&self, ids: &[PersistenceId]) -> Result<Vec<RawState>, RepositoryError> {
-        self.check()?;
+        self.outage.check("store")?;
         self.inner.get_all(ids).await
     }
 
     async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
-        self.check()?;
+        self.outage.check("store")?;
         if self.hold_writes.load(Ordering::SeqCst) {
             self.held.fetch_add(1, Ordering::SeqCst);
             let released = self.released.notified();
@@ -378,8 +393,7 @@ impl<R: SingleStateRepository> SingleStateRepository for FaultyStore<R> {
 /// materialisation.
 pub struct FaultyTable<R> {
     inner: R,
-    fail: AtomicBool,
-    failures: AtomicU64,
+    outage: Outage,
 }
 
 impl<R> FaultyTable<R> {
@@ -387,29 +401,18 @@ impl<R> FaultyTable<R> {
     pub fn new(inner: R) -> Self {
         Self {
             inner,
-            fail: AtomicBool::new(false),
-            failures: AtomicU64::new(0),
+            outage: Outage::default(),
         }
     }
 
     /// Makes every call fail with [`RepositoryError::Unavailable`] (or heal).
     pub fn set_failing(&self, failing: bool) {
-        self.fail.store(failing, Ordering::SeqCst);
+        self.outage.set(failing);
     }
 
     /// How many calls failed on command.
     pub fn failures(&self) -> u64 {
-        self.failures.load(Ordering::SeqCst)
-    }
-
-    fn check(&self) -> Result<(), RepositoryError> {
-        if self.fail.load(Ordering::SeqCst) {
-            self.failures.fetch_add(1, Ordering::SeqCst);
-            return Err(RepositoryError::Unavailable(
-                "injected: table is down".into(),
-            ));
-        }
-        Ok(())
+        self.outage.failures()
     }
 }
 
@@ -424,12 +427,12 @@ impl<T: Row, R: UpsertRepository<T>> UpsertRepository<T> for FaultyTable<R> {
     }
 
     async fn write(&self, batch: ChangeBatch) -> Result<(), RepositoryError> {
-        self.check()?;
+        self.outage.check("table")?;
         self.inner.write(batch).await
     }
 
     async fn get_all(&self, keys: &[PrimaryKey]) -> Result<Vec<Option<T>>, RepositoryError> {
-        self.check()?;
+        self.outage.check("table")?;
         self.inner.get_all(keys).await
     }
 }

@@ -364,17 +364,11 @@ async fn broker_errors_and_a_broker_outage_are_waited_out() {
     assert_word_count(&brokers, store.as_ref(), &tally(all)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_join_applies_both_topics_to_one_state() {
-    let kafka = cluster(&[
-        ("credits", 2),
-        ("debits", 3),
-        ("balance-mid", 4),
-        ("balances", 2),
-    ]);
-    let brokers = kafka.bootstrap_servers();
+/// A join: per account, credits add and debits subtract; every change publishes the
+/// balance as text on `balances`.
+fn balance() -> StatefulFunction<i64> {
     let output = Topic::new("balances", Utf8, Utf8);
-    let balance = StatefulFunction::new(Json::<i64>::new())
+    StatefulFunction::new(Json::<i64>::new())
         .one_to_one(
             Topic::new("credits", Utf8, Json::<i64>::new()),
             output.clone(),
@@ -392,8 +386,19 @@ async fn a_join_applies_both_topics_to_one_state() {
                 let total = total.copied().unwrap_or(0) - m.value;
                 Ok((total, Record::new(m.key, total.to_string())))
             },
-        );
-    let join = Join::new("balance", "balance-mid", balance);
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_applies_both_topics_to_one_state() {
+    let kafka = cluster(&[
+        ("credits", 2),
+        ("debits", 3),
+        ("balance-mid", 4),
+        ("balances", 2),
+    ]);
+    let brokers = kafka.bootstrap_servers();
+    let join = Join::new("balance", "balance-mid", balance());
     let store = Arc::new(MemoryStateRepository::new());
     let engine = Engine::new(test_config(&brokers));
     let rekey = engine.start(&join.rekey_pipeline()).unwrap();
@@ -466,40 +471,58 @@ impl Row for LastSeen {
     }
 }
 
+/// Materialises `topic` into `table` as [`LastSeen`] rows; the value "forget" deletes
+/// its word's row.
+fn last_seen(
+    name: &str,
+    topic: &str,
+    table: impl UpsertRepository<LastSeen> + 'static,
+) -> Pipeline {
+    Pipeline::materialise(name, Topic::new(topic, Utf8, Utf8), table, |m| {
+        Ok(vec![if m.value == "forget" {
+            RowChange::Delete(m.key.into())
+        } else {
+            RowChange::Upsert(LastSeen {
+                word: m.key,
+                line: m.value,
+            })
+        }])
+    })
+}
+
+/// Publishes `count` sightings ("line i") of `words` in turn to `topic`, then "forget"
+/// for `forgotten`; returns the rows the table must end with.
+async fn sightings(
+    brokers: &str,
+    topic: &str,
+    words: &[String],
+    count: usize,
+    forgotten: &str,
+) -> HashMap<String, String> {
+    let mut records = Vec::new();
+    let mut expected = HashMap::new();
+    for i in 0..count {
+        let word = &words[i % words.len()];
+        let line = format!("line {i}");
+        expected.insert(word.clone(), line.clone());
+        records.push(text_record(topic, None, word, &line));
+    }
+    records.push(text_record(topic, None, forgotten, "forget"));
+    expected.remove(forgotten);
+    produce(brokers, &records).await;
+    expected
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn materialise_upserts_the_latest_row_per_key_in_batches() {
     let kafka = cluster(&[("sightings", 3)]);
     let brokers = kafka.bootstrap_servers();
     let table = Arc::new(MemoryUpsertRepository::<LastSeen>::new());
-    let mut records = Vec::new();
-    let mut expected: HashMap<String, String> = HashMap::new();
-    for i in 0..600 {
-        let word = format!("w{}", i % 25);
-        let line = format!("line {i}");
-        expected.insert(word.clone(), line.clone());
-        records.push(text_record("sightings", None, &word, &line));
-    }
-    // "forget" deletes its row.
-    records.push(text_record("sightings", None, "w3", "forget"));
-    expected.remove("w3");
-    produce(&brokers, &records).await;
+    let words: Vec<String> = (0..25).map(|i| format!("w{i}")).collect();
+    let expected = sightings(&brokers, "sightings", &words, 600, "w3").await;
 
     let running = Engine::new(test_config(&brokers))
-        .start(&Pipeline::materialise(
-            "last-seen",
-            Topic::new("sightings", Utf8, Utf8),
-            Arc::clone(&table),
-            |m| {
-                Ok(vec![if m.value == "forget" {
-                    RowChange::Delete(m.key.into())
-                } else {
-                    RowChange::Upsert(LastSeen {
-                        word: m.key,
-                        line: m.value,
-                    })
-                }])
-            },
-        ))
+        .start(&last_seen("last-seen", "sightings", Arc::clone(&table)))
         .unwrap();
     assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 601).await);
     let metrics = running.metrics().snapshot();
@@ -681,45 +704,14 @@ async fn every_pipeline_kind_waits_out_broker_and_store_faults() {
                 .collect())
         },
     );
-    let output = Topic::new("balances", Utf8, Utf8);
-    let balance = StatefulFunction::new(Json::<i64>::new())
-        .one_to_one(
-            Topic::new("credits", Utf8, Json::<i64>::new()),
-            output.clone(),
-            PersistenceIdFn::key(),
-            |total: Option<&i64>, m| {
-                let total = total.copied().unwrap_or(0) + m.value;
-                Ok((total, Record::new(m.key, total.to_string())))
-            },
-        )
-        .one_to_one(
-            Topic::new("debits", Utf8, Json::<i64>::new()),
-            output,
-            PersistenceIdFn::key(),
-            |total: Option<&i64>, m| {
-                let total = total.copied().unwrap_or(0) - m.value;
-                Ok((total, Record::new(m.key, total.to_string())))
-            },
-        );
-    let join = Join::new("balance", "balance-mid", balance);
+    let join = Join::new("balance", "balance-mid", balance());
     let states = Arc::new(FaultyStore::new(MemoryStateRepository::new()));
     let table = Arc::new(FaultyTable::new(MemoryUpsertRepository::<LastSeen>::new()));
-    let last_seen = Pipeline::materialise(
-        "last-seen",
-        Topic::new("tokens", Utf8, Utf8),
-        Arc::clone(&table),
-        |m| {
-            Ok(vec![RowChange::Upsert(LastSeen {
-                word: m.key,
-                line: m.value,
-            })])
-        },
-    );
     let pipelines = [
         Pipeline::stateless("split", split),
         join.rekey_pipeline(),
         join.stateful_pipeline(Arc::clone(&states)),
-        last_seen,
+        last_seen("last-seen", "tokens", Arc::clone(&table)),
     ];
     let running: Vec<_> = pipelines.iter().map(|p| engine.start(p).unwrap()).collect();
 
@@ -982,33 +974,13 @@ async fn materialise_into_postgres() {
 
     let kafka = cluster(&[("pg-sightings", 2)]);
     let brokers = kafka.bootstrap_servers();
-    let mut records = Vec::new();
-    let mut expected: HashMap<String, String> = HashMap::new();
-    for i in 0..300 {
-        let word = &words[i % 20];
-        let line = format!("line {i}");
-        expected.insert(word.clone(), line.clone());
-        records.push(text_record("pg-sightings", None, word, &line));
-    }
-    records.push(text_record("pg-sightings", None, "pg-w7", "forget"));
-    expected.remove("pg-w7");
-    produce(&brokers, &records).await;
+    let expected = sightings(&brokers, "pg-sightings", &words, 300, "pg-w7").await;
 
     let running = Engine::new(test_config(&brokers))
-        .start(&Pipeline::materialise(
+        .start(&last_seen(
             "pg-last-seen",
-            Topic::new("pg-sightings", Utf8, Utf8),
+            "pg-sightings",
             Arc::clone(&table),
-            |m| {
-                Ok(vec![if m.value == "forget" {
-                    RowChange::Delete(m.key.into())
-                } else {
-                    RowChange::Upsert(LastSeen {
-                        word: m.key,
-                        line: m.value,
-                    })
-                }])
-            },
         ))
         .unwrap();
     assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 301).await);
