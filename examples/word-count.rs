@@ -11,30 +11,18 @@
 //! `postgres` feature, `sqlite://…`, `memory://`; table `FLOWS_STATE_TABLE`, default
 //! `word_counts`), until SIGINT or SIGTERM. See `KafkaConfig::from_env` for the other
 //! `FLOWS_*` settings.
+//!
+//! The pipeline itself, `common::word_count`, is in `examples/common/mod.rs`: the
+//! materialise example runs it too.
 
 mod common;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use flows::function::{PersistenceIdFn, StatefulFunction, StatelessFunction};
-use flows::kafka::{ErrorPolicy, Pipeline};
-use flows::{Json, PersistenceId, Record, SingleStateRepository, Topic, Utf8};
-
-/// The pipeline: per word, a count; every change is published to `word-counts`.
-fn word_count(store: Arc<dyn SingleStateRepository>) -> Pipeline {
-    let count = StatefulFunction::new(Json::<i64>::new()).one_to_one(
-        Topic::new("words", Utf8, Utf8),
-        Topic::new("word-counts", Utf8, Json::<i64>::new()),
-        PersistenceIdFn::key(),
-        |count: Option<&i64>, word| {
-            let count = count.copied().unwrap_or(0) + 1;
-            Ok((count, Record::new(word.key, count)))
-        },
-    );
-    Pipeline::stateful("word-count", count, store)
-        .on_error(ErrorPolicy::dead_letter("words-dead-letter"))
-}
+use flows::function::StatelessFunction;
+use flows::kafka::Pipeline;
+use flows::{Json, PersistenceId, Topic, Utf8};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -42,17 +30,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let table = std::env::var("FLOWS_STATE_TABLE").unwrap_or_else(|_| "word_counts".into());
     let store = flows::open_state_store(&setup.store_url, &table).await?;
     if !setup.is_embedded() {
-        setup.run(&[word_count(store)], |_| false).await?;
+        setup.run(&[common::word_count(store)], |_| false).await?;
         return Ok(());
     }
 
-    let words = common::words_of(include_str!("sample.txt"));
-    let topic = Topic::new("words", Utf8, Utf8);
-    let records = words
-        .iter()
-        .map(|w| topic.encode(&Record::new(w.clone(), w.clone()), None))
-        .collect::<Result<Vec<_>, _>>()?;
-    setup.feed(&records).await?;
+    let words = setup.feed_sample_words().await?;
     println!(
         "fed {} words to the embedded Kafka; counts as they change:",
         words.len()
@@ -68,7 +50,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
     );
     let pipelines = [
-        word_count(Arc::clone(&store)),
+        common::word_count(Arc::clone(&store)),
         Pipeline::stateless("word-count-printer", printer),
     ];
     let total = words.len() as u64;

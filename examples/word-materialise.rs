@@ -11,11 +11,10 @@ mod common;
 
 use std::sync::Arc;
 
-use flows::function::{PersistenceIdFn, StatefulFunction};
 use flows::kafka::{ErrorPolicy, Pipeline};
 use flows::{
-    ColumnType, ColumnValue, Json, PrimaryKey, Record, Row, RowChange, RowError, TableSchema,
-    Topic, UpsertRepository, Utf8, Value,
+    ColumnType, ColumnValue, Json, PrimaryKey, Row, RowChange, RowError, TableSchema, Topic,
+    UpsertRepository, Utf8, Value,
 };
 
 /// One row of the materialised table.
@@ -62,25 +61,13 @@ fn materialise(table: Arc<dyn UpsertRepository<WordCountRow>>) -> Pipeline {
     .on_error(ErrorPolicy::dead_letter("word-counts-dead-letter"))
 }
 
-fn word_count(store: Arc<dyn flows::SingleStateRepository>) -> Pipeline {
-    let count = StatefulFunction::new(Json::<i64>::new()).one_to_one(
-        Topic::new("words", Utf8, Utf8),
-        Topic::new("word-counts", Utf8, Json::<i64>::new()),
-        PersistenceIdFn::key(),
-        |count: Option<&i64>, word| {
-            let count = count.copied().unwrap_or(0) + 1;
-            Ok((count, Record::new(word.key, count)))
-        },
-    );
-    Pipeline::stateful("word-count", count, store)
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let setup = common::Setup::new(&[
         ("words", 4),
         ("word-counts", 4),
         ("word-counts-dead-letter", 1),
+        ("words-dead-letter", 1),
     ])?;
     let table = flows::open_upsert_repository::<WordCountRow>(&setup.store_url).await?;
     if !setup.is_embedded() {
@@ -88,15 +75,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
 
-    let words = common::words_of(include_str!("sample.txt"));
-    let topic = Topic::new("words", Utf8, Utf8);
-    let records = words
-        .iter()
-        .map(|w| topic.encode(&Record::new(w.clone(), w.clone()), None))
-        .collect::<Result<Vec<_>, _>>()?;
-    setup.feed(&records).await?;
+    let words = setup.feed_sample_words().await?;
     let states = flows::open_state_store(&setup.store_url, "word_counts").await?;
-    let pipelines = [word_count(states), materialise(Arc::clone(&table))];
+    let pipelines = [common::word_count(states), materialise(Arc::clone(&table))];
     let total = words.len() as u64;
     setup
         .run(&pipelines, |running| common::committed(running, 1) >= total)

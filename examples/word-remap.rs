@@ -39,13 +39,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         setup.run(&[remap()], |_| false).await?;
         return Ok(());
     }
-    let words = common::words_of(include_str!("sample.txt"));
-    let topic = Topic::new("words", Utf8, Utf8);
-    let records = words
-        .iter()
-        .map(|w| topic.encode(&Record::new(w.clone(), w.clone()), None))
-        .collect::<Result<Vec<_>, _>>()?;
-    setup.feed(&records).await?;
+    let words = setup.feed_sample_words().await?;
     let kept = words.iter().filter(|w| w.chars().count() >= 3).count() as u64;
 
     let printer = StatelessFunction::explode(

@@ -4,12 +4,15 @@
 #![allow(dead_code)] // each example uses part of this
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flows::EncodedRecord;
+use flows::function::{PersistenceIdFn, StatefulFunction};
+use flows::kafka::ErrorPolicy;
 use flows::kafka::{
     EmbeddedKafka, Engine, EngineError, KafkaConfig, OutputProducer, Pipeline, RunningPipeline,
 };
+use flows::{EncodedRecord, Json, Record, SingleStateRepository, Topic, Utf8};
 
 /// Where an example runs.
 pub struct Setup {
@@ -65,6 +68,19 @@ impl Setup {
         OutputProducer::new(&self.config)?.send_all(records).await
     }
 
+    /// Publishes every word of the sample text to topic `words` (key and value = the
+    /// word) and returns them, in order.
+    pub async fn feed_sample_words(&self) -> Result<Vec<String>, Box<dyn std::error::Error>> {
+        let words = words_of(include_str!("../sample.txt"));
+        let topic = Topic::new("words", Utf8, Utf8);
+        let records = words
+            .iter()
+            .map(|w| topic.encode(&Record::new(w.clone(), w.clone()), None))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.feed(&records).await?;
+        Ok(words)
+    }
+
     /// Embedded: starts `pipelines`, waits until `done` says the work is finished (or a
     /// pipeline stops, or two minutes pass), stops them. Real cluster: runs the
     /// pipelines chosen by `FLOWS_INSTANCE` until SIGINT/SIGTERM.
@@ -105,6 +121,23 @@ impl Drop for Setup {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// The main job: per word (the key of topic `words`), a count kept in `store`; every
+/// change is published to `word-counts` (key = word, value = the count as JSON).
+/// Messages that cannot be processed go to `words-dead-letter`.
+pub fn word_count(store: Arc<dyn SingleStateRepository>) -> Pipeline {
+    let count = StatefulFunction::new(Json::<i64>::new()).one_to_one(
+        Topic::new("words", Utf8, Utf8),
+        Topic::new("word-counts", Utf8, Json::<i64>::new()),
+        PersistenceIdFn::key(),
+        |count: Option<&i64>, word| {
+            let count = count.copied().unwrap_or(0) + 1;
+            Ok((count, Record::new(word.key, count)))
+        },
+    );
+    Pipeline::stateful("word-count", count, store)
+        .on_error(ErrorPolicy::dead_letter("words-dead-letter"))
 }
 
 /// The words of `text`, lowercased, without punctuation.
