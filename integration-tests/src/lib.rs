@@ -167,6 +167,23 @@ pub fn read_topic(brokers: &str, topic: &str, at_least: usize, timeout: Duration
     records.into_values().collect()
 }
 
+/// The binary of the `flows` example `name`, next to the running test's in the target
+/// directory (`cargo test` builds the examples before running tests).
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let binary = profile_dir.join("examples").join(name);
+    assert!(
+        binary.exists(),
+        "{} is missing: build it with `cargo build --examples --all-features` (cargo test builds it)",
+        binary.display()
+    );
+    binary
+}
+
 /// Polls `condition` every 50 ms until it holds or `timeout` passes; returns whether
 /// it held.
 pub async fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use flows::SingleStateRepository;
 use flows_integration_tests::{
-    check_word_count_outputs, produce, read_topic, stored_counts, tally, text_record,
+    check_word_count_outputs, example_binary, produce, read_topic, stored_counts, tally,
+    text_record,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -68,19 +69,6 @@ impl Drop for Broker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The shipped example's binary, next to this test's in the target directory.
-fn example_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
-    let binary = profile_dir.join("examples").join("word-count");
-    assert!(
-        binary.exists(),
-        "{} is missing: build it with `cargo build --examples --all-features` (cargo test builds it)",
-        binary.display()
-    );
-    binary
 }
 
 fn spawn_worker(binary: &PathBuf, brokers: &str, table: &str) -> Child {
@@ -218,7 +206,7 @@ async fn kill_and_restart(binary: PathBuf, seed: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shipped_word_count_survives_sigkill_with_exact_counts() {
-    kill_and_restart(example_binary(), 11).await;
+    kill_and_restart(example_binary("word-count"), 11).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
