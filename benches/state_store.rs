@@ -11,7 +11,6 @@
 //! FLOWS_BENCH_STATES=20000 FLOWS_BENCH_POSTGRES_URL=postgres://... cargo bench ...
 //! ```
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,20 +31,17 @@ fn next_state(mut state: RawState, offset: i64) -> RawState {
     content.extend_from_slice(&[0x5a; 56]);
     let tp = TopicPartition::new("words", 3);
     state.progress.record(tp.clone(), offset);
-    state.results.replace_partition(
-        tp,
-        BTreeMap::from([(
-            offset,
-            vec![EncodedRecord {
-                topic: "word-counts".into(),
-                partition: None,
-                key: Some(state.id.as_str().as_bytes().to_vec()),
-                value: Some(count.to_string().into_bytes()),
-                headers: Headers::new(),
-                timestamp: Some(1_700_000_000_000 + offset),
-            }],
-        )]),
-    );
+    let outputs = [EncodedRecord {
+        topic: "word-counts".into(),
+        partition: None,
+        key: Some(state.id.as_str().as_bytes().to_vec()),
+        value: Some(count.to_string().into_bytes()),
+        headers: Headers::new(),
+        timestamp: Some(1_700_000_000_000 + offset),
+    }];
+    state
+        .results
+        .replace_partition(tp, [(offset, &outputs[..])]);
     state.content = Some(content);
     state
 }

@@ -1,7 +1,6 @@
 //! Cases for [`SingleStateRepository`] implementations. Each takes a factory of fresh,
 //! isolated stores; see the crate documentation for how to run them.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use flows_core::{
@@ -159,21 +158,32 @@ pub async fn progress_and_results_round_trip_exactly(factory: StateFactory) {
     let b = TopicPartition::new("payments-ü", 11);
     state.progress.record(a.clone(), 1_234_567_890_123);
     state.progress.record(b.clone(), 0);
+    let first = vec![record("out", 1), record("out", 2)];
+    let second = vec![record("other", 3)];
+    let third = vec![record("out", 4), record("out", 5)];
     state.results.replace_partition(
-        a,
-        BTreeMap::from([
-            (1_234_567_890_122, vec![record("out", 1), record("out", 2)]),
-            (1_234_567_890_123, vec![record("other", 3)]),
-        ]),
+        a.clone(),
+        [
+            (1_234_567_890_122, &first[..]),
+            (1_234_567_890_123, &second[..]),
+        ],
     );
-    state.results.replace_partition(
-        b,
-        BTreeMap::from([(0, vec![record("out", 4), record("out", 5)])]),
-    );
+    state
+        .results
+        .replace_partition(b.clone(), [(0, &third[..])]);
     let written = write(&store, state.clone()).await;
     let read = store.get(&id("bookkeeping")).await.expect("get");
     assert_eq!(read.progress, state.progress);
     assert_eq!(read.results, state.results);
+    let decoded = |tp: &TopicPartition, offset| {
+        read.results
+            .get(tp, offset)
+            .expect("stored results decode")
+            .expect("stored results present")
+    };
+    assert_eq!(decoded(&a, 1_234_567_890_122), first);
+    assert_eq!(decoded(&a, 1_234_567_890_123), second);
+    assert_eq!(decoded(&b, 0), third);
     assert_eq!(essence(&read), essence(&written));
 }
 

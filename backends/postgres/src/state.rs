@@ -165,7 +165,7 @@ fn decode_row(row: &PgRow) -> Result<RawState, RepositoryError> {
     RawState::from_stored(
         id.clone(),
         row.try_get(1).map_err(map_err)?,
-        &internal,
+        internal,
         row.try_get(3).map_err(map_err)?,
         row.try_get(4).map_err(map_err)?,
         row.try_get(5).map_err(map_err)?,

@@ -151,7 +151,7 @@ impl SingleStateRepository for SqliteStateRepository {
                 let state = RawState::from_stored(
                     id.clone(),
                     row.try_get(1).map_err(map_err)?,
-                    &internal,
+                    internal,
                     row.try_get(3).map_err(map_err)?,
                     micros_to_time(row.try_get(4).map_err(map_err)?),
                     micros_to_time(row.try_get(5).map_err(map_err)?),

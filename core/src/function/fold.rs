@@ -18,12 +18,13 @@
 //! acknowledged by the broker (process a partition's batches one after the other).
 //! Otherwise the results of the earlier batch could be replaced before they were sent.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use crate::function::ProcessError;
 use crate::function::stateful::StatefulProcessor;
+use crate::id::PersistenceId;
 use crate::message::{RawMessage, TopicPartition};
-use crate::state::{EncodedRecord, RawState};
+use crate::state::{EncodedRecord, RawState, StateCodecError};
 
 /// What to do with a message whose processing failed (the engine's error policy).
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +97,15 @@ pub enum FoldError {
     /// The state itself is unusable (its content cannot be decoded or encoded).
     #[error(transparent)]
     State(ProcessError),
+    /// The stored outputs a replay needs cannot be decoded.
+    #[error("state {id}: stored outputs cannot be decoded: {source}")]
+    CorruptResults {
+        /// The state's id.
+        id: PersistenceId,
+        /// Why.
+        #[source]
+        source: StateCodecError,
+    },
     /// Messages of one topic-partition were not in strictly ascending offset order.
     #[error("messages of {topic_partition} are not in ascending offset order at offset {offset}")]
     OutOfOrder {
@@ -120,22 +130,47 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
     messages: &[&RawMessage],
     mut on_error: impl FnMut(&RawMessage, &ProcessError) -> ErrorAction,
 ) -> Result<FoldOutcome, FoldError> {
-    let mut last_offset: HashMap<TopicPartition, i64> = HashMap::new();
+    // Last offset seen per topic-partition (a state's messages nearly always come from
+    // one partition, so a short list beats a map), and stored results decoded on the
+    // first replay that needs them.
+    let mut last_offset: Vec<(TopicPartition, i64)> = Vec::with_capacity(1);
+    let mut replayable: Vec<(TopicPartition, BTreeMap<i64, Vec<EncodedRecord>>)> = Vec::new();
     let mut plans = Vec::with_capacity(messages.len());
-    let mut new_messages = Vec::new();
+    let mut new_messages = Vec::with_capacity(messages.len());
     for message in messages {
         let tp = message.topic_partition();
-        if let Some(previous) = last_offset.insert(tp.clone(), message.offset)
-            && previous >= message.offset
-        {
-            return Err(FoldError::OutOfOrder {
-                topic_partition: tp,
-                offset: message.offset,
-            });
+        match last_offset.iter_mut().find(|(seen, _)| *seen == tp) {
+            Some((_, previous)) if *previous >= message.offset => {
+                return Err(FoldError::OutOfOrder {
+                    topic_partition: tp,
+                    offset: message.offset,
+                });
+            }
+            Some((_, previous)) => *previous = message.offset,
+            None => last_offset.push((tp.clone(), message.offset)),
         }
         let plan = if state.progress.has_applied(&tp, message.offset) {
-            match state.results.get(&tp, message.offset) {
-                Some(outputs) => Plan::Replay(outputs.to_vec()),
+            let index = match replayable.iter().position(|(seen, _)| *seen == tp) {
+                Some(index) => index,
+                None => {
+                    let decoded = match state.results.partition(&tp) {
+                        Some(results) => {
+                            results
+                                .decode()
+                                .map_err(|source| FoldError::CorruptResults {
+                                    id: state.id.clone(),
+                                    source,
+                                })?
+                        }
+                        None => BTreeMap::new(),
+                    };
+                    replayable.push((tp.clone(), decoded));
+                    replayable.len() - 1
+                }
+            };
+            // Offsets are strictly ascending per partition: each is taken at most once.
+            match replayable[index].1.remove(&message.offset) {
+                Some(outputs) => Plan::Replay(outputs),
                 None => Plan::Skip,
             }
         } else {
@@ -144,6 +179,7 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
         };
         plans.push((tp, plan));
     }
+    drop(replayable);
 
     if new_messages.is_empty() {
         let messages = plans
@@ -209,8 +245,7 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
     if let Some(content) = applied.content {
         write.content = Some(content);
     }
-    let mut new_results: BTreeMap<TopicPartition, BTreeMap<i64, Vec<EncodedRecord>>> =
-        BTreeMap::new();
+    let mut changed: Vec<&TopicPartition> = Vec::with_capacity(1);
     for outcome in &outcomes {
         if matches!(
             outcome.kind,
@@ -219,23 +254,19 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
             write
                 .progress
                 .record(outcome.topic_partition.clone(), outcome.offset);
-            new_results
-                .entry(outcome.topic_partition.clone())
-                .or_default();
+            if !changed.contains(&&outcome.topic_partition) {
+                changed.push(&outcome.topic_partition);
+            }
         }
     }
     // Results of partitions with new messages are replaced by this batch's outputs,
     // replayed ones included; partitions with only replays keep theirs.
-    for outcome in &outcomes {
-        if let Some(results) = new_results.get_mut(&outcome.topic_partition)
-            && outcome.kind != OutcomeKind::Skipped
-            && !outcome.outputs.is_empty()
-        {
-            results.insert(outcome.offset, outcome.outputs.clone());
-        }
-    }
-    for (tp, results) in new_results {
-        write.results.replace_partition(tp, results);
+    for tp in changed {
+        let inputs = outcomes
+            .iter()
+            .filter(|o| o.topic_partition == *tp && o.kind != OutcomeKind::Skipped)
+            .map(|o| (o.offset, o.outputs.as_slice()));
+        write.results.replace_partition(tp.clone(), inputs);
     }
     Ok(FoldOutcome {
         write: Some(write),
@@ -310,7 +341,7 @@ mod tests {
         assert_eq!(state.content.as_deref(), Some(&b"2"[..]));
         let tp = m0.topic_partition();
         assert_eq!(state.progress.get(&tp), Some(11));
-        assert_eq!(state.results.get(&tp, 10).unwrap().len(), 1);
+        assert_eq!(state.results.get(&tp, 10).unwrap().unwrap().len(), 1);
         assert_eq!(out.outputs().map(value).collect::<Vec<_>>(), vec![1, 2]);
     }
 
@@ -339,14 +370,14 @@ mod tests {
         let state = mixed.write.unwrap();
         let tp = m0.topic_partition();
         assert_eq!(
-            state.results.get(&tp, 1),
-            first.messages[1].outputs.as_slice().into()
+            state.results.get(&tp, 1).unwrap(),
+            Some(first.messages[1].outputs.clone())
         );
         assert!(
-            state.results.get(&tp, 0).is_none(),
+            state.results.get(&tp, 0).unwrap().is_none(),
             "m0 was acknowledged: not carried"
         );
-        assert!(state.results.get(&tp, 2).is_some());
+        assert!(state.results.get(&tp, 2).unwrap().is_some());
     }
 
     #[test]
@@ -370,7 +401,7 @@ mod tests {
         let s = out.write.unwrap();
         assert_eq!(s.content.as_deref(), Some(&b"2"[..]));
         // Partition 0's results survive a write from partition 1.
-        assert!(s.results.get(&p0.topic_partition(), 5).is_some());
+        assert!(s.results.get(&p0.topic_partition(), 5).unwrap().is_some());
     }
 
     #[test]

@@ -15,15 +15,20 @@
 //! to a mirrored Kafka cluster (stop, clear the internal column, start).
 
 pub mod proto;
+mod results;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use prost::bytes::Bytes;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use prost::Message as _;
 
 use crate::id::PersistenceId;
-use crate::message::{Header, Headers, TopicPartition};
+use crate::message::{Headers, TopicPartition};
+
+pub use results::{LastResults, PartitionResults};
 
 /// An encoded output message, exactly as it is (or was) sent to Kafka.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -83,43 +88,6 @@ impl Progress {
     }
 
     /// Whether nothing was ever applied.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-/// The outputs of the inputs applied by the last write from each topic-partition.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LastResults(BTreeMap<TopicPartition, BTreeMap<i64, Vec<EncodedRecord>>>);
-
-impl LastResults {
-    /// The stored outputs of input `offset` of `tp`, if it was applied by the last write
-    /// from `tp`.
-    pub fn get(&self, tp: &TopicPartition, offset: i64) -> Option<&[EncodedRecord]> {
-        self.0.get(tp)?.get(&offset).map(Vec::as_slice)
-    }
-
-    /// Replaces everything stored for `tp` with `results` (input offset → outputs).
-    pub fn replace_partition(
-        &mut self,
-        tp: TopicPartition,
-        results: BTreeMap<i64, Vec<EncodedRecord>>,
-    ) {
-        if results.is_empty() {
-            self.0.remove(&tp);
-        } else {
-            self.0.insert(tp, results);
-        }
-    }
-
-    /// Iterates over topic-partitions and their `(input offset → outputs)`.
-    pub fn iter(
-        &self,
-    ) -> impl Iterator<Item = (&TopicPartition, &BTreeMap<i64, Vec<EncodedRecord>>)> {
-        self.0.iter()
-    }
-
-    /// Whether no results are stored.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -202,7 +170,7 @@ impl<S> State<S> {
 
     /// Encodes progress and last results as the versioned protobuf blob.
     pub fn encode_internal(&self) -> Vec<u8> {
-        let v1 = proto::InternalV1 {
+        let v1 = proto::StoredInternalV1 {
             progress: self
                 .progress
                 .iter()
@@ -212,95 +180,36 @@ impl<S> State<S> {
                     offset,
                 })
                 .collect(),
-            results: self
-                .results
-                .iter()
-                .map(|(tp, inputs)| proto::PartitionResults {
-                    topic: tp.topic.to_string(),
-                    partition: tp.partition,
-                    inputs: inputs
-                        .iter()
-                        .map(|(offset, outputs)| proto::InputResult {
-                            offset: *offset,
-                            outputs: outputs.iter().map(record_to_proto).collect(),
-                        })
-                        .collect(),
-                })
-                .collect(),
+            results: self.results.to_stored(),
         };
-        proto::Internal {
-            version: Some(proto::internal::Version::V1(v1)),
+        proto::StoredInternal {
+            version: Some(proto::stored_internal::Version::V1(v1)),
         }
         .encode_to_vec()
     }
 }
 
 /// Decodes the blob written by [`State::encode_internal`]. Empty bytes decode to empty
-/// progress and results.
-pub fn decode_internal(bytes: &[u8]) -> Result<(Progress, LastResults), StateCodecError> {
-    let internal = proto::Internal::decode(bytes)?;
+/// progress and results. The results stay encoded (see [`PartitionResults`]).
+pub fn decode_internal(
+    bytes: impl Into<Bytes>,
+) -> Result<(Progress, LastResults), StateCodecError> {
+    let internal = proto::StoredInternal::decode(bytes.into())?;
     let mut progress = Progress::default();
     let mut results = LastResults::default();
     match internal.version {
         None => {}
-        Some(proto::internal::Version::V1(v1)) => {
+        Some(proto::stored_internal::Version::V1(v1)) => {
             for p in v1.progress {
                 progress.record(
                     TopicPartition::new(Arc::<str>::from(p.topic), p.partition),
                     p.offset,
                 );
             }
-            for r in v1.results {
-                let tp = TopicPartition::new(Arc::<str>::from(r.topic), r.partition);
-                let mut inputs = BTreeMap::new();
-                for input in r.inputs {
-                    inputs.insert(
-                        input.offset,
-                        input.outputs.into_iter().map(record_from_proto).collect(),
-                    );
-                }
-                results.replace_partition(tp, inputs);
-            }
+            results = LastResults::from_stored(v1.results)?;
         }
     }
     Ok((progress, results))
-}
-
-fn record_to_proto(r: &EncodedRecord) -> proto::OutputRecord {
-    proto::OutputRecord {
-        topic: r.topic.clone(),
-        partition: r.partition,
-        key: r.key.clone(),
-        value: r.value.clone(),
-        headers: r
-            .headers
-            .iter()
-            .map(|h| proto::Header {
-                key: h.key.clone(),
-                value: h.value.clone(),
-            })
-            .collect(),
-        timestamp: r.timestamp,
-    }
-}
-
-fn record_from_proto(r: proto::OutputRecord) -> EncodedRecord {
-    EncodedRecord {
-        topic: r.topic,
-        partition: r.partition,
-        key: r.key,
-        value: r.value,
-        headers: r
-            .headers
-            .into_iter()
-            .map(|h| Header {
-                key: h.key,
-                value: h.value,
-            })
-            .collect::<Vec<_>>()
-            .into(),
-        timestamp: r.timestamp,
-    }
 }
 
 impl RawState {
@@ -309,7 +218,7 @@ impl RawState {
     pub fn from_stored(
         id: PersistenceId,
         content: Option<Vec<u8>>,
-        internal: &[u8],
+        internal: impl Into<Bytes>,
         version: i64,
         created_at: Option<DateTime<Utc>>,
         updated_at: Option<DateTime<Utc>>,
@@ -360,29 +269,79 @@ mod tests {
         let b = TopicPartition::new("other", 7);
         state.progress.record(a.clone(), 41);
         state.progress.record(b.clone(), 3);
-        state.results.replace_partition(
-            a.clone(),
-            BTreeMap::from([(40, vec![record(1)]), (41, vec![record(2), record(3)])]),
-        );
+        let (r1, r23) = (vec![record(1)], vec![record(2), record(3)]);
         state
             .results
-            .replace_partition(b, BTreeMap::from([(3, vec![])]));
-        let (progress, results) = decode_internal(&state.encode_internal()).unwrap();
+            .replace_partition(a.clone(), [(40, r1.as_slice()), (41, r23.as_slice())]);
+        state.results.replace_partition(b, [(3, &[][..])]);
+        let (progress, results) = decode_internal(state.encode_internal()).unwrap();
         assert_eq!(progress, state.progress);
         assert_eq!(results, state.results);
-        assert_eq!(results.get(&a, 41).unwrap().len(), 2);
+        assert_eq!(results.get(&a, 41).unwrap(), Some(r23));
+        assert_eq!(results.get(&a, 39).unwrap(), None);
+    }
+
+    /// The stored layout is the one `proto::Internal` describes: a blob written by the
+    /// fully typed messages reads back the same, and the other way round.
+    #[test]
+    fn stored_layout_is_the_documented_schema() {
+        let output = |n: u8| proto::OutputRecord {
+            topic: "out".into(),
+            partition: Some(i32::from(n)),
+            key: Some(vec![n]),
+            value: None,
+            headers: vec![proto::Header {
+                key: "h".into(),
+                value: Some(vec![n]),
+            }],
+            timestamp: Some(-1),
+        };
+        let typed = proto::Internal {
+            version: Some(proto::internal::Version::V1(proto::InternalV1 {
+                progress: vec![proto::PartitionProgress {
+                    topic: "in".into(),
+                    partition: 2,
+                    offset: 9,
+                }],
+                results: vec![proto::PartitionResults {
+                    topic: "in".into(),
+                    partition: 2,
+                    inputs: vec![
+                        proto::InputResult {
+                            offset: 8,
+                            outputs: vec![output(1)],
+                        },
+                        proto::InputResult {
+                            offset: 9,
+                            outputs: vec![output(2), output(3)],
+                        },
+                    ],
+                }],
+            })),
+        }
+        .encode_to_vec();
+        let (progress, results) = decode_internal(typed.clone()).unwrap();
+        let tp = TopicPartition::new("in", 2);
+        assert_eq!(progress.get(&tp), Some(9));
+        let nine = results.get(&tp, 9).unwrap().unwrap();
+        assert_eq!(nine.len(), 2);
+        assert_eq!(nine[1].partition, Some(3));
+        let mut state: RawState = State::fresh(PersistenceId::new("k").unwrap());
+        state.progress = progress;
+        state.results = results;
+        assert_eq!(state.encode_internal(), typed);
     }
 
     #[test]
     fn empty_blob_is_empty_progress() {
-        let (progress, results) = decode_internal(&[]).unwrap();
+        let (progress, results) = decode_internal(Vec::new()).unwrap();
         assert!(progress.is_empty() && results.is_empty());
     }
 
     #[test]
     fn garbage_blob_is_a_typed_error() {
         assert!(matches!(
-            decode_internal(&[0x0a, 0xff, 0xff]),
+            decode_internal(vec![0x0a, 0xff, 0xff]),
             Err(StateCodecError::Protobuf(_))
         ));
     }

@@ -42,6 +42,41 @@ pub struct InternalV1 {
     pub results: Vec<PartitionResults>,
 }
 
+/// `Internal` as it is read and written: each `PartitionResults` kept as its encoded
+/// bytes (same wire format: a message field is length-delimited like `bytes`), decoded
+/// only when a replay needs it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredInternal {
+    #[prost(oneof = "stored_internal::Version", tags = "1")]
+    pub version: Option<stored_internal::Version>,
+}
+
+pub mod stored_internal {
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Version {
+        #[prost(message, tag = "1")]
+        V1(super::StoredInternalV1),
+    }
+}
+
+/// `InternalV1` with undecoded results.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct StoredInternalV1 {
+    #[prost(message, repeated, tag = "1")]
+    pub progress: Vec<PartitionProgress>,
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    pub results: Vec<prost::bytes::Bytes>,
+}
+
+/// The topic and partition of a `PartitionResults`, its inputs skipped.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PartitionResultsHead {
+    #[prost(string, tag = "1")]
+    pub topic: String,
+    #[prost(int32, tag = "2")]
+    pub partition: i32,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct PartitionProgress {
     #[prost(string, tag = "1")]

@@ -1,0 +1,391 @@
+//! Last results: the outputs of the inputs applied by a state's last write from each
+//! topic-partition, kept in their stored protobuf form.
+//!
+//! They are read on every batch but needed only when a message is replayed after a
+//! crash, so they stay encoded: reading a state costs one slice of the stored blob per
+//! topic-partition, a write encodes the new outputs straight from the records about to
+//! be published (no copies of them), and decoding happens only on replay.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use prost::Message as _;
+use prost::bytes::{BufMut, Bytes};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+
+use crate::message::{Header, TopicPartition};
+use crate::state::{EncodedRecord, StateCodecError, proto};
+
+/// The outputs of one topic-partition's inputs applied by the last write from it, as
+/// the protobuf `PartitionResults` message the state stores.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionResults {
+    encoded: Bytes,
+}
+
+impl PartitionResults {
+    /// Encodes `inputs` (input offset and its outputs, in ascending offset order) as the
+    /// results of `tp`. Inputs without outputs are left out: replaying them emits
+    /// nothing either way.
+    pub fn encode<'a>(
+        tp: &TopicPartition,
+        inputs: impl IntoIterator<Item = (i64, &'a [EncodedRecord])>,
+    ) -> Self {
+        Self::encode_counted(tp, inputs).0
+    }
+
+    /// [`encode`](Self::encode), also returning how many inputs were written.
+    fn encode_counted<'a>(
+        tp: &TopicPartition,
+        inputs: impl IntoIterator<Item = (i64, &'a [EncodedRecord])>,
+    ) -> (Self, usize) {
+        let mut written = 0;
+        let mut buf = Vec::new();
+        put_str(1, &tp.topic, &mut buf);
+        put_int(2, i64::from(tp.partition), &mut buf);
+        for (offset, outputs) in inputs {
+            if outputs.is_empty() {
+                continue;
+            }
+            let len = input_len(offset, outputs);
+            encode_key(3, WireType::LengthDelimited, &mut buf);
+            encode_varint(len as u64, &mut buf);
+            put_int(1, offset, &mut buf);
+            for record in outputs {
+                encode_key(2, WireType::LengthDelimited, &mut buf);
+                encode_varint(record_len(record) as u64, &mut buf);
+                put_record(record, &mut buf);
+            }
+            written += 1;
+        }
+        let results = Self {
+            encoded: buf.into(),
+        };
+        (results, written)
+    }
+
+    /// Wraps a stored `PartitionResults` message, returning its topic-partition.
+    fn from_stored(encoded: Bytes) -> Result<(TopicPartition, Self), StateCodecError> {
+        // Decodes only the topic and partition; the inputs are skipped over.
+        let head = proto::PartitionResultsHead::decode(encoded.clone())?;
+        let tp = TopicPartition::new(Arc::<str>::from(head.topic), head.partition);
+        Ok((tp, Self { encoded }))
+    }
+
+    /// The stored message, as written.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.encoded
+    }
+
+    /// Decodes every input: input offset → its outputs.
+    pub fn decode(&self) -> Result<BTreeMap<i64, Vec<EncodedRecord>>, StateCodecError> {
+        let stored = proto::PartitionResults::decode(self.encoded.clone())?;
+        Ok(stored
+            .inputs
+            .into_iter()
+            .map(|input| {
+                let outputs = input.outputs.into_iter().map(record_from_proto).collect();
+                (input.offset, outputs)
+            })
+            .collect())
+    }
+}
+
+/// The outputs of the inputs applied by the last write from each topic-partition.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LastResults(BTreeMap<TopicPartition, PartitionResults>);
+
+impl LastResults {
+    /// The stored outputs of input `offset` of `tp`, if it was applied by the last write
+    /// from `tp` and had outputs. Decodes the results of `tp`.
+    pub fn get(
+        &self,
+        tp: &TopicPartition,
+        offset: i64,
+    ) -> Result<Option<Vec<EncodedRecord>>, StateCodecError> {
+        match self.0.get(tp) {
+            Some(results) => Ok(results.decode()?.remove(&offset)),
+            None => Ok(None),
+        }
+    }
+
+    /// The results of `tp`, still encoded.
+    pub fn partition(&self, tp: &TopicPartition) -> Option<&PartitionResults> {
+        self.0.get(tp)
+    }
+
+    /// Replaces everything stored for `tp` with `inputs` (input offset and its outputs,
+    /// in ascending offset order).
+    pub fn replace_partition<'a>(
+        &mut self,
+        tp: TopicPartition,
+        inputs: impl IntoIterator<Item = (i64, &'a [EncodedRecord])>,
+    ) {
+        let (results, written) = PartitionResults::encode_counted(&tp, inputs);
+        if written > 0 {
+            self.0.insert(tp, results);
+        } else {
+            self.0.remove(&tp);
+        }
+    }
+
+    /// Iterates over topic-partitions and their results.
+    pub fn iter(&self) -> impl Iterator<Item = (&TopicPartition, &PartitionResults)> {
+        self.0.iter()
+    }
+
+    /// Whether no results are stored.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The stored `PartitionResults` messages, for the state's internal blob.
+    pub(crate) fn to_stored(&self) -> Vec<Bytes> {
+        self.0.values().map(|r| r.encoded.clone()).collect()
+    }
+
+    /// Rebuilds the results from stored `PartitionResults` messages.
+    pub(crate) fn from_stored(stored: Vec<Bytes>) -> Result<Self, StateCodecError> {
+        let mut results = BTreeMap::new();
+        for encoded in stored {
+            let (tp, partition) = PartitionResults::from_stored(encoded)?;
+            results.insert(tp, partition);
+        }
+        Ok(Self(results))
+    }
+}
+
+// Encoding by hand, from borrowed records, so that storing outputs copies their bytes
+// once instead of building owned protobuf structs first. Field for field the same as
+// prost's encoding of `proto::PartitionResults` (a test checks it).
+
+fn str_len(tag: u32, value: &[u8]) -> usize {
+    key_len(tag) + encoded_len_varint(value.len() as u64) + value.len()
+}
+
+fn put_str(tag: u32, value: &str, buf: &mut impl BufMut) {
+    // proto3: an empty string is the default and is not written.
+    if !value.is_empty() {
+        put_bytes(tag, value.as_bytes(), buf);
+    }
+}
+
+fn put_bytes(tag: u32, value: &[u8], buf: &mut impl BufMut) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(value.len() as u64, buf);
+    buf.put_slice(value);
+}
+
+fn int_len(tag: u32, value: i64) -> usize {
+    // Negative int32/int64 values are encoded as ten-byte varints of the i64.
+    key_len(tag) + encoded_len_varint(value as u64)
+}
+
+fn put_int(tag: u32, value: i64, buf: &mut impl BufMut) {
+    if value != 0 {
+        put_optional_int(tag, value, buf);
+    }
+}
+
+fn put_optional_int(tag: u32, value: i64, buf: &mut impl BufMut) {
+    encode_key(tag, WireType::Varint, buf);
+    encode_varint(value as u64, buf);
+}
+
+fn header_len(header: &Header) -> usize {
+    let key = if header.key.is_empty() {
+        0
+    } else {
+        str_len(1, header.key.as_bytes())
+    };
+    key + header.value.as_deref().map_or(0, |v| str_len(2, v))
+}
+
+fn record_len(r: &EncodedRecord) -> usize {
+    let topic = if r.topic.is_empty() {
+        0
+    } else {
+        str_len(1, r.topic.as_bytes())
+    };
+    topic
+        + r.partition.map_or(0, |p| int_len(2, i64::from(p)))
+        + r.key.as_deref().map_or(0, |k| str_len(3, k))
+        + r.value.as_deref().map_or(0, |v| str_len(4, v))
+        + r.headers
+            .iter()
+            .map(|h| {
+                let len = header_len(h);
+                key_len(5) + encoded_len_varint(len as u64) + len
+            })
+            .sum::<usize>()
+        + r.timestamp.map_or(0, |t| int_len(6, t))
+}
+
+fn put_record(r: &EncodedRecord, buf: &mut impl BufMut) {
+    put_str(1, &r.topic, buf);
+    if let Some(p) = r.partition {
+        put_optional_int(2, i64::from(p), buf);
+    }
+    if let Some(key) = &r.key {
+        put_bytes(3, key, buf);
+    }
+    if let Some(value) = &r.value {
+        put_bytes(4, value, buf);
+    }
+    for h in r.headers.iter() {
+        encode_key(5, WireType::LengthDelimited, buf);
+        encode_varint(header_len(h) as u64, buf);
+        put_str(1, &h.key, buf);
+        if let Some(value) = &h.value {
+            put_bytes(2, value, buf);
+        }
+    }
+    if let Some(t) = r.timestamp {
+        put_optional_int(6, t, buf);
+    }
+}
+
+fn input_len(offset: i64, outputs: &[EncodedRecord]) -> usize {
+    let offset = if offset == 0 { 0 } else { int_len(1, offset) };
+    offset
+        + outputs
+            .iter()
+            .map(|r| {
+                let len = record_len(r);
+                key_len(2) + encoded_len_varint(len as u64) + len
+            })
+            .sum::<usize>()
+}
+
+pub(crate) fn record_from_proto(r: proto::OutputRecord) -> EncodedRecord {
+    EncodedRecord {
+        topic: r.topic,
+        partition: r.partition,
+        key: r.key,
+        value: r.value,
+        headers: r
+            .headers
+            .into_iter()
+            .map(|h| Header {
+                key: h.key,
+                value: h.value,
+            })
+            .collect::<Vec<_>>()
+            .into(),
+        timestamp: r.timestamp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Headers;
+    use proptest::prelude::*;
+
+    fn record_to_proto(r: &EncodedRecord) -> proto::OutputRecord {
+        proto::OutputRecord {
+            topic: r.topic.clone(),
+            partition: r.partition,
+            key: r.key.clone(),
+            value: r.value.clone(),
+            headers: r
+                .headers
+                .iter()
+                .map(|h| proto::Header {
+                    key: h.key.clone(),
+                    value: h.value.clone(),
+                })
+                .collect(),
+            timestamp: r.timestamp,
+        }
+    }
+
+    fn records() -> impl Strategy<Value = Vec<EncodedRecord>> {
+        let bytes = || proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8));
+        let header = ("[a-z]{0,3}", bytes());
+        let record = (
+            "[a-z.-]{0,6}",
+            proptest::option::of(any::<i32>()),
+            bytes(),
+            bytes(),
+            proptest::collection::vec(header, 0..3),
+            proptest::option::of(any::<i64>()),
+        )
+            .prop_map(|(topic, partition, key, value, headers, timestamp)| {
+                let headers = headers
+                    .into_iter()
+                    .fold(Headers::new(), |h, (k, v)| h.with(k, v));
+                EncodedRecord {
+                    topic,
+                    partition,
+                    key,
+                    value,
+                    headers,
+                    timestamp,
+                }
+            });
+        proptest::collection::vec(record, 0..3)
+    }
+
+    proptest! {
+        /// The hand-written encoder writes exactly what prost writes for the same
+        /// message, and what it writes decodes back to the same records.
+        #[test]
+        fn hand_encoding_is_prosts_encoding(
+            topic in "[a-z]{0,4}",
+            partition in any::<i32>(),
+            inputs in proptest::collection::vec((any::<i64>(), records()), 0..4),
+        ) {
+            let tp = TopicPartition::new(topic.as_str(), partition);
+            let mut inputs = inputs;
+            inputs.sort_by_key(|(offset, _)| *offset);
+            inputs.dedup_by_key(|(offset, _)| *offset);
+            let ours = PartitionResults::encode(
+                &tp,
+                inputs.iter().map(|(o, r)| (*o, r.as_slice())),
+            );
+            let theirs = proto::PartitionResults {
+                topic: topic.clone(),
+                partition,
+                inputs: inputs
+                    .iter()
+                    .filter(|(_, r)| !r.is_empty())
+                    .map(|(offset, outputs)| proto::InputResult {
+                        offset: *offset,
+                        outputs: outputs.iter().map(record_to_proto).collect(),
+                    })
+                    .collect(),
+            }
+            .encode_to_vec();
+            prop_assert_eq!(ours.as_bytes(), theirs.as_slice());
+            let decoded = ours.decode().unwrap();
+            let expected: BTreeMap<i64, Vec<EncodedRecord>> = inputs
+                .into_iter()
+                .filter(|(_, r)| !r.is_empty())
+                .collect();
+            prop_assert_eq!(decoded, expected);
+            let (read_tp, _) = PartitionResults::from_stored(ours.encoded.clone()).unwrap();
+            prop_assert_eq!(read_tp, tp);
+        }
+    }
+
+    #[test]
+    fn a_partition_without_outputs_is_not_kept() {
+        let mut results = LastResults::default();
+        let tp = TopicPartition::new("t", 0);
+        results.replace_partition(tp.clone(), [(5, &[][..])]);
+        assert!(results.is_empty());
+        let record = EncodedRecord {
+            topic: "o".into(),
+            partition: None,
+            key: None,
+            value: Some(b"v".to_vec()),
+            headers: Headers::new(),
+            timestamp: None,
+        };
+        results.replace_partition(tp.clone(), [(0, std::slice::from_ref(&record))]);
+        assert_eq!(results.get(&tp, 0).unwrap(), Some(vec![record]));
+        results.replace_partition(tp.clone(), []);
+        assert!(results.is_empty());
+    }
+}
