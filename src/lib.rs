@@ -28,6 +28,10 @@
 
 pub use flows_core::*;
 
+#[cfg(feature = "dynamodb")]
+#[doc(inline)]
+pub use flows_dynamodb as dynamodb;
+
 #[cfg(feature = "postgres")]
 #[doc(inline)]
 pub use flows_postgres as postgres;
