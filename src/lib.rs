@@ -28,6 +28,14 @@
 
 pub use flows_core::*;
 
+#[cfg(feature = "dynamodb")]
+#[doc(inline)]
+pub use flows_dynamodb as dynamodb;
+
+#[cfg(feature = "mongodb")]
+#[doc(inline)]
+pub use flows_mongodb as mongodb;
+
 #[cfg(feature = "postgres")]
 #[doc(inline)]
 pub use flows_postgres as postgres;
@@ -49,6 +57,18 @@ enum Backend {
     Sqlite,
     #[cfg(feature = "postgres")]
     Postgres,
+    #[cfg(feature = "mongodb")]
+    MongoDb,
+    #[cfg(feature = "dynamodb")]
+    DynamoDb,
+}
+
+/// The error for a URL scheme whose backend feature is off.
+#[allow(dead_code)] // unused when every backend feature is on
+fn feature_off(scheme: &str, feature: &str) -> RepositoryError {
+    RepositoryError::Configuration(format!(
+        "{scheme}:// URLs need the `{feature}` feature of flows"
+    ))
 }
 
 impl Backend {
@@ -60,16 +80,21 @@ impl Backend {
             "sqlite" => Ok(Self::Sqlite),
             #[cfg(feature = "postgres")]
             "postgres" | "postgresql" => Ok(Self::Postgres),
+            #[cfg(feature = "mongodb")]
+            "mongodb" | "mongodb+srv" => Ok(Self::MongoDb),
+            #[cfg(feature = "dynamodb")]
+            "dynamodb" => Ok(Self::DynamoDb),
             #[cfg(not(feature = "sqlite"))]
-            "sqlite" => Err(RepositoryError::Configuration(
-                "sqlite:// URLs need the `sqlite` feature of flows".to_owned(),
-            )),
+            "sqlite" => Err(feature_off("sqlite", "sqlite")),
             #[cfg(not(feature = "postgres"))]
-            "postgres" | "postgresql" => Err(RepositoryError::Configuration(
-                "postgres:// URLs need the `postgres` feature of flows".to_owned(),
-            )),
+            "postgres" | "postgresql" => Err(feature_off("postgres", "postgres")),
+            #[cfg(not(feature = "mongodb"))]
+            "mongodb" | "mongodb+srv" => Err(feature_off("mongodb", "mongodb")),
+            #[cfg(not(feature = "dynamodb"))]
+            "dynamodb" => Err(feature_off("dynamodb", "dynamodb")),
             other => Err(RepositoryError::Configuration(format!(
-                "unsupported store URL scheme {other:?} (expected memory, sqlite or postgres)"
+                "unsupported store URL scheme {other:?} (expected memory, sqlite, postgres, \
+                 mongodb or dynamodb)"
             ))),
         }
     }
@@ -80,7 +105,11 @@ impl Backend {
 ///
 /// - `memory://` — a new in-memory store (nothing persists);
 /// - `sqlite://path/to/file.db`, `sqlite::memory:` — SQLite (feature `sqlite`);
-/// - `postgres://...`, `postgresql://...` — PostgreSQL (feature `postgres`).
+/// - `postgres://...`, `postgresql://...` — PostgreSQL (feature `postgres`);
+/// - `mongodb://...`, `mongodb+srv://...` — MongoDB, database from the path (feature
+///   `mongodb`);
+/// - `dynamodb://` (the AWS configuration chain) or `dynamodb://host:port?region=…&tls=false`
+///   (an explicit endpoint) — DynamoDB (feature `dynamodb`).
 ///
 /// A scheme whose feature is not enabled is a [`RepositoryError::Configuration`] naming
 /// the feature.
@@ -102,6 +131,20 @@ pub async fn open_state_store(
             let store = flows_postgres::PostgresStore::connect(url).await?;
             Ok(Arc::new(
                 flows_postgres::PostgresStateRepository::new(store, table).await?,
+            ))
+        }
+        #[cfg(feature = "mongodb")]
+        Backend::MongoDb => {
+            let store = flows_mongodb::MongoStore::connect(url).await?;
+            Ok(Arc::new(
+                flows_mongodb::MongoStateRepository::new(store, table).await?,
+            ))
+        }
+        #[cfg(feature = "dynamodb")]
+        Backend::DynamoDb => {
+            let store = flows_dynamodb::DynamoDbStore::connect(url).await?;
+            Ok(Arc::new(
+                flows_dynamodb::DynamoDbStateRepository::new(store, table).await?,
             ))
         }
     }
@@ -126,6 +169,20 @@ pub async fn open_upsert_repository<T: Row>(
             let store = flows_postgres::PostgresStore::connect(url).await?;
             Ok(Arc::new(
                 flows_postgres::PostgresUpsertRepository::<T>::new(store).await?,
+            ))
+        }
+        #[cfg(feature = "mongodb")]
+        Backend::MongoDb => {
+            let store = flows_mongodb::MongoStore::connect(url).await?;
+            Ok(Arc::new(
+                flows_mongodb::MongoUpsertRepository::<T>::new(store).await?,
+            ))
+        }
+        #[cfg(feature = "dynamodb")]
+        Backend::DynamoDb => {
+            let store = flows_dynamodb::DynamoDbStore::connect(url).await?;
+            Ok(Arc::new(
+                flows_dynamodb::DynamoDbUpsertRepository::<T>::new(store).await?,
             ))
         }
     }
