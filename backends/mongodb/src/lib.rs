@@ -47,7 +47,7 @@ mod store;
 mod upsert;
 
 pub use state::MongoStateRepository;
-pub use store::MongoStore;
+pub use store::{DEFAULT_DATABASE, MongoStore};
 pub use upsert::MongoUpsertRepository;
 
 /// Default largest state (content plus internal bytes): 15 MiB, under MongoDB's 16 MiB
