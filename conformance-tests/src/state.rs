@@ -565,7 +565,11 @@ pub async fn stale_write_never_becomes_visible_after_newer_write(factory: StateF
         assert_eq!(stale.version, 2);
         assert_eq!(stale.content.as_deref(), Some(&b"stale"[..]));
         let read = store.get(&id("k")).await.expect("get");
-        assert_eq!(essence(&read), essence(&v3), "the stale write became visible");
+        assert_eq!(
+            essence(&read),
+            essence(&v3),
+            "the stale write became visible"
+        );
     }
     // The owner carries on from what it stored.
     let v4 = write(&store, v3.with_content(b"four".to_vec())).await;
@@ -577,9 +581,7 @@ pub async fn stale_write_never_becomes_visible_after_newer_write(factory: StateF
 
 /// Last-write-wins fencing: a batch with a stale state writes the others; the stale
 /// state keeps its newer stored version.
-pub async fn stale_writes_in_a_batch_leave_newer_states_and_write_the_rest(
-    factory: StateFactory,
-) {
+pub async fn stale_writes_in_a_batch_leave_newer_states_and_write_the_rest(factory: StateFactory) {
     let store = factory.create().await;
     require_last_write_wins(&store);
     let old = write(&store, with_content("stale", b"old")).await;
@@ -616,13 +618,20 @@ pub async fn replaying_a_write_is_idempotent(factory: StateFactory) {
     let v1 = write(&store, first.clone()).await;
     let replayed = write(&store, first.clone()).await;
     assert_eq!(essence(&replayed), essence(&v1));
-    assert_eq!(essence(&store.get(&id("r")).await.expect("get")), essence(&v1));
+    assert_eq!(
+        essence(&store.get(&id("r")).await.expect("get")),
+        essence(&v1)
+    );
     let second = v1.with_content(b"b".to_vec());
     let v2 = write(&store, second.clone()).await;
     for state in [second, first] {
         write(&store, state).await;
         let read = store.get(&id("r")).await.expect("get");
-        assert_eq!(essence(&read), essence(&v2), "a replay changed the stored state");
+        assert_eq!(
+            essence(&read),
+            essence(&v2),
+            "a replay changed the stored state"
+        );
     }
 }
 

@@ -61,7 +61,10 @@ mod last_write_wins {
             let mut stored = self.states.lock().expect("lock");
             for write in &writes {
                 let elapsed = write.state.updated_at.map_or(0, |read| {
-                    (write.updated_at - read).num_microseconds().unwrap_or(i64::MAX).max(0)
+                    (write.updated_at - read)
+                        .num_microseconds()
+                        .unwrap_or(i64::MAX)
+                        .max(0)
                 });
                 let order = (write.new_version, Reverse(elapsed));
                 let newer = stored

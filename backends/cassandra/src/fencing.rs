@@ -130,7 +130,10 @@ mod tests {
 
     #[test]
     fn higher_versions_win_and_first_writer_of_a_version_wins() {
-        let t0 = Utc.timestamp_micros(1_700_000_000_000_000).single().unwrap();
+        let t0 = Utc
+            .timestamp_micros(1_700_000_000_000_000)
+            .single()
+            .unwrap();
         let later = |us: i64| t0 + chrono::Duration::microseconds(us);
         // Version dominates any elapsed time.
         let slow_v2 = timestamp_of(2, Some(t0), later(1_000_000_000_000_000)).unwrap();

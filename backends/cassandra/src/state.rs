@@ -66,8 +66,8 @@ impl CassandraStateRepository {
                 true,
             )
             .await?;
-        let capabilities = Capabilities::new(DEFAULT_MAX_STATE_SIZE, CONCURRENCY)
-            .with_atomic_batch_write(false);
+        let capabilities =
+            Capabilities::new(DEFAULT_MAX_STATE_SIZE, CONCURRENCY).with_atomic_batch_write(false);
         let (insert, update, capabilities, condition_bound) = match fencing {
             Fencing::LightweightTransactions => {
                 let insert = store
@@ -175,30 +175,42 @@ impl CassandraStateRepository {
     }
 
     /// Writes one state with a lightweight transaction; `Ok(false)`: not applied.
-    async fn write_conditionally(&self, write: &PreparedWrite<'_>) -> Result<bool, RepositoryError> {
+    async fn write_conditionally(
+        &self,
+        write: &PreparedWrite<'_>,
+    ) -> Result<bool, RepositoryError> {
         let state = encode_state(write);
         let session = self.store.session();
         let result = match (&self.update, write.expected_version) {
-            (Some(update), 1..) if self.condition_bound => session
-                .execute_unpaged(
-                    update,
-                    (
-                        write.new_version_i64(),
-                        state,
-                        write.id().as_str(),
-                        write.expected_version_i64(),
-                    ),
-                )
-                .await,
-            (Some(update), 1..) => session
-                .execute_unpaged(update, (write.new_version_i64(), state, write.id().as_str()))
-                .await,
-            _ => session
-                .execute_unpaged(
-                    &self.insert,
-                    (write.id().as_str(), write.new_version_i64(), state),
-                )
-                .await,
+            (Some(update), 1..) if self.condition_bound => {
+                session
+                    .execute_unpaged(
+                        update,
+                        (
+                            write.new_version_i64(),
+                            state,
+                            write.id().as_str(),
+                            write.expected_version_i64(),
+                        ),
+                    )
+                    .await
+            }
+            (Some(update), 1..) => {
+                session
+                    .execute_unpaged(
+                        update,
+                        (write.new_version_i64(), state, write.id().as_str()),
+                    )
+                    .await
+            }
+            _ => {
+                session
+                    .execute_unpaged(
+                        &self.insert,
+                        (write.id().as_str(), write.new_version_i64(), state),
+                    )
+                    .await
+            }
         }
         .map_err(map_execution)?;
         match applied(result)? {
@@ -226,7 +238,11 @@ impl CassandraStateRepository {
             .session()
             .execute_unpaged(
                 &insert,
-                (write.id().as_str(), write.new_version_i64(), encode_state(write)),
+                (
+                    write.id().as_str(),
+                    write.new_version_i64(),
+                    encode_state(write),
+                ),
             )
             .await
             .map_err(map_execution)?;

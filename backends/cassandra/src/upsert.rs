@@ -67,7 +67,10 @@ impl<T: Row> CassandraUpsertRepository<T> {
         Self::with_schema(store, T::schema().with_table(name)).await
     }
 
-    async fn with_schema(store: CassandraStore, schema: TableSchema) -> Result<Self, RepositoryError> {
+    async fn with_schema(
+        store: CassandraStore,
+        schema: TableSchema,
+    ) -> Result<Self, RepositoryError> {
         let table = store.qualified(schema.table());
         let name = |c: &Column| c.name.as_str().to_ascii_lowercase();
         let columns: Vec<String> = schema.columns().iter().map(name).collect();
@@ -91,7 +94,10 @@ impl<T: Row> CassandraUpsertRepository<T> {
             .join(" AND ");
         let select = store
             .prepare(
-                format!("SELECT {} FROM {table} WHERE {key_filter}", columns.join(", ")),
+                format!(
+                    "SELECT {} FROM {table} WHERE {key_filter}",
+                    columns.join(", ")
+                ),
                 true,
             )
             .await?;
@@ -169,7 +175,9 @@ impl<T: Row> CassandraUpsertRepository<T> {
             .collect::<Result<Vec<_>, _>>()?;
         // Guards against a server that answers a key lookup with other rows.
         if &self.schema.key_of(&values) != key {
-            return Err(malformed("the server answered a key lookup with another row"));
+            return Err(malformed(
+                "the server answered a key lookup with another row",
+            ));
         }
         Ok(Some(values))
     }
