@@ -26,6 +26,14 @@
 //! [`flows_core::repository`]; capability-dependent cases test what the store declares
 //! in [`Capabilities`](flows_core::Capabilities) and fail if a declared capability does
 //! not hold.
+//!
+//! A store that fences stale writes by ordering rather than by conditional writes
+//! ([`versioned_last_write_wins`](flows_core::Capabilities::versioned_last_write_wins))
+//! runs `state_repository_suite!(name, factory, fencing: last_write_wins)`: the cases
+//! expecting conflicts are replaced by cases checking that stale writes never become
+//! visible. A suite run against an in-memory imitation of a server can name the cases
+//! the imitation cannot honour, `real_server_only: [case, ...]`: they are generated as
+//! ignored tests, never counted as passed (see [`state_repository_suite!`]).
 
 pub mod state;
 pub mod upsert;

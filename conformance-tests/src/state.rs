@@ -548,9 +548,9 @@ fn require_last_write_wins(store: &StateStore) {
     );
 }
 
-/// Last-write-wins fencing: a stale instance's write (based on a version older than
-/// the one it replaces by more than one) succeeds, is returned as written, and never
-/// becomes visible, alone or repeated.
+/// Last-write-wins fencing: a stale instance's write, of a lower version than the
+/// stored one, succeeds, is returned as written, and never becomes visible, alone or
+/// repeated.
 pub async fn stale_write_never_becomes_visible_after_newer_write(factory: StateFactory) {
     let store = factory.create().await;
     require_last_write_wins(&store);

@@ -49,12 +49,27 @@
 //! [`RowError`](flows_core::RowError).
 //!
 //! # Reads and writes
-//! Every statement is prepared once per repository, so the driver routes each to a
-//! replica of its key (token-aware). Reads are one `SELECT ... WHERE id = ?` per
+//! Every statement but the `CREATE ... IF NOT EXISTS` of start-up is prepared once per
+//! repository, so the driver routes each to a replica of its key (token-aware). Reads are one `SELECT ... WHERE id = ?` per
 //! distinct key, [`CONCURRENCY`] in flight, never `IN` (which makes one coordinator fan
 //! out to every partition and wait for the slowest). Writes are one statement per
 //! state or row, [`CONCURRENCY`] in flight; nothing is atomic across keys, so every
 //! repository declares `atomic_batch_write: false`.
+//!
+//! A row upsert binds every column: a null is written as a cell tombstone (purged after
+//! the table's `gc_grace_seconds`), which is what makes an upsert replace the whole
+//! row. Row writes carry client-side timestamps that never go backwards within one
+//! process, so a delete and a later upsert of the same key keep their order whichever
+//! coordinators handle them; between processes, last-write-wins follows their clocks.
+//!
+//! # Testing
+//! `tests/` runs the conformance suite against kassandra, an in-memory imitation of a
+//! CQL server started inside the test process, or against a real cluster when
+//! `FLOWS_TEST_CASSANDRA_URL` is set. kassandra ignores lightweight transactions, write
+//! timestamps, null bindings and `IN`; the cases that need them are ignored as
+//! "real-server-only" and run with
+//! `FLOWS_TEST_CASSANDRA_URL=cassandra://127.0.0.1:9042/flows_test cargo test -p
+//! flows-cassandra -- --include-ignored`.
 //!
 //! # Fencing
 //! [`Fencing::LightweightTransactions`] (the default) makes every state write a Paxos
