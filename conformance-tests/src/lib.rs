@@ -26,6 +26,14 @@
 //! [`flows_core::repository`]; capability-dependent cases test what the store declares
 //! in [`Capabilities`](flows_core::Capabilities) and fail if a declared capability does
 //! not hold.
+//!
+//! A store that fences stale writes by ordering rather than by conditional writes
+//! ([`versioned_last_write_wins`](flows_core::Capabilities::versioned_last_write_wins))
+//! runs `state_repository_suite!(name, factory, fencing: last_write_wins)`: the cases
+//! expecting conflicts are replaced by cases checking that stale writes never become
+//! visible. A suite run against an in-memory imitation of a server can name the cases
+//! the imitation cannot honour, `real_server_only: [case, ...]`: they are generated as
+//! ignored tests, never counted as passed (see [`state_repository_suite!`]).
 
 pub mod state;
 pub mod upsert;
@@ -140,9 +148,52 @@ pub fn assert_row_round_trips<T: Row + PartialEq + std::fmt::Debug>(row: &T) {
 /// Generates one `#[test]` per state repository case, in a module named `$name`.
 ///
 /// `$factory` is an async closure returning a fresh, isolated store on every call.
+///
+/// Options, in this order, both optional:
+/// - `fencing: conditional` (the default) runs the cases of stores with
+///   [`conditional_write`](flows_core::Capabilities::conditional_write): stale writes
+///   fail with a conflict. `fencing: last_write_wins` runs, instead of those, the cases
+///   of stores declaring
+///   [`versioned_last_write_wins`](flows_core::Capabilities::versioned_last_write_wins):
+///   stale writes succeed and never become visible over newer states.
+/// - `real_server_only: [case, ...]` or `real_server_only("reason"): [case, ...]`
+///   generates the named cases with `#[ignore = "reason"]`: for a suite run against an
+///   in-memory imitation of a server, the cases the imitation cannot honour. They show
+///   as ignored, never as passed; `cargo test -- --include-ignored` runs them (against
+///   a real server). Naming a case the suite does not have is a compile error.
+///
+/// ```text
+/// flows_conformance::state_repository_suite!(imitation_timestamps, || async { ... },
+///     fencing: last_write_wins,
+///     real_server_only("real-server-only: needs a real cluster"): [
+///         stale_write_never_becomes_visible_after_newer_write,
+///     ],
+/// );
+/// ```
 #[macro_export]
 macro_rules! state_repository_suite {
-    ($name:ident, $factory:expr $(,)?) => {
+    ($name:ident, $factory:expr
+        $(, fencing: $fencing:ident)?
+        $(, real_server_only $(($reason:literal))? : [$($ignored:ident),* $(,)?])?
+        $(,)?) => {
+        $crate::__state_suite!(
+            $name, $factory, [$($fencing)?], [$($($reason)?)?], [$($($ignored),*)?]
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __state_suite {
+    ($name:ident, $factory:expr, [], $reason:tt, $ignored:tt) => {
+        $crate::__state_suite!($name, $factory, [conditional], $reason, $ignored);
+    };
+    ($name:ident, $factory:expr, [$fencing:ident], [], $ignored:tt) => {
+        $crate::__state_suite!(
+            $name, $factory, [$fencing], ["real-server-only: needs a real server, not an in-memory imitation"], $ignored
+        );
+    };
+    ($name:ident, $factory:expr, [conditional], [$reason:literal], [$($ignored:ident),*]) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
@@ -151,34 +202,63 @@ macro_rules! state_repository_suite {
                 $crate::StateFactory::new($factory)
             }
 
-            $crate::__cases!(state; factory;
-                capabilities_are_declared_sanely,
-                missing_id_is_fresh,
-                round_trip_empty_content,
-                round_trip_binary_content,
-                round_trip_unicode_content,
-                round_trip_largest_declared_state,
-                over_sized_state_rejected_and_nothing_written,
-                progress_and_results_round_trip_exactly,
-                versions_and_timestamps_advance,
-                get_all_keeps_request_order_duplicates_and_missing,
-                batch_larger_than_native_limit,
-                idempotent_re_upserts,
-                stale_version_rejected,
-                stale_insert_rejected,
-                stale_batch_rejected_and_nothing_changed,
-                conflict_names_every_stale_id,
-                duplicate_ids_in_batch_rejected,
-                concurrent_increments_lose_no_update,
-                hostile_ids_round_trip_and_stay_distinct,
-                invalid_ids_rejected_before_the_store,
-                stores_with_different_tables_are_isolated,
+            $crate::__suite_cases!(state; factory; $reason; [$($ignored),*];
+                capabilities_are_declared_sanely: future,
+                missing_id_is_fresh: future,
+                round_trip_empty_content: future,
+                round_trip_binary_content: future,
+                round_trip_unicode_content: future,
+                round_trip_largest_declared_state: future,
+                over_sized_state_rejected_and_nothing_written: future,
+                progress_and_results_round_trip_exactly: future,
+                versions_and_timestamps_advance: future,
+                get_all_keeps_request_order_duplicates_and_missing: future,
+                batch_larger_than_native_limit: future,
+                idempotent_re_upserts: future,
+                stale_version_rejected: future,
+                stale_insert_rejected: future,
+                stale_batch_rejected_and_nothing_changed: future,
+                conflict_names_every_stale_id: future,
+                duplicate_ids_in_batch_rejected: future,
+                concurrent_increments_lose_no_update: future,
+                hostile_ids_round_trip_and_stay_distinct: future,
+                invalid_ids_rejected_before_the_store: future,
+                stores_with_different_tables_are_isolated: future,
+                state_machine_matches_in_memory_model: property,
             );
+        }
+    };
+    ($name:ident, $factory:expr, [last_write_wins], [$reason:literal], [$($ignored:ident),*]) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
 
-            #[test]
-            fn state_machine_matches_in_memory_model() {
-                $crate::state::state_machine_matches_in_memory_model(factory());
+            fn factory() -> $crate::StateFactory {
+                $crate::StateFactory::new($factory)
             }
+
+            $crate::__suite_cases!(state; factory; $reason; [$($ignored),*];
+                capabilities_are_declared_sanely: future,
+                missing_id_is_fresh: future,
+                round_trip_empty_content: future,
+                round_trip_binary_content: future,
+                round_trip_unicode_content: future,
+                round_trip_largest_declared_state: future,
+                over_sized_state_rejected_and_nothing_written: future,
+                progress_and_results_round_trip_exactly: future,
+                versions_and_timestamps_advance: future,
+                get_all_keeps_request_order_duplicates_and_missing: future,
+                batch_larger_than_native_limit: future,
+                idempotent_re_upserts: future,
+                stale_write_never_becomes_visible_after_newer_write: future,
+                stale_writes_in_a_batch_leave_newer_states_and_write_the_rest: future,
+                replaying_a_write_is_idempotent: future,
+                duplicate_ids_in_batch_rejected: future,
+                hostile_ids_round_trip_and_stay_distinct: future,
+                invalid_ids_rejected_before_the_store: future,
+                stores_with_different_tables_are_isolated: future,
+                state_machine_matches_last_write_wins_model: property,
+            );
         }
     };
 }
@@ -186,10 +266,26 @@ macro_rules! state_repository_suite {
 /// Generates one `#[test]` per upsert repository case, in a module named `$name`.
 ///
 /// `$factory` is an async closure returning a fresh, isolated
-/// `UpsertRepository<ConformanceRow>` on every call.
+/// `UpsertRepository<ConformanceRow>` on every call. Takes the same `real_server_only`
+/// option as [`state_repository_suite!`].
 #[macro_export]
 macro_rules! upsert_repository_suite {
-    ($name:ident, $factory:expr $(,)?) => {
+    ($name:ident, $factory:expr
+        $(, real_server_only $(($reason:literal))? : [$($ignored:ident),* $(,)?])?
+        $(,)?) => {
+        $crate::__upsert_suite!($name, $factory, [$($($reason)?)?], [$($($ignored),*)?]);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __upsert_suite {
+    ($name:ident, $factory:expr, [], $ignored:tt) => {
+        $crate::__upsert_suite!(
+            $name, $factory, ["real-server-only: needs a real server, not an in-memory imitation"], $ignored
+        );
+    };
+    ($name:ident, $factory:expr, [$reason:literal], [$($ignored:ident),*]) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
@@ -198,23 +294,65 @@ macro_rules! upsert_repository_suite {
                 $crate::RowFactory::new($factory)
             }
 
-            $crate::__cases!(upsert; factory;
-                rows_round_trip_every_column_type,
-                missing_rows_are_none_in_request_order,
-                upsert_replaces_by_primary_key,
-                upserting_twice_is_idempotent,
-                last_change_per_key_in_a_batch_wins,
-                delete_removes_rows_and_ignores_absent_keys,
-                row_batch_larger_than_native_limit,
-                hostile_text_round_trips_or_is_rejected,
-                row_tables_are_isolated,
+            $crate::__suite_cases!(upsert; factory; $reason; [$($ignored),*];
+                rows_round_trip_every_column_type: future,
+                missing_rows_are_none_in_request_order: future,
+                upsert_replaces_by_primary_key: future,
+                upserting_twice_is_idempotent: future,
+                last_change_per_key_in_a_batch_wins: future,
+                delete_removes_rows_and_ignores_absent_keys: future,
+                row_batch_larger_than_native_limit: future,
+                hostile_text_round_trips_or_is_rejected: future,
+                row_tables_are_isolated: future,
+                rows_state_machine_matches_in_memory_model: property,
             );
-
-            #[test]
-            fn rows_state_machine_matches_in_memory_model() {
-                $crate::upsert::rows_state_machine_matches_in_memory_model(factory());
-            }
         }
+    };
+}
+
+/// One `#[test]` per case; those named in `[$ignored]` get `#[ignore = $reason]`. The
+/// arms of a local macro match case names literally, which is how a name is found in
+/// the list (`macro_rules` cannot compare identifiers otherwise).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __suite_cases {
+    ($module:ident; $factory:ident; $reason:literal; [$($ignored:ident),*];
+        $($case:ident: $kind:ident),* $(,)?) => {
+        macro_rules! __suite_case {
+            $( ($ignored) => { __suite_case!(@ignore $ignored); }; )*
+            $(
+                (@ignore $case) => {
+                    #[test]
+                    #[ignore = $reason]
+                    fn $case() {
+                        $crate::__run_case!($kind $module $factory $case);
+                    }
+                };
+            )*
+            $(
+                ($case) => {
+                    #[test]
+                    fn $case() {
+                        $crate::__run_case!($kind $module $factory $case);
+                    }
+                };
+            )*
+            $( (@check $case) => {}; )*
+        }
+        // A real-server-only name that is not a case of this suite does not compile.
+        $( __suite_case!(@check $ignored); )*
+        $( __suite_case!($case); )*
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __run_case {
+    (future $module:ident $factory:ident $case:ident) => {
+        $crate::run($crate::$module::$case($factory()))
+    };
+    (property $module:ident $factory:ident $case:ident) => {
+        $crate::$module::$case($factory())
     };
 }
 

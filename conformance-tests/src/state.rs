@@ -37,14 +37,16 @@ fn essence(s: &RawState) -> Essence {
 }
 
 /// Capabilities are plausible: batches of at least one, states of at least 64 KiB, and
-/// conditional writes (flows needs them to fence stale instances).
+/// a way to fence stale instances (flows needs one): conditional writes, or writes
+/// ordered by version (`versioned_last_write_wins`).
 pub async fn capabilities_are_declared_sanely(factory: StateFactory) {
     let caps = factory.create().await.capabilities();
     assert!(caps.max_batch_size >= 1, "{caps:?}");
     assert!(caps.max_state_size >= 64 * 1024, "{caps:?}");
     assert!(
-        caps.conditional_write,
-        "flows requires conditional (versioned) writes to fence stale instances: {caps:?}"
+        caps.conditional_write || caps.versioned_last_write_wins,
+        "flows requires conditional (versioned) writes or version-ordered writes to fence \
+         stale instances: {caps:?}"
     );
 }
 
@@ -535,6 +537,170 @@ pub async fn stores_with_different_tables_are_isolated(factory: StateFactory) {
             .as_deref(),
         Some(&b"first"[..])
     );
+}
+
+fn require_last_write_wins(store: &StateStore) {
+    let caps = store.capabilities();
+    assert!(
+        caps.versioned_last_write_wins && !caps.conditional_write,
+        "the last-write-wins cases are for stores declaring versioned_last_write_wins \
+         without conditional_write (use `fencing: conditional` otherwise): {caps:?}"
+    );
+}
+
+/// Last-write-wins fencing: a stale instance's write, of a lower version than the
+/// stored one, succeeds, is returned as written, and never becomes visible, alone or
+/// repeated.
+pub async fn stale_write_never_becomes_visible_after_newer_write(factory: StateFactory) {
+    let store = factory.create().await;
+    require_last_write_wins(&store);
+    let v1 = write(&store, with_content("k", b"one")).await;
+    let v2 = write(&store, v1.clone().with_content(b"two".to_vec())).await;
+    let v3 = write(&store, v2.with_content(b"three".to_vec())).await;
+    for _ in 0..3 {
+        let stale = store
+            .upsert(&v1.clone().with_content(b"stale".to_vec()))
+            .await
+            .expect("a stale write succeeds silently");
+        assert_eq!(stale.version, 2);
+        assert_eq!(stale.content.as_deref(), Some(&b"stale"[..]));
+        let read = store.get(&id("k")).await.expect("get");
+        assert_eq!(
+            essence(&read),
+            essence(&v3),
+            "the stale write became visible"
+        );
+    }
+    // The owner carries on from what it stored.
+    let v4 = write(&store, v3.with_content(b"four".to_vec())).await;
+    assert_eq!(
+        essence(&store.get(&id("k")).await.expect("get")),
+        essence(&v4)
+    );
+}
+
+/// Last-write-wins fencing: a batch with a stale state writes the others; the stale
+/// state keeps its newer stored version.
+pub async fn stale_writes_in_a_batch_leave_newer_states_and_write_the_rest(factory: StateFactory) {
+    let store = factory.create().await;
+    require_last_write_wins(&store);
+    let old = write(&store, with_content("stale", b"old")).await;
+    let newer = write(&store, old.clone().with_content(b"newer".to_vec())).await;
+    let newest = write(&store, newer.with_content(b"newest".to_vec())).await;
+    let existing = write(&store, with_content("fine", b"before")).await;
+    let batch = vec![
+        with_content("fresh", b"x"),
+        old.with_content(b"lost".to_vec()),
+        existing.with_content(b"after".to_vec()),
+    ];
+    let written = store.upsert_all(&batch).await.expect("batch succeeds");
+    assert_eq!(
+        written.iter().map(|s| s.version).collect::<Vec<_>>(),
+        [1, 2, 2]
+    );
+    let read = store
+        .get_all(&[id("fresh"), id("stale"), id("fine")])
+        .await
+        .expect("get_all");
+    assert_eq!(read[0].content.as_deref(), Some(&b"x"[..]));
+    assert_eq!(essence(&read[1]), essence(&newest));
+    assert_eq!(read[2].content.as_deref(), Some(&b"after"[..]));
+    assert_eq!(read[2].version, 2);
+}
+
+/// Last-write-wins fencing: sending the same write again (a retry after a timeout, a
+/// replayed batch) leaves the same content and version, and a replay of an older write
+/// never brings it back.
+pub async fn replaying_a_write_is_idempotent(factory: StateFactory) {
+    let store = factory.create().await;
+    require_last_write_wins(&store);
+    let first = with_content("r", b"a");
+    let v1 = write(&store, first.clone()).await;
+    let replayed = write(&store, first.clone()).await;
+    assert_eq!(essence(&replayed), essence(&v1));
+    assert_eq!(
+        essence(&store.get(&id("r")).await.expect("get")),
+        essence(&v1)
+    );
+    let second = v1.with_content(b"b".to_vec());
+    let v2 = write(&store, second.clone()).await;
+    for state in [second, first] {
+        write(&store, state).await;
+        let read = store.get(&id("r")).await.expect("get");
+        assert_eq!(
+            essence(&read),
+            essence(&v2),
+            "a replay changed the stored state"
+        );
+    }
+}
+
+/// Random sequences of reads, updates and stale writes (each based on a state really
+/// stored some versions earlier, as a stale instance would hold) on a store with
+/// last-write-wins fencing: the stored states always match the in-memory model in
+/// which stale writes are dropped, and a stale write returns what it wrote.
+pub fn state_machine_matches_last_write_wins_model(factory: StateFactory) {
+    let ops = proptest::collection::vec(op_strategy(), 1..24);
+    crate::run_property(24, ops, move |ops: Vec<Op>| {
+        let factory = factory.clone();
+        Box::pin(async move {
+            let store = factory.create().await;
+            require_last_write_wins(&store);
+            let model = MemoryStateRepository::new();
+            let pool: Vec<_> = POOL.iter().map(|p| id(p)).collect();
+            // Every state seen stored, by (pool index, version), with the timestamps
+            // the store gave it.
+            let mut history: std::collections::HashMap<(usize, u64), RawState> =
+                std::collections::HashMap::new();
+            for (step, op) in ops.iter().enumerate() {
+                match op {
+                    Op::StaleWrite(i, delta, content) => {
+                        let current = model.get(&pool[*i]).await.expect("model get").version;
+                        // Only states that existed can be held by a stale instance.
+                        let Some(base) = current
+                            .checked_sub(*delta)
+                            .filter(|v| *v >= 1)
+                            .and_then(|v| history.get(&(*i, v)))
+                        else {
+                            continue;
+                        };
+                        let stale = base.clone().with_content(content.clone());
+                        let written = store.upsert(&stale).await;
+                        let written = match written {
+                            Ok(written) => written,
+                            Err(e) => {
+                                return Err(TestCaseError::fail(format!(
+                                    "step {step}: stale write failed: {e}"
+                                )));
+                            }
+                        };
+                        prop_assert_eq!(written.version, base.version + 1);
+                        prop_assert_eq!(written.content, Some(content.clone()));
+                    }
+                    other => {
+                        let expected = perform(&model, other).await;
+                        let actual = perform(&*store, other).await;
+                        prop_assert_eq!(actual, expected, "step {} ({:?}) diverged", step, other);
+                    }
+                }
+                let stored = store.get_all(&pool).await.expect("store read");
+                let modelled = model.get_all(&pool).await.expect("model read");
+                prop_assert_eq!(
+                    stored.iter().map(essence).collect::<Vec<_>>(),
+                    modelled.iter().map(essence).collect::<Vec<_>>(),
+                    "step {} ({:?}): stored states diverged",
+                    step,
+                    op
+                );
+                for (i, state) in stored.into_iter().enumerate() {
+                    if state.exists() {
+                        history.entry((i, state.version)).or_insert(state);
+                    }
+                }
+            }
+            Ok(())
+        })
+    });
 }
 
 /// One step of the random state-machine test.

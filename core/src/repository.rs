@@ -99,8 +99,15 @@ pub struct Capabilities {
     /// `upsert_all` either applies every state or none (one transaction).
     pub atomic_batch_write: bool,
     /// Writes are conditional on the version read (optimistic concurrency). A backend
-    /// without it cannot fence stale instances.
+    /// without it cannot fence stale instances, unless it declares
+    /// [`versioned_last_write_wins`](Self::versioned_last_write_wins).
     pub conditional_write: bool,
+    /// Without conditional writes, stale writes are fenced by ordering: a write never
+    /// becomes visible over a state of a higher version (e.g. Cassandra write
+    /// timestamps derived from the version), and stale writes succeed silently instead
+    /// of failing with [`RepositoryError::Conflict`]. The backend documents how it
+    /// orders two writes of the same version.
+    pub versioned_last_write_wins: bool,
     /// Largest state accepted, in bytes of content plus internal blob.
     pub max_state_size: usize,
     /// States sent per round trip; larger batches are split into chunks of this size.
@@ -113,6 +120,7 @@ impl Capabilities {
         Self {
             atomic_batch_write: true,
             conditional_write: true,
+            versioned_last_write_wins: false,
             max_state_size,
             max_batch_size: max_batch_size.max(1),
         }
@@ -127,6 +135,12 @@ impl Capabilities {
     /// Sets [`Capabilities::conditional_write`].
     pub fn with_conditional_write(mut self, conditional: bool) -> Self {
         self.conditional_write = conditional;
+        self
+    }
+
+    /// Sets [`Capabilities::versioned_last_write_wins`].
+    pub fn with_versioned_last_write_wins(mut self, ordered: bool) -> Self {
+        self.versioned_last_write_wins = ordered;
         self
     }
 }

@@ -1,0 +1,92 @@
+//! The conformance suite against a Cassandra-compatible server, in both fencing modes,
+//! and the row suite.
+//!
+//! By default the server is **kassandra, an in-memory imitation** started inside the
+//! test process (see `common/mod.rs`): hence the `kassandra_imitation_` module names.
+//! It ignores lightweight transactions, write timestamps, `IN` and null bindings (which
+//! Cassandra stores as tombstones), so the cases that depend on them are generated as
+//! ignored ("real-server-only"); they never count as passed here. Against a real cluster every case runs:
+//!
+//! ```text
+//! FLOWS_TEST_CASSANDRA_URL=cassandra://127.0.0.1:9042/flows_test \
+//!     cargo test -p flows-cassandra -- --include-ignored
+//! ```
+//!
+//! (the docker-compose ScyllaDB; the modules keep their names, the server is the URL's).
+
+mod common;
+
+use common::{store, unique_table};
+use flows_cassandra::{CassandraStateRepository, CassandraUpsertRepository, Fencing};
+use flows_conformance::ConformanceRow;
+
+mod conformance {
+    use super::*;
+
+    // Lightweight transactions: every conflict case needs Paxos, which kassandra does
+    // not implement (it applies `IF` statements unconditionally).
+    flows_conformance::state_repository_suite!(
+        kassandra_imitation_lwt,
+        || async {
+            CassandraStateRepository::with_fencing(
+                store().await,
+                &unique_table("states"),
+                Fencing::LightweightTransactions,
+            )
+            .await
+            .expect("state table")
+        },
+        fencing: conditional,
+        real_server_only("real-server-only: needs a real Cassandra/ScyllaDB (set FLOWS_TEST_CASSANDRA_URL)"): [
+            stale_version_rejected,
+            stale_insert_rejected,
+            stale_batch_rejected_and_nothing_changed,
+            conflict_names_every_stale_id,
+            concurrent_increments_lose_no_update,
+            state_machine_matches_in_memory_model,
+        ],
+    );
+
+    // Write timestamps: every case where last-write-wins decides needs a server that
+    // honours write timestamps; kassandra keeps whichever write arrives last.
+    flows_conformance::state_repository_suite!(
+        kassandra_imitation_timestamps,
+        || async {
+            CassandraStateRepository::with_fencing(
+                store().await,
+                &unique_table("states"),
+                Fencing::WriteTimestamps,
+            )
+            .await
+            .expect("state table")
+        },
+        fencing: last_write_wins,
+        real_server_only("real-server-only: needs a real Cassandra/ScyllaDB (set FLOWS_TEST_CASSANDRA_URL)"): [
+            stale_write_never_becomes_visible_after_newer_write,
+            stale_writes_in_a_batch_leave_newer_states_and_write_the_rest,
+            replaying_a_write_is_idempotent,
+            state_machine_matches_last_write_wins_model,
+        ],
+    );
+
+    // An upsert binds every column, nulls included: on Cassandra a bound null is a cell
+    // tombstone, so the upsert replaces the whole row. kassandra skips null bindings
+    // and keeps the old value, so the cases that replace a value with null need a real
+    // server.
+    flows_conformance::upsert_repository_suite!(
+        kassandra_imitation_rows,
+        || async {
+            CassandraUpsertRepository::<ConformanceRow>::with_table(
+                store().await,
+                &unique_table("rows"),
+            )
+            .await
+            .expect("row table")
+        },
+        real_server_only("real-server-only: needs a real Cassandra/ScyllaDB (set FLOWS_TEST_CASSANDRA_URL)"): [
+            upsert_replaces_by_primary_key,
+            last_change_per_key_in_a_batch_wins,
+            rows_state_machine_matches_in_memory_model,
+        ],
+    );
+}
