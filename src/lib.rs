@@ -28,6 +28,10 @@
 
 pub use flows_core::*;
 
+#[cfg(feature = "cassandra")]
+#[doc(inline)]
+pub use flows_cassandra as cassandra;
+
 #[cfg(feature = "dynamodb")]
 #[doc(inline)]
 pub use flows_dynamodb as dynamodb;
@@ -61,6 +65,8 @@ enum Backend {
     MongoDb,
     #[cfg(feature = "dynamodb")]
     DynamoDb,
+    #[cfg(feature = "cassandra")]
+    Cassandra,
 }
 
 /// The error for a URL scheme whose backend feature is off.
@@ -84,6 +90,8 @@ impl Backend {
             "mongodb" | "mongodb+srv" => Ok(Self::MongoDb),
             #[cfg(feature = "dynamodb")]
             "dynamodb" => Ok(Self::DynamoDb),
+            #[cfg(feature = "cassandra")]
+            "cassandra" => Ok(Self::Cassandra),
             #[cfg(not(feature = "sqlite"))]
             "sqlite" => Err(feature_off("sqlite", "sqlite")),
             #[cfg(not(feature = "postgres"))]
@@ -92,9 +100,11 @@ impl Backend {
             "mongodb" | "mongodb+srv" => Err(feature_off("mongodb", "mongodb")),
             #[cfg(not(feature = "dynamodb"))]
             "dynamodb" => Err(feature_off("dynamodb", "dynamodb")),
+            #[cfg(not(feature = "cassandra"))]
+            "cassandra" => Err(feature_off("cassandra", "cassandra")),
             other => Err(RepositoryError::Configuration(format!(
                 "unsupported store URL scheme {other:?} (expected memory, sqlite, postgres, \
-                 mongodb or dynamodb)"
+                 mongodb, dynamodb or cassandra)"
             ))),
         }
     }
@@ -109,7 +119,9 @@ impl Backend {
 /// - `mongodb://...`, `mongodb+srv://...` — MongoDB, database from the path (feature
 ///   `mongodb`);
 /// - `dynamodb://` (the AWS configuration chain) or `dynamodb://host:port?region=…&tls=false`
-///   (an explicit endpoint) — DynamoDB (feature `dynamodb`).
+///   (an explicit endpoint) — DynamoDB (feature `dynamodb`);
+/// - `cassandra://host1:9042,host2/keyspace?replication_factor=3&fencing=lwt|timestamps`
+///   — Cassandra / ScyllaDB (feature `cassandra`).
 ///
 /// A scheme whose feature is not enabled is a [`RepositoryError::Configuration`] naming
 /// the feature.
@@ -145,6 +157,13 @@ pub async fn open_state_store(
             let store = flows_dynamodb::DynamoDbStore::connect(url).await?;
             Ok(Arc::new(
                 flows_dynamodb::DynamoDbStateRepository::new(store, table).await?,
+            ))
+        }
+        #[cfg(feature = "cassandra")]
+        Backend::Cassandra => {
+            let store = flows_cassandra::CassandraStore::connect(url).await?;
+            Ok(Arc::new(
+                flows_cassandra::CassandraStateRepository::new(store, table).await?,
             ))
         }
     }
@@ -183,6 +202,13 @@ pub async fn open_upsert_repository<T: Row>(
             let store = flows_dynamodb::DynamoDbStore::connect(url).await?;
             Ok(Arc::new(
                 flows_dynamodb::DynamoDbUpsertRepository::<T>::new(store).await?,
+            ))
+        }
+        #[cfg(feature = "cassandra")]
+        Backend::Cassandra => {
+            let store = flows_cassandra::CassandraStore::connect(url).await?;
+            Ok(Arc::new(
+                flows_cassandra::CassandraUpsertRepository::<T>::new(store).await?,
             ))
         }
     }

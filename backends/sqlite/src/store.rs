@@ -10,6 +10,9 @@ use sqlx::sqlite::{
 
 use crate::error::map_err;
 
+/// Attempts at opening a database that another connection is switching to WAL.
+const OPEN_ATTEMPTS: u32 = 20;
+
 /// A SQLite database opened for flows: a pool configured for one process with many
 /// tasks. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -54,7 +57,7 @@ impl SqliteStore {
         // An in-memory database lives in one connection: a pool of one keeps every task
         // on the same data (and avoids shared-cache table locks).
         let max_connections = if in_memory { 1 } else { 8 };
-        let pool = SqlitePoolOptions::new()
+        let pool_options = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .min_connections(if in_memory { 1 } else { 0 })
             .idle_timeout(if in_memory {
@@ -67,10 +70,23 @@ impl SqliteStore {
             } else {
                 Some(Duration::from_secs(3600))
             })
-            .acquire_timeout(Duration::from_secs(60))
-            .connect_with(options)
-            .await
-            .map_err(map_err)?;
+            .acquire_timeout(Duration::from_secs(60));
+        // Switching a new file to WAL takes an exclusive lock that SQLite does not wait
+        // for (no busy handler on that path), so processes or tasks opening the same
+        // fresh file at once can see "database is locked": retry the first connection.
+        let mut attempt = 0;
+        let pool = loop {
+            match pool_options.clone().connect_with(options.clone()).await {
+                Ok(pool) => break pool,
+                Err(error) => match map_err(error) {
+                    RepositoryError::Unavailable(_) if attempt < OPEN_ATTEMPTS => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                    }
+                    other => return Err(other),
+                },
+            }
+        };
         Ok(Self { pool })
     }
 
