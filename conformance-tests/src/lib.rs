@@ -44,7 +44,7 @@ use std::sync::Arc;
 
 use flows_core::{Row, SingleStateRepository, UpsertRepository};
 
-pub use upsert::ConformanceRow;
+pub use upsert::{ConformanceRow, one_value_of_each_type};
 
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;

@@ -3,8 +3,8 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use flows_core::{
-    ColumnType, ColumnValue, MemoryUpsertRepository, PrimaryKey, RepositoryError, Row, RowChange,
-    RowError, TableSchema, UpsertRepository, Value,
+    Column, ColumnType, ColumnValue, MemoryUpsertRepository, PrimaryKey, RepositoryError, Row,
+    RowChange, RowError, TableName, TableSchema, UpsertRepository, Value,
 };
 use proptest::prelude::*;
 
@@ -108,6 +108,33 @@ impl ConformanceRow {
 
 fn key(tenant: &str, id: i64) -> PrimaryKey {
     PrimaryKey::new(vec![Value::Text(tenant.to_owned()), Value::Int64(id)])
+}
+
+/// A nullable column of each type with an awkward value of it (NUL in text, the
+/// extreme integer, a JSON number beyond `i64`, a `$` key), for backends' unit tests of
+/// their value mapping.
+pub fn one_value_of_each_type() -> Vec<(Column, Value)> {
+    let column = |column_type| Column {
+        name: TableName::new("c").expect("a valid column name"),
+        column_type,
+        nullable: true,
+        primary_key: false,
+    };
+    vec![
+        (column(ColumnType::Bool), Value::Bool(true)),
+        (column(ColumnType::Int64), Value::Int64(i64::MIN)),
+        (column(ColumnType::Float64), Value::Float64(-0.5)),
+        (column(ColumnType::Text), Value::Text("a\0b ü".into())),
+        (column(ColumnType::Bytes), Value::Bytes(vec![0, 255])),
+        (
+            column(ColumnType::Timestamp),
+            Value::Timestamp(flows_core::state::now()),
+        ),
+        (
+            column(ColumnType::Json),
+            Value::Json(serde_json::json!({"$n": u64::MAX, "x": [1.5, null]})),
+        ),
+    ]
 }
 
 async fn read(store: &RowStore, keys: &[PrimaryKey]) -> Vec<Option<ConformanceRow>> {

@@ -353,6 +353,26 @@ pub fn decode_stored_id(bytes: Vec<u8>) -> Result<PersistenceId, RepositoryError
     })
 }
 
+/// Rebuilds a state from what a backend stored ([`RawState::from_stored`]), reporting an
+/// undecodable internal blob or a negative version as [`RepositoryError::Corrupt`] naming
+/// the id.
+pub fn decode_stored_state(
+    id: PersistenceId,
+    content: Option<Vec<u8>>,
+    internal: impl Into<prost::bytes::Bytes>,
+    version: i64,
+    created_at: Option<DateTime<Utc>>,
+    updated_at: Option<DateTime<Utc>>,
+) -> Result<RawState, RepositoryError> {
+    let stored_id = id.to_string();
+    RawState::from_stored(id, content, internal, version, created_at, updated_at).map_err(
+        |source| RepositoryError::Corrupt {
+            id: stored_id,
+            source,
+        },
+    )
+}
+
 /// The distinct ids of a request, in first-seen order.
 pub fn distinct_ids(ids: &[PersistenceId]) -> Vec<&PersistenceId> {
     let mut seen = HashSet::with_capacity(ids.len());

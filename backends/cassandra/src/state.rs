@@ -5,7 +5,9 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use flows_core::repository::{PreparedWrite, distinct_ids, in_request_order, prepare_writes};
+use flows_core::repository::{
+    PreparedWrite, decode_stored_state, distinct_ids, in_request_order, prepare_writes,
+};
 use flows_core::state::StateCodecError;
 use flows_core::{
     Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName,
@@ -159,7 +161,7 @@ impl CassandraStateRepository {
         let version = version.ok_or_else(|| corrupt("no version"))?;
         let state = state.ok_or_else(|| corrupt("no state blob"))?;
         let decoded = decode_state(&state).ok_or_else(|| corrupt("malformed state blob"))?;
-        RawState::from_stored(
+        decode_stored_state(
             id.clone(),
             decoded.content,
             decoded.internal,
@@ -168,10 +170,6 @@ impl CassandraStateRepository {
             Some(decoded.updated_at),
         )
         .map(Some)
-        .map_err(|source| RepositoryError::Corrupt {
-            id: stored_id,
-            source,
-        })
     }
 
     /// Writes one state with a lightweight transaction; `Ok(false)`: not applied.

@@ -10,7 +10,8 @@ use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, ScalarAttributeType, TransactWriteItem};
 use chrono::{DateTime, Utc};
 use flows_core::repository::{
-    PreparedWrite, decode_stored_id, distinct_ids, in_request_order, prepare_writes,
+    PreparedWrite, decode_stored_id, decode_stored_state, distinct_ids, in_request_order,
+    prepare_writes,
 };
 use flows_core::{
     Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, StateCodecError,
@@ -346,18 +347,14 @@ fn decode_item(mut item: Item) -> Result<RawState, RepositoryError> {
         )?,
         "updated_at is out of range",
     )?;
-    RawState::from_stored(
-        id.clone(),
+    decode_stored_state(
+        id,
         content,
         internal,
         version,
         Some(created_at),
         Some(updated_at),
     )
-    .map_err(|source| RepositoryError::Corrupt {
-        id: id.to_string(),
-        source,
-    })
 }
 
 #[async_trait]

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use flows_core::repository::{PreparedWrite, distinct_ids, in_request_order, prepare_writes};
+use flows_core::repository::{
+    PreparedWrite, decode_stored_state, distinct_ids, in_request_order, prepare_writes,
+};
 use flows_core::{
     Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName,
 };
@@ -136,27 +138,24 @@ fn time_of(document: &Document, field: &str) -> Result<Option<DateTime<Utc>>, Re
     }
 }
 
-fn decode(document: Document) -> Result<RawState, RepositoryError> {
+fn decode(mut document: Document) -> Result<RawState, RepositoryError> {
     let id = stored_id(&document)?;
-    let content = match document.get("content") {
-        None | Some(Bson::Null) => None,
-        Some(Bson::Binary(b)) => Some(b.bytes.clone()),
-        Some(other) => return Err(malformed(format!("content is {other}"))),
-    };
-    let internal = document.get_binary_generic("internal").map_err(malformed)?;
     let version = document.get_i64("version").map_err(malformed)?;
-    RawState::from_stored(
-        id.clone(),
-        content,
-        internal.clone(),
-        version,
+    let (created_at, updated_at) = (
         time_of(&document, "created_at")?,
         time_of(&document, "updated_at")?,
-    )
-    .map_err(|source| RepositoryError::Corrupt {
-        id: id.to_string(),
-        source,
-    })
+    );
+    // The binaries are moved out of the document, not copied.
+    let content = match document.remove("content") {
+        None | Some(Bson::Null) => None,
+        Some(Bson::Binary(b)) => Some(b.bytes),
+        Some(other) => return Err(malformed(format!("content is {other}"))),
+    };
+    let internal = match document.remove("internal") {
+        Some(Bson::Binary(b)) => b.bytes,
+        other => return Err(malformed(format!("internal is {other:?}"))),
+    };
+    decode_stored_state(id, content, internal, version, created_at, updated_at)
 }
 
 #[async_trait]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use flows_core::RepositoryError;
 use mongodb::bson::doc;
-use mongodb::error::{ErrorKind, UNKNOWN_TRANSACTION_COMMIT_RESULT};
+use mongodb::error::{ErrorKind, PartialBulkWriteResult, UNKNOWN_TRANSACTION_COMMIT_RESULT};
 use mongodb::options::{ClientOptions, WriteModel};
 use mongodb::results::VerboseBulkWriteResult;
 use mongodb::{Client, ClientSession, Database};
@@ -146,15 +146,9 @@ impl MongoStore {
                 .verbose_results()
                 .session(&mut *session)
                 .await;
-            match written {
-                Ok(result) => rejections.add_unmatched(base, &result, unmatched_is_rejection),
-                Err(error) => match rejections.add_duplicates(base, &error) {
-                    true => {}
-                    false => {
-                        let _ = session.abort_transaction().await;
-                        return Err(error);
-                    }
-                },
+            if let Err(error) = rejections.record(base, written, unmatched_is_rejection) {
+                let _ = session.abort_transaction().await;
+                return Err(error);
             }
             if !rejections.is_empty() {
                 // The server may already have aborted it (a write error does); either
@@ -185,30 +179,26 @@ impl MongoStore {
         unmatched_is_rejection: bool,
     ) -> Result<Rejections, RepositoryError> {
         let mut rejections = Rejections::default();
-        for (chunk_index, chunk) in models.chunks(MAX_BATCH_SIZE).enumerate() {
-            let base = chunk_index * MAX_BATCH_SIZE;
+        // Owned chunks: nothing is retried here, so the models need no copies.
+        let mut models = models.into_iter();
+        let mut base = 0;
+        loop {
+            let chunk: Vec<WriteModel> = models.by_ref().take(MAX_BATCH_SIZE).collect();
+            if chunk.is_empty() {
+                return Ok(rejections);
+            }
+            let len = chunk.len();
             let written = self
                 .client
-                .bulk_write(chunk.to_vec())
+                .bulk_write(chunk)
                 .ordered(false)
                 .verbose_results()
                 .await;
-            match written {
-                Ok(result) => rejections.add_unmatched(base, &result, unmatched_is_rejection),
-                Err(error) => {
-                    if !rejections.add_duplicates(base, &error) {
-                        return Err(map_err(error));
-                    }
-                    if let ErrorKind::BulkWrite(bulk) = error.kind.as_ref()
-                        && let Some(mongodb::error::PartialBulkWriteResult::Verbose(result)) =
-                            &bulk.partial_result
-                    {
-                        rejections.add_unmatched(base, result, unmatched_is_rejection);
-                    }
-                }
-            }
+            rejections
+                .record(base, written, unmatched_is_rejection)
+                .map_err(map_err)?;
+            base += len;
         }
-        Ok(rejections)
     }
 }
 
@@ -226,6 +216,31 @@ impl Rejections {
         self.0.sort_unstable();
         self.0.dedup();
         self.0
+    }
+
+    /// Records the rejected writes of one chunk's bulk write (its first model is at
+    /// `base`), including those of a partially applied one; any other failure is handed
+    /// back.
+    fn record(
+        &mut self,
+        base: usize,
+        written: mongodb::error::Result<VerboseBulkWriteResult>,
+        unmatched_is_rejection: bool,
+    ) -> Result<(), mongodb::error::Error> {
+        match written {
+            Ok(result) => self.add_unmatched(base, &result, unmatched_is_rejection),
+            Err(error) => {
+                if !self.add_duplicates(base, &error) {
+                    return Err(error);
+                }
+                if let ErrorKind::BulkWrite(bulk) = error.kind.as_ref()
+                    && let Some(PartialBulkWriteResult::Verbose(result)) = &bulk.partial_result
+                {
+                    self.add_unmatched(base, result, unmatched_is_rejection);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn add_unmatched(&mut self, base: usize, result: &VerboseBulkWriteResult, enabled: bool) {

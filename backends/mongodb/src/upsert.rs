@@ -233,28 +233,7 @@ mod tests {
 
     #[test]
     fn values_round_trip_through_bson() {
-        let cases = [
-            (ColumnType::Bool, Value::Bool(true)),
-            (ColumnType::Int64, Value::Int64(i64::MIN)),
-            (ColumnType::Float64, Value::Float64(-0.5)),
-            (ColumnType::Text, Value::Text("a\0b ü".into())),
-            (ColumnType::Bytes, Value::Bytes(vec![0, 255])),
-            (
-                ColumnType::Timestamp,
-                Value::Timestamp(flows_core::state::now()),
-            ),
-            (
-                ColumnType::Json,
-                Value::Json(serde_json::json!({"$n": u64::MAX, "x": [1.5, null]})),
-            ),
-        ];
-        for (column_type, value) in cases.iter().cloned() {
-            let column = Column {
-                name: TableName::new("c").unwrap(),
-                column_type,
-                nullable: true,
-                primary_key: false,
-            };
+        for (column, value) in flows_conformance::one_value_of_each_type() {
             let bson = to_bson(&value);
             assert_eq!(from_bson(&column, Some(&bson)).unwrap(), value);
             assert_eq!(from_bson(&column, None).unwrap(), Value::Null);

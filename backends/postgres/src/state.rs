@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flows_core::repository::{
-    PreparedWrite, conflicting_ids, decode_stored_id, distinct_ids, in_request_order,
-    prepare_writes,
+    PreparedWrite, conflicting_ids, decode_stored_id, decode_stored_state, distinct_ids,
+    in_request_order, prepare_writes,
 };
 use flows_core::{
     Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName,
@@ -162,18 +162,14 @@ impl PostgresStateRepository {
 fn decode_row(row: &PgRow) -> Result<RawState, RepositoryError> {
     let id = decode_stored_id(row.try_get(0).map_err(map_err)?)?;
     let internal: Vec<u8> = row.try_get(2).map_err(map_err)?;
-    RawState::from_stored(
-        id.clone(),
+    decode_stored_state(
+        id,
         row.try_get(1).map_err(map_err)?,
         internal,
         row.try_get(3).map_err(map_err)?,
         row.try_get(4).map_err(map_err)?,
         row.try_get(5).map_err(map_err)?,
     )
-    .map_err(|source| RepositoryError::Corrupt {
-        id: id.to_string(),
-        source,
-    })
 }
 
 #[async_trait]

@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flows_core::repository::{
-    PreparedWrite, conflicting_ids, decode_stored_id, distinct_ids, in_request_order,
-    prepare_writes,
+    PreparedWrite, conflicting_ids, decode_stored_id, decode_stored_state, distinct_ids,
+    in_request_order, prepare_writes,
 };
 use flows_core::{
     Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName,
@@ -148,18 +148,14 @@ impl SingleStateRepository for SqliteStateRepository {
             for row in rows {
                 let id = decode_stored_id(row.try_get(0).map_err(map_err)?)?;
                 let internal: Vec<u8> = row.try_get(2).map_err(map_err)?;
-                let state = RawState::from_stored(
+                let state = decode_stored_state(
                     id.clone(),
                     row.try_get(1).map_err(map_err)?,
                     internal,
                     row.try_get(3).map_err(map_err)?,
                     micros_to_time(row.try_get(4).map_err(map_err)?),
                     micros_to_time(row.try_get(5).map_err(map_err)?),
-                )
-                .map_err(|source| RepositoryError::Corrupt {
-                    id: id.to_string(),
-                    source,
-                })?;
+                )?;
                 found.insert(id, state);
             }
         }

@@ -257,7 +257,7 @@ fn input_len(offset: i64, outputs: &[EncodedRecord]) -> usize {
             .sum::<usize>()
 }
 
-pub(crate) fn record_from_proto(r: proto::OutputRecord) -> EncodedRecord {
+fn record_from_proto(r: proto::OutputRecord) -> EncodedRecord {
     EncodedRecord {
         topic: r.topic,
         partition: r.partition,
