@@ -13,16 +13,16 @@
 //! - (b) `stateless`: a flows stateless one-to-one;
 //! - (c) `count-memory`, `count-sqlite`, `count-postgres`: flows word count.
 //!
-//! Each program reports its own numbers: messages per second from its first consumed
-//! message to its last acknowledged output (group join excluded), CPU seconds and peak
+//! Each program reports its own numbers: messages per second from the assignment of its
+//! partitions to its last acknowledged output (group join excluded), CPU seconds and peak
 //! resident memory (from `/proc/self`). Default engine settings throughout.
 
 #![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use flows::function::{PersistenceIdFn, StatefulFunction, StatelessFunction};
@@ -374,7 +374,9 @@ async fn run_flows(brokers: &str, pipeline: Pipeline, total: u64) -> Report {
     let mut started = None;
     loop {
         let snapshot = running.metrics().snapshot();
-        if started.is_none() && snapshot.consumed > 0 {
+        // The clock starts when the group has assigned the partitions (join excluded),
+        // as the passthrough's starts when it assigns them itself.
+        if started.is_none() && snapshot.rebalances > 0 {
             started = Some(Instant::now());
         }
         if snapshot.committed >= total {
@@ -403,6 +405,11 @@ fn passthrough(brokers: &str, total: u64) -> Report {
     }
     let producer: Arc<ThreadedProducer<_>> = Arc::new(producer_config.create().unwrap());
 
+    // Connect and learn the partition leaders first, as a group member has by the time
+    // its partitions are assigned, so both clocks start from the same point.
+    consumer
+        .fetch_metadata(Some("words"), Duration::from_secs(10))
+        .unwrap();
     // Partition queues must be split before the first poll, so assign explicitly.
     let mut assignment = TopicPartitionList::new();
     for partition in 0..PARTITIONS {
@@ -411,20 +418,19 @@ fn passthrough(brokers: &str, total: u64) -> Report {
             .unwrap();
     }
     consumer.assign(&assignment).unwrap();
+    let started = Instant::now();
     let seen = Arc::new(AtomicU64::new(0));
-    let started: Arc<OnceLock<Instant>> = Arc::new(OnceLock::new());
     let threads: Vec<_> = (0..PARTITIONS)
         .map(|partition| {
             let queue = consumer.split_partition_queue("words", partition).unwrap();
             let (consumer, producer) = (Arc::clone(&consumer), Arc::clone(&producer));
-            let (seen, started) = (Arc::clone(&seen), Arc::clone(&started));
+            let seen = Arc::clone(&seen);
             std::thread::spawn(move || {
                 while seen.load(Ordering::Relaxed) < total {
                     let Some(message) = queue.poll(Duration::from_millis(100)) else {
                         continue;
                     };
                     let message = message.unwrap();
-                    started.get_or_init(Instant::now);
                     let mut record = BaseRecord::<[u8], [u8]>::to("bench-passthrough-out");
                     if let Some(key) = message.key() {
                         record = record.key(key);
@@ -464,7 +470,7 @@ fn passthrough(brokers: &str, total: u64) -> Report {
         thread.join().unwrap();
     }
     producer.flush(Duration::from_secs(60)).unwrap();
-    let seconds = started.get().map_or(0.0, |s| s.elapsed().as_secs_f64());
+    let seconds = started.elapsed().as_secs_f64();
     let _ = consumer.commit_consumer_state(CommitMode::Sync);
     Report::measure(total, seconds)
 }

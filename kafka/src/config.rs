@@ -153,8 +153,10 @@ impl KafkaConfig {
     /// Consumer properties: manual commits only after outputs are acknowledged and state
     /// is durable (so `enable.auto.commit` and `enable.auto.offset.store` are off),
     /// read-committed isolation, cooperative rebalancing so unaffected partitions keep
-    /// working, and fetch sizes that keep the consumer fed in large batches.
+    /// working, and a read-ahead of about one batch per partition, refilled without
+    /// delay, so memory stays bounded whatever the backlog.
     pub fn consumer_properties(&self, group_id: &str) -> Vec<(String, String)> {
+        let read_ahead = self.batch.max_messages.max(1).to_string();
         let defaults = [
             ("bootstrap.servers", self.brokers.as_str()),
             ("group.id", group_id),
@@ -165,9 +167,24 @@ impl KafkaConfig {
             ("partition.assignment.strategy", "cooperative-sticky"),
             ("fetch.min.bytes", "1"),
             ("fetch.wait.max.ms", "100"),
-            // Per partition: each assigned partition has its own queue.
-            ("queued.min.messages", "10000"),
+            // Read-ahead per partition (each assigned partition has its own queue): one
+            // batch. librdkafka keeps fetching a partition while its queue holds fewer
+            // than `queued.min.messages`, and every fetched message costs ~250 bytes of
+            // bookkeeping on top of its payload, so for small messages the message count,
+            // not the byte limit, is what bounds memory.
+            ("queued.min.messages", read_ahead.as_str()),
             ("queued.max.messages.kbytes", "8192"),
+            // A full queue postpones the partition's next fetch by this long; librdkafka's
+            // default (1 s) leaves a fast worker idle for most of that second.
+            ("fetch.queue.backoff.ms", "10"),
+            // One fetch response adds up to this much on top of the queue: bounded, so a
+            // backlog of small, well-compressed messages cannot arrive all at once (with
+            // librdkafka's defaults, 1 MiB per partition and 50 MiB per response, a whole
+            // partition of 100,000s of messages did). `fetch.max.bytes` may not be below
+            // `message.max.bytes`, which for a consumer only bounds its own requests.
+            ("max.partition.fetch.bytes", "262144"),
+            ("fetch.max.bytes", "524288"),
+            ("message.max.bytes", "524288"),
         ];
         merge(&defaults, &self.consumer_overrides)
     }
@@ -275,6 +292,52 @@ mod tests {
             properties.iter().filter(|(k, _)| k == "linger.ms").count(),
             1
         );
+    }
+
+    #[test]
+    fn default_properties_are_accepted_by_librdkafka() {
+        // librdkafka validates combinations (e.g. `fetch.max.bytes` >= `message.max.bytes`)
+        // when a client is created, which needs no broker.
+        let config = KafkaConfig::new("127.0.0.1:1");
+        let mut consumer = rdkafka::ClientConfig::new();
+        for (key, value) in config.consumer_properties("g") {
+            consumer.set(key, value);
+        }
+        let created: Result<rdkafka::consumer::BaseConsumer, _> = consumer.create();
+        assert!(
+            created.is_ok(),
+            "consumer defaults rejected: {:?}",
+            created.err()
+        );
+        let mut producer = rdkafka::ClientConfig::new();
+        for (key, value) in config.producer_properties() {
+            producer.set(key, value);
+        }
+        let created: Result<rdkafka::producer::BaseProducer, _> = producer.create();
+        assert!(
+            created.is_ok(),
+            "producer defaults rejected: {:?}",
+            created.err()
+        );
+    }
+
+    #[test]
+    fn read_ahead_is_bounded_and_refilled_promptly() {
+        let properties = KafkaConfig::new("b").consumer_properties("g");
+        let number = |key: &str| get(&properties, key).and_then(|v| v.parse::<u64>().ok());
+        // Per partition: one batch queued, plus one bounded fetch.
+        assert_eq!(
+            number("queued.min.messages"),
+            Some(BatchConfig::default().max_messages as u64)
+        );
+        let larger = KafkaConfig::new("b")
+            .batch(20_000, Duration::from_millis(50))
+            .consumer_properties("g");
+        assert_eq!(get(&larger, "queued.min.messages"), Some("20000"));
+        assert!(number("fetch.max.bytes") <= Some(1024 * 1024));
+        assert!(number("max.partition.fetch.bytes") <= number("fetch.max.bytes"));
+        // librdkafka's default of 1,000 ms stalls a partition whose queue was full.
+        assert!(number("fetch.queue.backoff.ms") <= Some(50));
     }
 
     #[test]
