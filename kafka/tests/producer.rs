@@ -142,3 +142,28 @@ async fn a_non_retriable_rejection_is_reported_not_swallowed() {
         .expect_err("rejection must surface");
     assert!(err.to_string().contains("strict"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_rejected_record_fails_its_whole_batch_and_the_next_batch_is_independent() {
+    let kafka = EmbeddedKafka::start(1).expect("mock cluster");
+    kafka.create_topic("mixed", 3, 1).expect("topic");
+    let producer =
+        OutputProducer::new(&KafkaConfig::new(kafka.bootstrap_servers())).expect("producer");
+    // Nothing to publish is acknowledged at once.
+    producer.send_all(&[]).await.expect("empty batch");
+
+    // A record to a partition that does not exist fails the batch, although records
+    // before it may be delivered (the engine then commits nothing of the batch). The
+    // broker-side rejection path is the test above.
+    let mut records: Vec<_> = (0..300).map(|i| record("mixed", i)).collect();
+    records[150].partition = Some(7);
+    let err = producer
+        .send_all(&records)
+        .await
+        .expect_err("the rejected record must fail the batch");
+    assert!(err.to_string().contains("mixed"), "{err}");
+
+    // The failure belonged to that batch only.
+    let next: Vec<_> = (0..300).map(|i| record("mixed", i)).collect();
+    producer.send_all(&next).await.expect("next batch");
+}
