@@ -1,21 +1,18 @@
 //! In-memory stores: the reference model the conformance suite compares every backend
 //! with, and a zero-setup store for demos and tests. Nothing survives the process.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 
 use crate::id::PersistenceId;
-use crate::repository::{
-    Capabilities, RepositoryError, SingleStateRepository, conflicting_ids, in_request_order,
-    prepare_writes,
-};
+use crate::repository::{Capabilities, RepositoryError, SingleStateRepository, prepare_writes};
 use crate::row::{
     ChangeBatch, PrimaryKey, Row, TableSchema, UpsertRepository, Value, rows_in_request_order,
 };
-use crate::state::RawState;
+use crate::state::{RawState, State};
 
 /// Default largest state of the in-memory store: 16 MiB.
 pub const DEFAULT_MAX_STATE_SIZE: usize = 16 * 1024 * 1024;
@@ -79,22 +76,27 @@ impl SingleStateRepository for MemoryStateRepository {
 
     async fn get_all(&self, ids: &[PersistenceId]) -> Result<Vec<RawState>, RepositoryError> {
         let states = self.lock();
-        let found = ids
+        // Straight into request order: duplicates repeated, missing ids fresh.
+        Ok(ids
             .iter()
-            .filter_map(|id| states.get(id).map(|s| (id.clone(), s.clone())))
-            .collect();
-        Ok(in_request_order(ids, found))
+            .map(|id| {
+                states
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| State::fresh(id.clone()))
+            })
+            .collect())
     }
 
     async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
         let writes = prepare_writes(states, &self.capabilities)?;
         let mut stored = self.lock();
-        let applied: HashSet<PersistenceId> = writes
+        // All or nothing: every version is checked before anything is written.
+        let conflicts: Vec<PersistenceId> = writes
             .iter()
-            .filter(|w| stored.get(w.id()).map_or(0, |s| s.version) == w.expected_version)
+            .filter(|w| stored.get(w.id()).map_or(0, |s| s.version) != w.expected_version)
             .map(|w| w.id().clone())
             .collect();
-        let conflicts = conflicting_ids(&writes, &applied);
         if !conflicts.is_empty() {
             return Err(RepositoryError::Conflict { ids: conflicts });
         }

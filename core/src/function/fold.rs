@@ -245,23 +245,26 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
     if let Some(content) = applied.content {
         write.content = Some(content);
     }
-    let mut changed: Vec<&TopicPartition> = Vec::with_capacity(1);
+    // Per topic-partition with new messages, its last applied offset (offsets ascend).
+    let mut changed: Vec<(&TopicPartition, i64)> = Vec::with_capacity(1);
     for outcome in &outcomes {
         if matches!(
             outcome.kind,
             OutcomeKind::Applied | OutcomeKind::DeadLettered
         ) {
-            write
-                .progress
-                .record(outcome.topic_partition.clone(), outcome.offset);
-            if !changed.contains(&&outcome.topic_partition) {
-                changed.push(&outcome.topic_partition);
+            match changed
+                .iter_mut()
+                .find(|(tp, _)| **tp == outcome.topic_partition)
+            {
+                Some((_, last)) => *last = outcome.offset,
+                None => changed.push((&outcome.topic_partition, outcome.offset)),
             }
         }
     }
     // Results of partitions with new messages are replaced by this batch's outputs,
     // replayed ones included; partitions with only replays keep theirs.
-    for tp in changed {
+    for (tp, last) in changed {
+        write.progress.record(tp.clone(), last);
         let inputs = outcomes
             .iter()
             .filter(|o| o.topic_partition == *tp && o.kind != OutcomeKind::Skipped)
