@@ -33,8 +33,9 @@
 //! [`BatchConfig::max_messages`] or [`BatchConfig::max_bytes`], at most
 //! [`BatchConfig::max_delay`] of waiting), and
 //! each batch goes through one cycle, strictly after the previous one of that
-//! partition: *process* (for stateful pipelines one `get_all`, one fold per key, one
-//! `upsert_all`) → *publish* every output and await every acknowledgement → mark the
+//! partition: *process* (for stateful pipelines one `get_all` of the states not in the
+//! pipeline's cache of recently written ones, one fold per key, one `upsert_all`) →
+//! *publish* every output and await every acknowledgement → mark the
 //! offset after the batch committable. Partitions proceed concurrently.
 //!
 //! # Guarantees
@@ -64,6 +65,7 @@ mod metrics;
 mod pipeline;
 pub mod policy;
 mod producer;
+mod state_cache;
 mod stateful;
 mod worker;
 
@@ -77,4 +79,5 @@ pub use pipeline::{MessageFailed, Pipeline};
 pub use policy::{ErrorPolicy, Fallback, dead_letter_record};
 pub use producer::OutputProducer;
 pub use rdkafka;
+pub use state_cache::StateCacheLimits;
 pub use stateful::{BatchError, MAX_CONFLICT_RETRIES, apply_batch, apply_batch_while_owner};

@@ -8,7 +8,7 @@
 //!   one state read and one state write per batch;
 //! - materialise: the mapper per message, then one batched write to the table.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use flows_core::function::{ErrorAction, StatefulProcessor, StatelessProcessor};
@@ -19,7 +19,8 @@ use flows_core::{
 
 use crate::error::EngineError;
 use crate::policy::{ErrorPolicy, Fallback};
-use crate::stateful::{BatchError, apply_batch_while_owner};
+use crate::state_cache::{StateCache, StateCacheLimits};
+use crate::stateful::{BatchError, apply_batch_cached};
 
 /// Decides what a failed message becomes (from the pipeline's [`ErrorPolicy`]).
 pub(crate) type OnError<'a> = dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync + 'a;
@@ -82,6 +83,9 @@ pub(crate) trait Stage: Send + Sync {
         on_error: &OnError<'_>,
         still_owner: &StillOwner<'_>,
     ) -> Result<Vec<EncodedRecord>, StageError>;
+
+    /// Replaces the cache of recently written states, for stages that keep one.
+    fn set_state_cache(&self, _limits: StateCacheLimits) {}
 }
 
 /// A message that failed inside a stateless or materialise stage under a stopping
@@ -147,6 +151,27 @@ impl<F: StatelessProcessor> Stage for StatelessStage<F> {
 struct StatefulStage<F, R> {
     function: F,
     store: R,
+    cache: Mutex<StateCache>,
+}
+
+impl<F, R: SingleStateRepository> StatefulStage<F, R> {
+    fn new(function: F, store: R) -> Self {
+        let limits = Self::allowed(&store, StateCacheLimits::default());
+        Self {
+            function,
+            store,
+            cache: Mutex::new(StateCache::new(limits)),
+        }
+    }
+
+    /// `limits`, unless the store cannot tell a stale cached state (see `state_cache`).
+    fn allowed(store: &R, limits: StateCacheLimits) -> StateCacheLimits {
+        if store.capabilities().versioned_last_write_wins {
+            StateCacheLimits::disabled()
+        } else {
+            limits
+        }
+    }
 }
 
 #[async_trait]
@@ -161,10 +186,29 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         on_error: &OnError<'_>,
         still_owner: &StillOwner<'_>,
     ) -> Result<Vec<EncodedRecord>, StageError> {
-        Ok(
-            apply_batch_while_owner(&self.function, &self.store, batch, on_error, still_owner)
-                .await?,
+        let enabled = self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_enabled();
+        let cache = enabled.then_some(&self.cache);
+        Ok(apply_batch_cached(
+            &self.function,
+            &self.store,
+            batch,
+            on_error,
+            still_owner,
+            cache,
         )
+        .await?)
+    }
+
+    fn set_state_cache(&self, limits: StateCacheLimits) {
+        let limits = Self::allowed(&self.store, limits);
+        *self
+            .cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = StateCache::new(limits);
     }
 }
 
@@ -275,7 +319,7 @@ impl Pipeline {
         function: impl StatefulProcessor + 'static,
         store: impl SingleStateRepository + 'static,
     ) -> Self {
-        Self::with_stage(name, Arc::new(StatefulStage { function, store }))
+        Self::with_stage(name, Arc::new(StatefulStage::new(function, store)))
     }
 
     /// A materialisation: every message of `input` is mapped by `f` to row changes,
@@ -305,6 +349,17 @@ impl Pipeline {
                 repository,
             }),
         )
+    }
+
+    /// Sets the limits of a stateful pipeline's cache of recently written states
+    /// (default [`StateCacheLimits::default`]; [`StateCacheLimits::disabled`] reads
+    /// every batch's states from the store). A cached state saves the next batch of its
+    /// key a store read; it can never be stale unnoticed, because every write is
+    /// conditional on the version it was read at, and a conflict re-reads the store.
+    /// Stores that fence by last-write-wins get no cache. No effect on other pipelines.
+    pub fn state_cache(self, limits: StateCacheLimits) -> Self {
+        self.stage.set_state_cache(limits);
+        self
     }
 
     /// Sets the error policy (default: [`ErrorPolicy::stop`]).

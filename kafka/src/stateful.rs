@@ -1,16 +1,21 @@
-//! One batch of a stateful pipeline against the store: one `get_all`, one fold per
-//! persistence id, one `upsert_all`; outputs in input order.
+//! One batch of a stateful pipeline against the store: one `get_all` (of the states not
+//! in the pipeline's cache of recently written ones), one fold per persistence id, one
+//! `upsert_all`; outputs in input order.
 //!
 //! This is the store half of a partition worker's cycle (read states → fold → write
 //! states → publish outputs → commit offsets), kept free of Kafka so it can be tested
 //! with any store.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use flows_core::function::{ErrorAction, FoldError, StatefulProcessor, fold};
 use flows_core::{
-    EncodedRecord, PersistenceId, ProcessError, RawMessage, RepositoryError, SingleStateRepository,
+    EncodedRecord, PersistenceId, ProcessError, RawMessage, RawState, RepositoryError,
+    SingleStateRepository,
 };
+
+use crate::state_cache::StateCache;
 
 /// How many times a batch re-reads and re-folds the states whose write conflicted
 /// before giving up (a conflict means another writer changed the state in between).
@@ -84,6 +89,23 @@ where
     P: StatefulProcessor + ?Sized,
     R: SingleStateRepository + ?Sized,
 {
+    apply_batch_cached(processor, store, messages, on_error, still_owner, None).await
+}
+
+/// [`apply_batch_while_owner`] reading states from `cache` before the store, and
+/// keeping the states it wrote there.
+pub(crate) async fn apply_batch_cached<P, R>(
+    processor: &P,
+    store: &R,
+    messages: &[RawMessage],
+    on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
+    still_owner: &(dyn Fn() -> bool + Send + Sync),
+    cache: Option<&Mutex<StateCache>>,
+) -> Result<Vec<EncodedRecord>, BatchError>
+where
+    P: StatefulProcessor + ?Sized,
+    R: SingleStateRepository + ?Sized,
+{
     let mut outputs: Vec<Vec<EncodedRecord>> = vec![Vec::new(); messages.len()];
     // Ids in first-seen order, and for each the indices of its messages in input order.
     let mut group_of: HashMap<PersistenceId, usize> = HashMap::new();
@@ -122,9 +144,11 @@ where
     // conflicting ones: an atomic store wrote none of the batch, and in a non-atomic one
     // the states that were written now replay their stored outputs instead of applying.
     let mut last_conflict = Vec::new();
-    for _attempt in 0..=MAX_CONFLICT_RETRIES {
-        // `get_all` answers in request order, one state per id.
-        let states = store.get_all(&ids).await?;
+    for attempt in 0..=MAX_CONFLICT_RETRIES {
+        // Cached states are taken out: whatever happens next, a state goes back only
+        // as written, and a retry after a conflict reads the store.
+        let cache = cache.filter(|_| attempt == 0);
+        let states = read_states(store, &ids, cache).await?;
         let mut writes = Vec::with_capacity(states.len());
         let mut folded: Vec<Vec<EncodedRecord>> = Vec::with_capacity(messages.len());
         for (state, indices) in states.into_iter().zip(&members) {
@@ -134,7 +158,11 @@ where
             writes.extend(outcome.write);
         }
         match store.upsert_all(&writes).await {
-            Ok(_) => {
+            Ok(written) => {
+                if let Some(cache) = cache {
+                    let mut cache = lock(cache);
+                    written.into_iter().for_each(|state| cache.put(state));
+                }
                 let indices = members.iter().flatten();
                 for (&index, records) in indices.zip(folded) {
                     outputs[index] = records;
@@ -155,4 +183,208 @@ where
         }
     }
     Err(BatchError::PersistentConflict { ids: last_conflict })
+}
+
+/// The states of `ids` in request order: from `cache` where present, the rest from one
+/// `get_all`.
+async fn read_states<R: SingleStateRepository + ?Sized>(
+    store: &R,
+    ids: &[PersistenceId],
+    cache: Option<&Mutex<StateCache>>,
+) -> Result<Vec<RawState>, RepositoryError> {
+    let Some(cache) = cache else {
+        // `get_all` answers in request order, one state per id.
+        return store.get_all(ids).await;
+    };
+    let mut cached: Vec<Option<RawState>> = {
+        let mut cache = lock(cache);
+        ids.iter().map(|id| cache.take(id)).collect()
+    };
+    let missing: Vec<PersistenceId> = ids
+        .iter()
+        .zip(&cached)
+        .filter(|(_, state)| state.is_none())
+        .map(|(id, _)| id.clone())
+        .collect();
+    let mut read = if missing.is_empty() {
+        Vec::new()
+    } else {
+        store.get_all(&missing).await?
+    }
+    .into_iter();
+    for slot in cached.iter_mut().filter(|slot| slot.is_none()) {
+        *slot = read.next();
+    }
+    // `get_all` returns one state per requested id; anything else is a store bug.
+    cached
+        .into_iter()
+        .zip(ids)
+        .map(|(state, id)| {
+            state.ok_or_else(|| {
+                RepositoryError::Backend(format!("get_all returned no state for {id}").into())
+            })
+        })
+        .collect()
+}
+
+fn lock(cache: &Mutex<StateCache>) -> std::sync::MutexGuard<'_, StateCache> {
+    // The cache holds no invariant a panic could break halfway: keep using it.
+    cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+    use flows_core::function::{PersistenceIdFn, StatefulFunction};
+    use flows_core::{Capabilities, Json, MemoryStateRepository, Record, Topic, Utf8};
+
+    use super::*;
+    use crate::state_cache::StateCacheLimits;
+
+    fn counter() -> StatefulFunction<i64> {
+        StatefulFunction::new(Json::<i64>::new()).one_to_one(
+            Topic::new("words", Utf8, Utf8),
+            Topic::new("counts", Utf8, Json::<i64>::new()),
+            PersistenceIdFn::key(),
+            |count, word| {
+                let count = count.copied().unwrap_or(0) + 1;
+                Ok((count, Record::new(word.key, count)))
+            },
+        )
+    }
+
+    fn words(first_offset: i64, words: &[&str]) -> Vec<RawMessage> {
+        words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let bytes = Some(w.as_bytes());
+                RawMessage::raw("words", 0, first_offset + i as i64, bytes, bytes)
+            })
+            .collect()
+    }
+
+    fn counts(outputs: &[EncodedRecord]) -> Vec<i64> {
+        outputs
+            .iter()
+            .map(|r| serde_json::from_slice(r.value.as_deref().unwrap_or_default()).unwrap_or(-1))
+            .collect()
+    }
+
+    /// The in-memory store, recording the ids it is asked to read and failing the next
+    /// write on demand.
+    #[derive(Default)]
+    struct Spy {
+        inner: MemoryStateRepository,
+        reads: Mutex<Vec<String>>,
+        fail_next_write: AtomicBool,
+    }
+
+    impl Spy {
+        fn reads(&self) -> Vec<String> {
+            std::mem::take(&mut *lock_reads(&self.reads))
+        }
+    }
+
+    fn lock_reads(reads: &Mutex<Vec<String>>) -> std::sync::MutexGuard<'_, Vec<String>> {
+        reads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    #[async_trait]
+    impl SingleStateRepository for Spy {
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+        async fn get_all(&self, ids: &[PersistenceId]) -> Result<Vec<RawState>, RepositoryError> {
+            lock_reads(&self.reads).extend(ids.iter().map(|id| id.as_str().to_owned()));
+            self.inner.get_all(ids).await
+        }
+        async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
+            if self.fail_next_write.swap(false, Ordering::SeqCst) {
+                return Err(RepositoryError::Unavailable("injected".into()));
+            }
+            self.inner.upsert_all(states).await
+        }
+    }
+
+    async fn run(
+        f: &StatefulFunction<i64>,
+        store: &Spy,
+        cache: &Mutex<StateCache>,
+        batch: &[RawMessage],
+    ) -> Result<Vec<EncodedRecord>, BatchError> {
+        let abort = |_: &RawMessage, _: &ProcessError| ErrorAction::Abort;
+        apply_batch_cached(f, store, batch, &abort, &|| true, Some(cache)).await
+    }
+
+    #[tokio::test]
+    async fn states_written_by_a_batch_are_not_read_again_by_the_next() {
+        let (f, store) = (counter(), Spy::default());
+        let cache = Mutex::new(StateCache::new(StateCacheLimits::default()));
+        let first = run(&f, &store, &cache, &words(0, &["a", "b", "a"])).await;
+        assert_eq!(counts(&first.expect("first")), [1, 1, 2]);
+        assert_eq!(store.reads(), ["a", "b"]);
+        let second = run(&f, &store, &cache, &words(3, &["b", "c", "a"])).await;
+        assert_eq!(counts(&second.expect("second")), [2, 1, 3]);
+        assert_eq!(store.reads(), ["c"], "a and b came from the cache");
+        // The last batch again (not committed before a crash, say), served from the
+        // cache: its stored outputs, nothing counted twice.
+        let replay = run(&f, &store, &cache, &words(3, &["b", "c", "a"])).await;
+        assert_eq!(counts(&replay.expect("replay")), [2, 1, 3]);
+        assert!(store.reads().is_empty());
+        let a = store.inner.get(&PersistenceId::new("a").expect("id")).await;
+        assert_eq!(a.expect("a").content.as_deref(), Some(&b"3"[..]));
+    }
+
+    #[tokio::test]
+    async fn a_state_changed_behind_the_cache_conflicts_and_is_read_again() {
+        let (f, store) = (counter(), Spy::default());
+        let cache = Mutex::new(StateCache::new(StateCacheLimits::default()));
+        run(&f, &store, &cache, &words(0, &["a"]))
+            .await
+            .expect("first");
+        // Another instance (after a rebalance, say) counts three more "a" in between.
+        let other = Mutex::new(StateCache::new(StateCacheLimits::disabled()));
+        let elsewhere: Vec<RawMessage> = (0..3)
+            .map(|i| RawMessage::raw("words", 1, i, Some(&b"a"[..]), Some(&b"a"[..])))
+            .collect();
+        run(&f, &store, &other, &elsewhere)
+            .await
+            .expect("other instance");
+        store.reads();
+        let out = run(&f, &store, &cache, &words(1, &["a"]))
+            .await
+            .expect("second");
+        assert_eq!(
+            counts(&out),
+            [5],
+            "the stale cached count (1) must not be used"
+        );
+        assert_eq!(store.reads(), ["a"], "the conflict re-read the store");
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_write_the_batch_reads_the_store_again() {
+        let (f, store) = (counter(), Spy::default());
+        let cache = Mutex::new(StateCache::new(StateCacheLimits::default()));
+        run(&f, &store, &cache, &words(0, &["a"]))
+            .await
+            .expect("first");
+        store.reads();
+        store.fail_next_write.store(true, Ordering::SeqCst);
+        let failed = run(&f, &store, &cache, &words(1, &["a"])).await;
+        assert!(matches!(failed, Err(BatchError::Store(_))), "{failed:?}");
+        assert!(store.reads().is_empty(), "the first attempt used the cache");
+        // The retry of the batch (the worker's backoff loop) cannot use a cached copy:
+        // the write may or may not have happened.
+        let retried = run(&f, &store, &cache, &words(1, &["a"])).await;
+        assert_eq!(counts(&retried.expect("retry")), [2]);
+        assert_eq!(store.reads(), ["a"]);
+    }
 }

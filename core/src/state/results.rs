@@ -134,6 +134,11 @@ impl LastResults {
         self.0.iter()
     }
 
+    /// Bytes of the stored results, all partitions together.
+    pub fn encoded_len(&self) -> usize {
+        self.0.values().map(|r| r.encoded.len()).sum()
+    }
+
     /// Whether no results are stored.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
