@@ -14,10 +14,10 @@
 //! migrating stored data. An empty blob means "no progress", which is how a job is moved
 //! to a mirrored Kafka cluster (stop, clear the internal column, start).
 
+mod partition_map;
 pub mod proto;
 mod results;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use prost::bytes::Bytes;
@@ -27,6 +27,7 @@ use prost::Message as _;
 
 use crate::id::PersistenceId;
 use crate::message::{Headers, TopicPartition};
+use partition_map::PartitionMap;
 
 pub use results::{LastResults, PartitionResults};
 
@@ -63,7 +64,7 @@ impl EncodedRecord {
 
 /// Last applied offset per topic-partition.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Progress(BTreeMap<TopicPartition, i64>);
+pub struct Progress(PartitionMap<i64>);
 
 impl Progress {
     /// The last applied offset of `tp`, if any input from it was applied.
@@ -78,7 +79,7 @@ impl Progress {
 
     /// Records `offset` as the last applied offset of `tp`. Progress never moves back.
     pub fn record(&mut self, tp: TopicPartition, offset: i64) {
-        let entry = self.0.entry(tp).or_insert(offset);
+        let entry = self.0.get_or_insert_with(tp, || offset);
         *entry = (*entry).max(offset);
     }
 

@@ -14,6 +14,7 @@ use prost::bytes::{BufMut, Bytes};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
 use crate::message::{Header, TopicPartition};
+use crate::state::partition_map::PartitionMap;
 use crate::state::{EncodedRecord, StateCodecError, proto};
 
 /// The outputs of one topic-partition's inputs applied by the last write from it, as
@@ -93,7 +94,7 @@ impl PartitionResults {
 
 /// The outputs of the inputs applied by the last write from each topic-partition.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LastResults(BTreeMap<TopicPartition, PartitionResults>);
+pub struct LastResults(PartitionMap<PartitionResults>);
 
 impl LastResults {
     /// The stored outputs of input `offset` of `tp`, if it was applied by the last write
@@ -151,7 +152,7 @@ impl LastResults {
 
     /// Rebuilds the results from stored `PartitionResults` messages.
     pub(crate) fn from_stored(stored: Vec<Bytes>) -> Result<Self, StateCodecError> {
-        let mut results = BTreeMap::new();
+        let mut results = PartitionMap::default();
         for encoded in stored {
             let (tp, partition) = PartitionResults::from_stored(encoded)?;
             results.insert(tp, partition);
