@@ -46,7 +46,11 @@ impl SqliteStore {
         let options = options
             .create_if_missing(true)
             .busy_timeout(Duration::from_secs(30))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // Batched statements differ by their number of rows, and each prepared one
+            // holds its program per connection: keep few (the full 500-row chunks are
+            // the ones that repeat).
+            .statement_cache_capacity(16);
         let options = if in_memory {
             options
         } else {
