@@ -112,6 +112,15 @@ where
     let mut ids: Vec<PersistenceId> = Vec::new();
     let mut members: Vec<Vec<usize>> = Vec::new();
     for (index, message) in messages.iter().enumerate() {
+        // A key seen earlier in the batch is an id already validated: no new id.
+        let seen = processor
+            .id_is_key(message)
+            .and_then(|key| std::str::from_utf8(key).ok())
+            .and_then(|key| group_of.get(key));
+        if let Some(&group) = seen {
+            members[group].push(index);
+            continue;
+        }
         match processor.persistence_id(message) {
             Ok(id) => {
                 let group = *group_of.entry(id).or_insert_with_key(|id| {

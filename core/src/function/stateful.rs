@@ -55,6 +55,15 @@ pub trait StatefulProcessor: Send + Sync {
     /// The key of the state a message belongs to.
     fn persistence_id(&self, message: &RawMessage) -> Result<PersistenceId, ProcessError>;
 
+    /// The message key, when the persistence id of `message` is its key unchanged
+    /// ([`PersistenceIdFn::Key`]): lets an engine group a batch by borrowed keys and
+    /// call [`persistence_id`](Self::persistence_id) once per distinct key, not once per
+    /// message. `None` (the default) means "ask `persistence_id`".
+    fn id_is_key<'m>(&self, message: &'m RawMessage) -> Option<&'m [u8]> {
+        let _ = message;
+        None
+    }
+
     /// Applies `messages` (all of state `id`, in offset order, none applied before) to
     /// `content`, decoding it once and encoding the result once.
     ///
@@ -123,6 +132,8 @@ type ApplyFn<S> =
 
 struct Handler<S> {
     id: Box<IdFn>,
+    /// Whether `id` is the raw message key ([`PersistenceIdFn::Key`]).
+    id_is_key: bool,
     apply: Box<ApplyFn<S>>,
 }
 
@@ -161,10 +172,12 @@ impl<S: Send + Sync + 'static> StatefulFunction<S> {
     ) -> Self {
         let id_topic = input.clone();
         let decoder = input.clone();
+        let id_is_key = matches!(id, PersistenceIdFn::Key);
         self.handlers.insert(
             input.shared_name(),
             Handler {
                 id: Box::new(move |raw| id.resolve(&id_topic, raw)),
+                id_is_key,
                 apply: Box::new(move |state, raw| {
                     apply(state, decoder.decode(raw)?, raw.timestamp)
                 }),
@@ -264,6 +277,15 @@ impl<S: Send + Sync + 'static> StatefulProcessor for StatefulFunction<S> {
 
     fn persistence_id(&self, message: &RawMessage) -> Result<PersistenceId, ProcessError> {
         (self.handler_for(message)?.id)(message)
+    }
+
+    fn id_is_key<'m>(&self, message: &'m RawMessage) -> Option<&'m [u8]> {
+        let handler = self.handler_for(message).ok()?;
+        if handler.id_is_key {
+            message.key.as_deref()
+        } else {
+            None
+        }
     }
 
     fn apply(
@@ -371,6 +393,25 @@ mod tests {
             f.persistence_id(&binary).unwrap_err().kind(),
             "persistence-id"
         );
+    }
+
+    #[test]
+    fn only_a_key_id_function_lends_the_key() {
+        let by_key = counter();
+        assert_eq!(by_key.id_is_key(&word(0, "a")), Some(&b"a"[..]));
+        let other_topic = RawMessage::raw("other", 0, 0, Some(b"a"), Some(b"a"));
+        assert_eq!(by_key.id_is_key(&other_topic), None);
+        let by_value = StatefulFunction::new(Json::<i64>::new()).one_to_one(
+            Topic::new("words", Utf8, Utf8),
+            Topic::new("counts", Utf8, Json::<i64>::new()),
+            PersistenceIdFn::from_fn(|m: &Message<String, String>| {
+                Ok(PersistenceId::new(&m.value)?)
+            }),
+            |count: Option<&i64>, word| {
+                Ok((count.copied().unwrap_or(0) + 1, Record::new(word.key, 1)))
+            },
+        );
+        assert_eq!(by_value.id_is_key(&word(0, "a")), None);
     }
 
     #[test]
