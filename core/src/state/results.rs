@@ -41,14 +41,22 @@ impl PartitionResults {
         inputs: impl IntoIterator<Item = (i64, &'a [EncodedRecord])>,
     ) -> (Self, usize) {
         let mut written = 0;
-        let mut buf = Vec::new();
+        // Sized up front: one allocation, no copies while growing.
+        let inputs: Vec<(i64, &[EncodedRecord], usize)> = inputs
+            .into_iter()
+            .filter(|(_, outputs)| !outputs.is_empty())
+            .map(|(offset, outputs)| (offset, outputs, input_len(offset, outputs)))
+            .collect();
+        let size = str_len(1, tp.topic.as_bytes())
+            + int_len(2, i64::from(tp.partition))
+            + inputs
+                .iter()
+                .map(|(_, _, len)| key_len(3) + encoded_len_varint(*len as u64) + len)
+                .sum::<usize>();
+        let mut buf = Vec::with_capacity(size);
         put_str(1, &tp.topic, &mut buf);
         put_int(2, i64::from(tp.partition), &mut buf);
-        for (offset, outputs) in inputs {
-            if outputs.is_empty() {
-                continue;
-            }
-            let len = input_len(offset, outputs);
+        for (offset, outputs, len) in inputs {
             encode_key(3, WireType::LengthDelimited, &mut buf);
             encode_varint(len as u64, &mut buf);
             put_int(1, offset, &mut buf);
@@ -59,6 +67,11 @@ impl PartitionResults {
             }
             written += 1;
         }
+        debug_assert!(
+            buf.len() <= size,
+            "results sized {size}, encoded {}",
+            buf.len()
+        );
         let results = Self {
             encoded: buf.into(),
         };
