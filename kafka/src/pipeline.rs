@@ -19,7 +19,7 @@ use flows_core::{
 
 use crate::error::EngineError;
 use crate::policy::{ErrorPolicy, Fallback};
-use crate::state_cache::{StateCache, StateCacheLimits};
+use crate::state_cache::{self, StateCache, StateCacheLimits};
 use crate::stateful::{BatchError, apply_batch_cached};
 
 /// Decides what a failed message becomes (from the pipeline's [`ErrorPolicy`]).
@@ -186,12 +186,9 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         on_error: &OnError<'_>,
         still_owner: &StillOwner<'_>,
     ) -> Result<Vec<EncodedRecord>, StageError> {
-        let enabled = self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_enabled();
-        let cache = enabled.then_some(&self.cache);
+        let cache = state_cache::lock(&self.cache)
+            .is_enabled()
+            .then_some(&self.cache);
         Ok(apply_batch_cached(
             &self.function,
             &self.store,
@@ -205,10 +202,7 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
 
     fn set_state_cache(&self, limits: StateCacheLimits) {
         let limits = Self::allowed(&self.store, limits);
-        *self
-            .cache
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = StateCache::new(limits);
+        *state_cache::lock(&self.cache) = StateCache::new(limits);
     }
 }
 

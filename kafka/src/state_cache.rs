@@ -14,6 +14,7 @@
 //! A state read from either is taken out (it is about to be folded and rewritten).
 
 use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use flows_core::{PersistenceId, RawState};
 
@@ -109,6 +110,12 @@ impl StateCache {
     fn len(&self) -> usize {
         self.young.states.len() + self.old.states.len()
     }
+}
+
+/// Locks a pipeline's cache. It holds no invariant a panic could break halfway, so a
+/// poisoned lock is used as it is.
+pub(crate) fn lock(cache: &Mutex<StateCache>) -> MutexGuard<'_, StateCache> {
+    cache.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// What a cached state costs, approximately: its id, content and stored outputs.

@@ -15,7 +15,7 @@ use flows_core::{
     SingleStateRepository,
 };
 
-use crate::state_cache::StateCache;
+use crate::state_cache::{StateCache, lock};
 
 /// How many times a batch re-reads and re-folds the states whose write conflicted
 /// before giving up (a conflict means another writer changed the state in between).
@@ -234,13 +234,6 @@ async fn read_states<R: SingleStateRepository + ?Sized>(
             })
         })
         .collect()
-}
-
-fn lock(cache: &Mutex<StateCache>) -> std::sync::MutexGuard<'_, StateCache> {
-    // The cache holds no invariant a panic could break halfway: keep using it.
-    cache
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
