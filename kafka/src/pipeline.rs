@@ -393,3 +393,49 @@ impl Pipeline {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use flows_core::function::StatefulFunction;
+    use flows_core::{Capabilities, Json, MemoryStateRepository, PersistenceId, RawState};
+
+    use super::*;
+
+    /// The in-memory store, declaring last-write-wins fencing.
+    struct LastWriteWins(MemoryStateRepository);
+
+    #[async_trait]
+    impl SingleStateRepository for LastWriteWins {
+        fn capabilities(&self) -> Capabilities {
+            let mut capabilities = self.0.capabilities();
+            capabilities.versioned_last_write_wins = true;
+            capabilities
+        }
+        async fn get_all(&self, ids: &[PersistenceId]) -> Result<Vec<RawState>, RepositoryError> {
+            self.0.get_all(ids).await
+        }
+        async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
+            self.0.upsert_all(states).await
+        }
+    }
+
+    fn cache_enabled<R: SingleStateRepository>(
+        stage: &StatefulStage<StatefulFunction<i64>, R>,
+    ) -> bool {
+        state_cache::lock(&stage.cache).is_enabled()
+    }
+
+    #[test]
+    fn a_store_that_cannot_report_stale_writes_gets_no_state_cache() {
+        let function = || StatefulFunction::new(Json::<i64>::new());
+        let conflicts = StatefulStage::new(function(), MemoryStateRepository::new());
+        assert!(cache_enabled(&conflicts));
+        let lww = StatefulStage::new(function(), LastWriteWins(MemoryStateRepository::new()));
+        assert!(!cache_enabled(&lww));
+        // Not even when asked for explicitly.
+        lww.set_state_cache(StateCacheLimits::default());
+        assert!(!cache_enabled(&lww));
+        conflicts.set_state_cache(StateCacheLimits::disabled());
+        assert!(!cache_enabled(&conflicts));
+    }
+}
