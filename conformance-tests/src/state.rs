@@ -139,7 +139,7 @@ pub async fn over_sized_state_rejected_and_nothing_written(factory: StateFactory
 
 fn record(topic: &str, n: u8) -> EncodedRecord {
     EncodedRecord {
-        topic: topic.to_owned(),
+        topic: topic.into(),
         partition: n.is_multiple_of(2).then_some(i32::from(n)),
         key: (!n.is_multiple_of(3)).then(|| vec![n, 0, 255]),
         value: (!n.is_multiple_of(4)).then(|| format!("v{n}").into_bytes()),

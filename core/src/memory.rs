@@ -1,14 +1,17 @@
 //! In-memory stores: the reference model the conformance suite compares every backend
 //! with, and a zero-setup store for demos and tests. Nothing survives the process.
 
-use std::collections::HashMap;
+// foldhash: keys come from input messages, hashed per message; a seeded fast hash.
+use foldhash::{HashMap, HashMapExt};
 use std::marker::PhantomData;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 
 use crate::id::PersistenceId;
-use crate::repository::{Capabilities, RepositoryError, SingleStateRepository, prepare_writes};
+use crate::repository::{
+    Capabilities, RepositoryError, SingleStateRepository, check_writes, written_at,
+};
 use crate::row::{
     ChangeBatch, PrimaryKey, Row, TableSchema, UpsertRepository, Value, rows_in_request_order,
 };
@@ -89,22 +92,30 @@ impl SingleStateRepository for MemoryStateRepository {
     }
 
     async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
-        let writes = prepare_writes(states, &self.capabilities)?;
+        // Nothing is encoded: the internal blob's size is computed for the size check.
+        check_writes(states, &self.capabilities)?;
+        let now = crate::state::now();
         let mut stored = self.lock();
         // All or nothing: every version is checked before anything is written.
-        let conflicts: Vec<PersistenceId> = writes
+        let conflicts: Vec<PersistenceId> = states
             .iter()
-            .filter(|w| stored.get(w.id()).map_or(0, |s| s.version) != w.expected_version)
-            .map(|w| w.id().clone())
+            .filter(|state| stored.get(&state.id).map_or(0, |s| s.version) != state.version)
+            .map(|state| state.id.clone())
             .collect();
         if !conflicts.is_empty() {
             return Err(RepositoryError::Conflict { ids: conflicts });
         }
-        Ok(writes
+        Ok(states
             .iter()
-            .map(|w| {
-                let written = w.written();
-                stored.insert(written.id.clone(), written.clone());
+            .map(|state| {
+                let written = written_at(state, now);
+                match stored.get_mut(&written.id) {
+                    // Overwritten in place, reusing the stored state's buffers.
+                    Some(slot) => slot.clone_from(&written),
+                    None => {
+                        stored.insert(written.id.clone(), written.clone());
+                    }
+                }
                 written
             })
             .collect())
@@ -114,7 +125,7 @@ impl SingleStateRepository for MemoryStateRepository {
 /// An [`UpsertRepository`] in a mutex-guarded map. Batches are atomic.
 pub struct MemoryUpsertRepository<T> {
     schema: TableSchema,
-    rows: Mutex<HashMap<PrimaryKey, Vec<Value>>>,
+    rows: Mutex<std::collections::HashMap<PrimaryKey, Vec<Value>>>,
     _row: PhantomData<fn() -> T>,
 }
 
@@ -129,7 +140,7 @@ impl<T: Row> MemoryUpsertRepository<T> {
     pub fn new() -> Self {
         Self {
             schema: T::schema(),
-            rows: Mutex::new(HashMap::new()),
+            rows: Mutex::new(std::collections::HashMap::new()),
             _row: PhantomData,
         }
     }
@@ -152,7 +163,7 @@ impl<T: Row> MemoryUpsertRepository<T> {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PrimaryKey, Vec<Value>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<PrimaryKey, Vec<Value>>> {
         self.rows
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

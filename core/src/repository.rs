@@ -255,50 +255,65 @@ impl PreparedWrite<'_> {
 
     /// The state as it is once this write succeeded.
     pub fn written(&self) -> RawState {
-        State {
-            version: self.new_version,
-            created_at: Some(self.created_at),
-            updated_at: Some(self.updated_at),
-            ..self.state.clone()
-        }
+        written_at(self.state, self.updated_at)
     }
 }
 
-/// Validates a batch of writes (no duplicate ids, every state within
-/// `capabilities.max_state_size`) and computes versions and timestamps.
+/// `state` as a store holds it once written at `now`: the next version, its creation
+/// time kept (or `now` for a new state), updated `now`.
+pub fn written_at(state: &RawState, now: DateTime<Utc>) -> RawState {
+    State {
+        version: state.version + 1,
+        created_at: Some(state.created_at.unwrap_or(now)),
+        updated_at: Some(now),
+        ..state.clone()
+    }
+}
+
+/// Checks a batch of writes: no duplicate ids, every state (content and internal blob)
+/// within `capabilities.max_state_size`. Sizes are computed, not encoded.
+pub fn check_writes(
+    states: &[RawState],
+    capabilities: &Capabilities,
+) -> Result<(), RepositoryError> {
+    let mut seen = HashSet::with_capacity(states.len());
+    for state in states {
+        if !seen.insert(&state.id) {
+            return Err(RepositoryError::DuplicateId {
+                id: state.id.clone(),
+            });
+        }
+        let size = state.encoded_internal_len() + state.content.as_ref().map_or(0, Vec::len);
+        if size > capabilities.max_state_size {
+            return Err(RepositoryError::StateTooLarge {
+                id: state.id.clone(),
+                size,
+                max: capabilities.max_state_size,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Validates a batch of writes ([`check_writes`]), encodes each state's internal blob
+/// and computes versions and timestamps.
 pub fn prepare_writes<'a>(
     states: &'a [RawState],
     capabilities: &Capabilities,
 ) -> Result<Vec<PreparedWrite<'a>>, RepositoryError> {
+    check_writes(states, capabilities)?;
     let now = crate::state::now();
-    let mut seen = HashSet::with_capacity(states.len());
-    states
+    Ok(states
         .iter()
-        .map(|state| {
-            if !seen.insert(&state.id) {
-                return Err(RepositoryError::DuplicateId {
-                    id: state.id.clone(),
-                });
-            }
-            let internal = state.encode_internal();
-            let size = internal.len() + state.content.as_ref().map_or(0, Vec::len);
-            if size > capabilities.max_state_size {
-                return Err(RepositoryError::StateTooLarge {
-                    id: state.id.clone(),
-                    size,
-                    max: capabilities.max_state_size,
-                });
-            }
-            Ok(PreparedWrite {
-                state,
-                internal,
-                expected_version: state.version,
-                new_version: state.version + 1,
-                created_at: state.created_at.unwrap_or(now),
-                updated_at: now,
-            })
+        .map(|state| PreparedWrite {
+            state,
+            internal: state.encode_internal(),
+            expected_version: state.version,
+            new_version: state.version + 1,
+            created_at: state.created_at.unwrap_or(now),
+            updated_at: now,
         })
-        .collect()
+        .collect())
 }
 
 /// Arranges the states a backend found into request order: duplicates repeated, missing

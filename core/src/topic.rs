@@ -151,7 +151,7 @@ impl<K, V> Topic<K, V> {
             .encode_payload(&record.value)
             .map_err(|source| self.error("encode", Part::Value, source))?;
         Ok(EncodedRecord {
-            topic: self.name.to_string(),
+            topic: Arc::clone(&self.name),
             partition: record.partition,
             key,
             value,

@@ -90,7 +90,7 @@ pub async fn produce(brokers: &str, records: &[EncodedRecord]) {
 /// A record with a UTF-8 key and value.
 pub fn text_record(topic: &str, partition: Option<i32>, key: &str, value: &str) -> EncodedRecord {
     EncodedRecord {
-        topic: topic.to_owned(),
+        topic: topic.into(),
         partition,
         key: Some(key.as_bytes().to_vec()),
         value: Some(value.as_bytes().to_vec()),

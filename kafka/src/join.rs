@@ -124,7 +124,7 @@ impl Join {
 /// The intermediate record of `message` for the state `id`: value, headers and
 /// timestamp unchanged, key = `id`, source topic and key in headers.
 pub fn intermediate_record(
-    intermediate_topic: &str,
+    intermediate_topic: impl Into<Arc<str>>,
     id: &PersistenceId,
     message: &RawMessage,
 ) -> EncodedRecord {
@@ -134,7 +134,7 @@ pub fn intermediate_record(
         .with(SOURCE_TOPIC_HEADER, message.topic.as_bytes().to_vec())
         .with(SOURCE_KEY_HEADER, message.key.clone());
     EncodedRecord {
-        topic: intermediate_topic.to_owned(),
+        topic: intermediate_topic.into(),
         partition: None,
         key: Some(id.as_str().as_bytes().to_vec()),
         value: message.value.clone(),
@@ -155,7 +155,11 @@ impl StatelessProcessor for StandardMapper {
 
     fn process(&self, message: &RawMessage) -> Result<Vec<EncodedRecord>, ProcessError> {
         let id = self.function.persistence_id(message)?;
-        Ok(vec![intermediate_record(&self.intermediate, &id, message)])
+        Ok(vec![intermediate_record(
+            Arc::clone(&self.intermediate),
+            &id,
+            message,
+        )])
     }
 }
 
@@ -294,7 +298,7 @@ mod tests {
             .flat_map(|m| mapper.process(m).unwrap())
             .collect();
         assert!(mid.iter().all(|r| r.key.as_deref() == Some(&b"acct-7"[..])));
-        assert!(mid.iter().all(|r| r.topic == "b-mid"));
+        assert!(mid.iter().all(|r| &*r.topic == "b-mid"));
 
         // As consumed from the intermediate topic.
         let consumed: Vec<RawMessage> = mid

@@ -134,7 +134,7 @@ pub fn dead_letter_record(
             message.offset.to_string().into_bytes(),
         );
     EncodedRecord {
-        topic: topic.to_owned(),
+        topic: topic.into(),
         partition: None,
         key: message.key.clone(),
         value: message.value.clone(),
@@ -159,7 +159,7 @@ mod tests {
             panic!("expected a dead letter");
         };
         let record = &records[0];
-        assert_eq!(record.topic, "dlq");
+        assert_eq!(&*record.topic, "dlq");
         assert_eq!(record.value.as_deref(), Some(&b"\xff"[..]));
         assert_eq!(record.key.as_deref(), Some(&b"k"[..]));
         let header = |k| record.headers.first(k).flatten();

@@ -145,7 +145,7 @@ impl OutputProducer {
                     Err((error, _)) => {
                         // Records already enqueued still report to `batch`; nobody waits.
                         return Err(EngineError::Delivery {
-                            topic: record.topic.clone(),
+                            topic: record.topic.to_string(),
                             source: error,
                         });
                     }

@@ -13,7 +13,8 @@
 //! (in states or bytes), the old generation is dropped and the young one becomes old.
 //! A state read from either is taken out (it is about to be folded and rewritten).
 
-use std::collections::HashMap;
+// foldhash: keys come from input messages, hashed per message; a seeded fast hash.
+use foldhash::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use flows_core::{PersistenceId, RawState};

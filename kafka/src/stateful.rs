@@ -6,7 +6,8 @@
 //! states → publish outputs → commit offsets), kept free of Kafka so it can be tested
 //! with any store.
 
-use std::collections::HashMap;
+// foldhash: keys come from input messages, hashed per message; a seeded fast hash.
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Mutex;
 
 use flows_core::function::{ErrorAction, FoldError, StatefulProcessor, fold};
@@ -107,61 +108,20 @@ where
     R: SingleStateRepository + ?Sized,
 {
     let mut outputs: Vec<Vec<EncodedRecord>> = vec![Vec::new(); messages.len()];
-    // Ids in first-seen order, and for each the indices of its messages in input order.
-    let mut group_of: HashMap<PersistenceId, usize> = HashMap::new();
-    let mut ids: Vec<PersistenceId> = Vec::new();
-    let mut members: Vec<Vec<usize>> = Vec::new();
-    for (index, message) in messages.iter().enumerate() {
-        // A key seen earlier in the batch is an id already validated: no new id.
-        let seen = processor
-            .id_is_key(message)
-            .and_then(|key| std::str::from_utf8(key).ok())
-            .and_then(|key| group_of.get(key));
-        if let Some(&group) = seen {
-            members[group].push(index);
-            continue;
-        }
-        match processor.persistence_id(message) {
-            Ok(id) => {
-                let group = *group_of.entry(id).or_insert_with_key(|id| {
-                    ids.push(id.clone());
-                    members.push(Vec::new());
-                    members.len() - 1
-                });
-                members[group].push(index);
-            }
-            Err(source) => match on_error(message, &source) {
-                // No state to record this in: a replay dead-letters it again, identically.
-                ErrorAction::DeadLetter(records) => outputs[index] = records,
-                ErrorAction::Abort => {
-                    return Err(BatchError::PersistenceId {
-                        topic: message.topic.to_string(),
-                        partition: message.partition,
-                        offset: message.offset,
-                        source,
-                    });
-                }
-            },
-        }
-    }
-    if ids.is_empty() {
+    let Some(groups) = Groups::of(processor, messages, on_error, &mut outputs)? else {
         return Ok(outputs.into_iter().flatten().collect());
-    }
-    drop(group_of);
+    };
 
-    // After a conflict every id of the batch is read and folded again, not only the
-    // conflicting ones: an atomic store wrote none of the batch, and in a non-atomic one
-    // the states that were written now replay their stored outputs instead of applying.
     let mut last_conflict = Vec::new();
+    let mut group: Vec<&RawMessage> = Vec::new();
     for attempt in 0..=MAX_CONFLICT_RETRIES {
-        // Cached states are taken out: whatever happens next, a state goes back only
-        // as written, and a retry after a conflict reads the store.
         let cache = cache.filter(|_| attempt == 0);
-        let states = read_states(store, &ids, cache).await?;
+        let states = read_states(store, &groups.ids, cache).await?;
         let mut writes = Vec::with_capacity(states.len());
         let mut folded: Vec<Vec<EncodedRecord>> = Vec::with_capacity(messages.len());
-        for (state, indices) in states.into_iter().zip(&members) {
-            let group: Vec<&RawMessage> = indices.iter().map(|&i| &messages[i]).collect();
+        for (state, members) in states.into_iter().zip(groups.members()) {
+            group.clear();
+            group.extend(members.iter().map(|&i| &messages[i]));
             let outcome = fold(processor, state, &group, |m, e| on_error(m, e))?;
             folded.extend(outcome.messages.into_iter().map(|m| m.outputs));
             writes.extend(outcome.write);
@@ -172,11 +132,13 @@ where
                     let mut cache = lock(cache);
                     written.into_iter().for_each(|state| cache.put(state));
                 }
-                let indices = members.iter().flatten();
-                for (&index, records) in indices.zip(folded) {
+                for (&index, records) in groups.order.iter().zip(folded) {
                     outputs[index] = records;
                 }
-                return Ok(outputs.into_iter().flatten().collect());
+                let total = outputs.iter().map(Vec::len).sum();
+                let mut flat = Vec::with_capacity(total);
+                outputs.into_iter().for_each(|records| flat.extend(records));
+                return Ok(flat);
             }
             Err(RepositoryError::Conflict { ids }) => {
                 tracing::debug!(
@@ -192,6 +154,104 @@ where
         }
     }
     Err(BatchError::PersistentConflict { ids: last_conflict })
+}
+
+/// A batch's messages grouped by persistence id: one group per distinct id, in order of
+/// first appearance, each group's messages in batch (offset) order.
+struct Groups {
+    /// The distinct ids.
+    ids: Vec<PersistenceId>,
+    /// Message indices, group after group.
+    order: Vec<usize>,
+    /// Where each group's indices end in `order`.
+    ends: Vec<usize>,
+}
+
+impl Groups {
+    /// Groups `messages`; a message whose id cannot be computed gets its dead-letter
+    /// records in `outputs` or fails the batch, by policy. `None` when no message has an
+    /// id. One map entry per distinct id and three flat vectors: no allocation per group.
+    fn of<P: StatefulProcessor + ?Sized>(
+        processor: &P,
+        messages: &[RawMessage],
+        on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
+        outputs: &mut [Vec<EncodedRecord>],
+    ) -> Result<Option<Self>, BatchError> {
+        const NO_ID: usize = usize::MAX;
+        let mut group_of: HashMap<PersistenceId, usize> = HashMap::with_capacity(messages.len());
+        let mut group_of_message = Vec::with_capacity(messages.len());
+        for (index, message) in messages.iter().enumerate() {
+            // When the id is the key, a repeated key is found without building its id.
+            let seen = processor
+                .id_is_key(message)
+                .and_then(|key| std::str::from_utf8(key).ok())
+                .and_then(|key| group_of.get(key));
+            if let Some(&group) = seen {
+                group_of_message.push(group);
+                continue;
+            }
+            match processor.persistence_id(message) {
+                Ok(id) => {
+                    let next = group_of.len();
+                    group_of_message.push(*group_of.entry(id).or_insert(next));
+                }
+                Err(source) => {
+                    group_of_message.push(NO_ID);
+                    match on_error(message, &source) {
+                        ErrorAction::DeadLetter(records) => outputs[index] = records,
+                        ErrorAction::Abort => {
+                            return Err(BatchError::PersistenceId {
+                                topic: message.topic.to_string(),
+                                partition: message.partition,
+                                offset: message.offset,
+                                source,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        if group_of.is_empty() {
+            return Ok(None);
+        }
+        // A counting sort of message indices by group keeps offset order within groups.
+        let mut ends = vec![0usize; group_of.len()];
+        for &group in group_of_message.iter().filter(|&&g| g != NO_ID) {
+            ends[group] += 1;
+        }
+        let mut next_slot = Vec::with_capacity(ends.len());
+        let mut total = 0;
+        for count in &mut ends {
+            next_slot.push(total);
+            total += *count;
+            *count = total;
+        }
+        let mut order = vec![0usize; total];
+        for (index, &group) in group_of_message.iter().enumerate() {
+            if group != NO_ID {
+                order[next_slot[group]] = index;
+                next_slot[group] += 1;
+            }
+        }
+        let mut ids: Vec<(usize, PersistenceId)> = group_of
+            .into_iter()
+            .map(|(id, group)| (group, id))
+            .collect();
+        ids.sort_unstable_by_key(|(group, _)| *group);
+        Ok(Some(Self {
+            ids: ids.into_iter().map(|(_, id)| id).collect(),
+            order,
+            ends,
+        }))
+    }
+
+    /// Each group's message indices, in the order of `ids`.
+    fn members(&self) -> impl Iterator<Item = &[usize]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(&self.ends)
+            .map(|(start, &end)| &self.order[start..end])
+    }
 }
 
 /// The states of `ids` in request order: from `cache` where present, the rest from one

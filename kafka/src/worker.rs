@@ -276,7 +276,7 @@ async fn process_batch(
 
     let dead_letters = pipeline
         .dead_letter_topic()
-        .map_or(0, |dlq| outputs.iter().filter(|r| r.topic == dlq).count());
+        .map_or(0, |dlq| outputs.iter().filter(|r| *r.topic == *dlq).count());
     if let Some(last) = batch.last() {
         control
             .next_offset

@@ -13,7 +13,7 @@ use flows_kafka::{EmbeddedKafka, KafkaConfig, OutputProducer};
 
 fn record(topic: &str, i: usize) -> EncodedRecord {
     EncodedRecord {
-        topic: topic.to_owned(),
+        topic: topic.into(),
         partition: Some((i % 3) as i32),
         key: (!i.is_multiple_of(5)).then(|| format!("key-{i}").into_bytes()),
         value: (!i.is_multiple_of(7)).then(|| vec![(i % 256) as u8; i % 50]),
@@ -54,7 +54,7 @@ fn read_back(brokers: &str, topic: &str, expected: usize) -> Vec<EncodedRecord> 
             }
         }
         records.push(EncodedRecord {
-            topic: message.topic().to_owned(),
+            topic: message.topic().into(),
             partition: Some(message.partition()),
             key: message.key().map(<[u8]>::to_vec),
             value: message.payload().map(<[u8]>::to_vec),

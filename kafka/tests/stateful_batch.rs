@@ -190,7 +190,7 @@ async fn messages_without_a_valid_id_follow_the_error_policy() {
         }])
     };
     let out = apply_batch(&f, &store, &batch, &dead_letter).await.unwrap();
-    let topics: Vec<_> = out.iter().map(|r| r.topic.as_str()).collect();
+    let topics: Vec<_> = out.iter().map(|r| &*r.topic).collect();
     assert_eq!(topics, vec!["counts", "words-dlq", "counts"]);
     assert_eq!(count_of(&store, "a").await, 2);
 }

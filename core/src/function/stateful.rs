@@ -28,7 +28,8 @@
 //! assert_eq!(applied.content.as_deref(), Some(&b"1"[..]));
 //! ```
 
-use std::collections::HashMap;
+// foldhash: keys come from input messages, hashed per message; a seeded fast hash.
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use crate::format::Format;

@@ -14,7 +14,8 @@
 //! assert_eq!(out.len(), 2);
 //! ```
 
-use std::collections::HashMap;
+// foldhash: keys come from input messages, hashed per message; a seeded fast hash.
+use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use crate::function::{FunctionError, ProcessError};
@@ -43,7 +44,7 @@ pub struct StatelessFunction {
 impl StatelessFunction {
     fn single(topic: Arc<str>, handler: Arc<ErasedStateless>) -> Self {
         Self {
-            handlers: HashMap::from([(topic, handler)]),
+            handlers: HashMap::from_iter([(topic, handler)]),
         }
     }
 
@@ -51,10 +52,10 @@ impl StatelessFunction {
     /// (same key, value, headers and timestamp bytes), to the topic named `output`.
     pub fn filter<K: 'static, V: 'static>(
         input: Topic<K, V>,
-        output: impl Into<String>,
+        output: impl Into<Arc<str>>,
         predicate: impl Fn(&Message<K, V>) -> bool + Send + Sync + 'static,
     ) -> Self {
-        let output = output.into();
+        let output: Arc<str> = output.into();
         let decoder = input.clone();
         Self::single(
             input.shared_name(),
@@ -62,7 +63,7 @@ impl StatelessFunction {
                 let message = decoder.decode(raw)?;
                 Ok(if predicate(&message) {
                     vec![EncodedRecord {
-                        topic: output.clone(),
+                        topic: Arc::clone(&output),
                         partition: None,
                         key: raw.key.clone(),
                         value: raw.value.clone(),
@@ -207,7 +208,7 @@ mod tests {
         let kept = raw("in", 1, "k", b"long");
         let out = f.process(&kept).unwrap();
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].topic, "out");
+        assert_eq!(&*out[0].topic, "out");
         assert_eq!(out[0].value, kept.value);
         assert_eq!(out[0].headers, kept.headers);
         assert_eq!(out[0].timestamp, Some(1_001));
@@ -243,11 +244,15 @@ mod tests {
             },
         );
         assert_eq!(
-            f.process(&raw("in", 0, "k", b"ab")).unwrap()[0].topic,
+            f.process(&raw("in", 0, "k", b"ab")).unwrap()[0]
+                .topic
+                .as_ref(),
             "even"
         );
         assert_eq!(
-            f.process(&raw("in", 0, "k", b"abc")).unwrap()[0].topic,
+            f.process(&raw("in", 0, "k", b"abc")).unwrap()[0]
+                .topic
+                .as_ref(),
             "odd"
         );
     }

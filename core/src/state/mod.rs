@@ -17,6 +17,7 @@
 mod partition_map;
 pub mod proto;
 mod results;
+mod wire;
 
 use std::sync::Arc;
 
@@ -34,8 +35,9 @@ pub use results::{LastResults, PartitionResults};
 /// An encoded output message, exactly as it is (or was) sent to Kafka.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct EncodedRecord {
-    /// Destination topic.
-    pub topic: String,
+    /// Destination topic (shared with the [`Topic`](crate::Topic) that encoded it, so
+    /// an output costs no copy of its topic's name).
+    pub topic: Arc<str>,
     /// Explicit partition, or `None` to partition by key.
     pub partition: Option<i32>,
     /// Encoded key (`None` is a null key).
@@ -63,8 +65,18 @@ impl EncodedRecord {
 }
 
 /// Last applied offset per topic-partition.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct Progress(PartitionMap<i64>);
+
+impl Clone for Progress {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        self.0.clone_from(&source.0);
+    }
+}
 
 impl Progress {
     /// The last applied offset of `tp`, if any input from it was applied.
@@ -109,7 +121,7 @@ pub enum StateCodecError {
 ///
 /// `S` is the content type: the user's type in functions, raw bytes ([`RawState`]) in
 /// repositories.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub struct State<S> {
     /// The key of this state.
     pub id: PersistenceId,
@@ -126,6 +138,34 @@ pub struct State<S> {
     pub created_at: Option<DateTime<Utc>>,
     /// When the state was last written.
     pub updated_at: Option<DateTime<Utc>>,
+}
+
+impl<S: Clone> Clone for State<S> {
+    fn clone(&self) -> Self {
+        Self {
+            id: self.id.clone(),
+            content: self.content.clone(),
+            progress: self.progress.clone(),
+            results: self.results.clone(),
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+
+    // Field by field, reusing this state's buffers: overwriting a stored state with its
+    // next version (same id, similar sizes) allocates nothing.
+    fn clone_from(&mut self, source: &Self) {
+        if self.id != source.id {
+            self.id = source.id.clone();
+        }
+        self.content.clone_from(&source.content);
+        self.progress.clone_from(&source.progress);
+        self.results.clone_from(&source.results);
+        self.version = source.version;
+        self.created_at = source.created_at;
+        self.updated_at = source.updated_at;
+    }
 }
 
 /// A state whose content is encoded: what repositories store.
@@ -169,25 +209,52 @@ impl<S> State<S> {
         self
     }
 
-    /// Encodes progress and last results as the versioned protobuf blob.
+    /// Encodes progress and last results as the versioned protobuf blob
+    /// (`proto::StoredInternal`), into one buffer of exactly
+    /// [`encoded_internal_len`](Self::encoded_internal_len) bytes.
     pub fn encode_internal(&self) -> Vec<u8> {
-        let v1 = proto::StoredInternalV1 {
-            progress: self
-                .progress
-                .iter()
-                .map(|(tp, offset)| proto::PartitionProgress {
-                    topic: tp.topic.to_string(),
-                    partition: tp.partition,
-                    offset,
-                })
-                .collect(),
-            results: self.results.to_stored(),
-        };
-        proto::StoredInternal {
-            version: Some(proto::stored_internal::Version::V1(v1)),
+        let v1 = self.internal_v1_len();
+        let mut buf = Vec::with_capacity(wire::delimited_len(1, v1));
+        wire::put_delimited_head(1, v1, &mut buf);
+        for (tp, offset) in self.progress.iter() {
+            wire::put_delimited_head(1, progress_len(tp, offset), &mut buf);
+            wire::put_str(1, &tp.topic, &mut buf);
+            wire::put_int(2, i64::from(tp.partition), &mut buf);
+            wire::put_int(3, offset, &mut buf);
         }
-        .encode_to_vec()
+        for results in self.results.partitions() {
+            wire::put_bytes(2, results.as_bytes(), &mut buf);
+        }
+        debug_assert_eq!(buf.len(), self.encoded_internal_len());
+        buf
     }
+
+    /// The size of [`encode_internal`](Self::encode_internal)'s blob, without encoding
+    /// it (stores check it against their size limit).
+    pub fn encoded_internal_len(&self) -> usize {
+        wire::delimited_len(1, self.internal_v1_len())
+    }
+
+    fn internal_v1_len(&self) -> usize {
+        let progress: usize = self
+            .progress
+            .iter()
+            .map(|(tp, offset)| wire::delimited_len(1, progress_len(tp, offset)))
+            .sum();
+        let results: usize = self
+            .results
+            .partitions()
+            .map(|results| wire::delimited_len(2, results.as_bytes().len()))
+            .sum();
+        progress + results
+    }
+}
+
+/// The encoded length of one `proto::PartitionProgress`.
+fn progress_len(tp: &TopicPartition, offset: i64) -> usize {
+    wire::implicit_str_len(1, &tp.topic)
+        + wire::implicit_int_len(2, i64::from(tp.partition))
+        + wire::implicit_int_len(3, offset)
 }
 
 /// Decodes the blob written by [`State::encode_internal`]. Empty bytes decode to empty
@@ -331,6 +398,61 @@ mod tests {
         state.progress = progress;
         state.results = results;
         assert_eq!(state.encode_internal(), typed);
+    }
+
+    proptest::proptest! {
+        /// The hand-written internal blob is exactly prost's encoding of
+        /// `proto::StoredInternal`, its announced length is exact, and it reads back.
+        #[test]
+        fn internal_blob_is_prosts_encoding(
+            progress in proptest::collection::vec(("[a-z]{0,3}", proptest::num::i32::ANY, proptest::num::i64::ANY), 0..4),
+            results in proptest::collection::vec(
+                ("[a-z]{0,3}", proptest::num::i32::ANY, proptest::collection::vec((proptest::num::i64::ANY, 0u8..4), 0..3)),
+                0..3,
+            ),
+        ) {
+            let mut state: RawState = State::fresh(PersistenceId::new("k").unwrap());
+            for (topic, partition, offset) in &progress {
+                state.progress.record(TopicPartition::new(topic.as_str(), *partition), *offset);
+            }
+            for (topic, partition, inputs) in results {
+                let mut inputs: Vec<(i64, Vec<EncodedRecord>)> = inputs
+                    .into_iter()
+                    .map(|(offset, n)| (offset, (0..n).map(record).collect()))
+                    .collect();
+                inputs.sort_by_key(|(offset, _)| *offset);
+                inputs.dedup_by_key(|(offset, _)| *offset);
+                state.results.replace_partition(
+                    TopicPartition::new(topic.as_str(), partition),
+                    inputs.iter().map(|(offset, records)| (*offset, records.as_slice())),
+                );
+            }
+            let theirs = proto::StoredInternal {
+                version: Some(proto::stored_internal::Version::V1(proto::StoredInternalV1 {
+                    progress: state
+                        .progress
+                        .iter()
+                        .map(|(tp, offset)| proto::PartitionProgress {
+                            topic: tp.topic.to_string(),
+                            partition: tp.partition,
+                            offset,
+                        })
+                        .collect(),
+                    results: state
+                        .results
+                        .partitions()
+                        .map(|r| Bytes::copy_from_slice(r.as_bytes()))
+                        .collect(),
+                })),
+            }
+            .encode_to_vec();
+            let ours = state.encode_internal();
+            proptest::prop_assert_eq!(&ours, &theirs);
+            proptest::prop_assert_eq!(state.encoded_internal_len(), ours.len());
+            let (progress, results) = decode_internal(ours).unwrap();
+            proptest::prop_assert_eq!(progress, state.progress);
+            proptest::prop_assert_eq!(results, state.results);
+        }
     }
 
     #[test]

@@ -6,8 +6,19 @@
 
 use crate::message::TopicPartition;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct PartitionMap<V>(Vec<(TopicPartition, V)>);
+
+impl<V: Clone> Clone for PartitionMap<V> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+
+    // Reuses the vector: a store overwriting a state allocates nothing new here.
+    fn clone_from(&mut self, source: &Self) {
+        self.0.clone_from(&source.0);
+    }
+}
 
 impl<V> Default for PartitionMap<V> {
     fn default() -> Self {

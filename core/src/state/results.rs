@@ -13,6 +13,8 @@ use prost::Message as _;
 use prost::bytes::{BufMut, Bytes};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
+use super::wire::{int_len, put_bytes, put_int, put_optional_int, put_str, str_len};
+
 use crate::message::{Header, TopicPartition};
 use crate::state::partition_map::PartitionMap;
 use crate::state::{EncodedRecord, StateCodecError, proto};
@@ -106,8 +108,18 @@ impl PartitionResults {
 }
 
 /// The outputs of the inputs applied by the last write from each topic-partition.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct LastResults(PartitionMap<PartitionResults>);
+
+impl Clone for LastResults {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        self.0.clone_from(&source.0);
+    }
+}
 
 impl LastResults {
     /// The stored outputs of input `offset` of `tp`, if it was applied by the last write
@@ -158,9 +170,9 @@ impl LastResults {
         self.0.is_empty()
     }
 
-    /// The stored `PartitionResults` messages, for the state's internal blob.
-    pub(crate) fn to_stored(&self) -> Vec<Bytes> {
-        self.0.values().map(|r| r.encoded.clone()).collect()
+    /// The results of every topic-partition, as stored (for the state's internal blob).
+    pub(crate) fn partitions(&self) -> impl Iterator<Item = &PartitionResults> {
+        self.0.values()
     }
 
     /// Rebuilds the results from stored `PartitionResults` messages.
@@ -177,39 +189,6 @@ impl LastResults {
 // Encoding by hand, from borrowed records, so that storing outputs copies their bytes
 // once instead of building owned protobuf structs first. Field for field the same as
 // prost's encoding of `proto::PartitionResults` (a test checks it).
-
-fn str_len(tag: u32, value: &[u8]) -> usize {
-    key_len(tag) + encoded_len_varint(value.len() as u64) + value.len()
-}
-
-fn put_str(tag: u32, value: &str, buf: &mut impl BufMut) {
-    // proto3: an empty string is the default and is not written.
-    if !value.is_empty() {
-        put_bytes(tag, value.as_bytes(), buf);
-    }
-}
-
-fn put_bytes(tag: u32, value: &[u8], buf: &mut impl BufMut) {
-    encode_key(tag, WireType::LengthDelimited, buf);
-    encode_varint(value.len() as u64, buf);
-    buf.put_slice(value);
-}
-
-fn int_len(tag: u32, value: i64) -> usize {
-    // Negative int32/int64 values are encoded as ten-byte varints of the i64.
-    key_len(tag) + encoded_len_varint(value as u64)
-}
-
-fn put_int(tag: u32, value: i64, buf: &mut impl BufMut) {
-    if value != 0 {
-        put_optional_int(tag, value, buf);
-    }
-}
-
-fn put_optional_int(tag: u32, value: i64, buf: &mut impl BufMut) {
-    encode_key(tag, WireType::Varint, buf);
-    encode_varint(value as u64, buf);
-}
 
 fn header_len(header: &Header) -> usize {
     let key = if header.key.is_empty() {
@@ -278,7 +257,7 @@ fn input_len(offset: i64, outputs: &[EncodedRecord]) -> usize {
 
 fn record_from_proto(r: proto::OutputRecord) -> EncodedRecord {
     EncodedRecord {
-        topic: r.topic,
+        topic: r.topic.into(),
         partition: r.partition,
         key: r.key,
         value: r.value,
@@ -303,7 +282,7 @@ mod tests {
 
     fn record_to_proto(r: &EncodedRecord) -> proto::OutputRecord {
         proto::OutputRecord {
-            topic: r.topic.clone(),
+            topic: r.topic.to_string(),
             partition: r.partition,
             key: r.key.clone(),
             value: r.value.clone(),
@@ -335,7 +314,7 @@ mod tests {
                     .into_iter()
                     .fold(Headers::new(), |h, (k, v)| h.with(k, v));
                 EncodedRecord {
-                    topic,
+                    topic: topic.into(),
                     partition,
                     key,
                     value,
