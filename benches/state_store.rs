@@ -55,7 +55,7 @@ async fn batched(store: &dyn SingleStateRepository, ids: &[PersistenceId], round
             .enumerate()
             .map(|(i, s)| next_state(s, round * 1_000_000 + (n * BATCH + i) as i64))
             .collect();
-        store.upsert_all(&writes).await.expect("upsert_all");
+        store.upsert_all(writes).await.expect("upsert_all");
     }
     start.elapsed()
 }

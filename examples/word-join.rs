@@ -92,10 +92,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let mut records = Vec::new();
     for (i, word) in words.iter().enumerate() {
-        records.push(word_topic.encode(&Record::new(word.clone(), word.clone()), None)?);
+        records.push(word_topic.encode(Record::new(word.clone(), word.clone()), None)?);
         if let Some((w, d)) = definitions.get(i / 20).filter(|_| i % 20 == 0) {
             records.push(
-                definition_topic.encode(&Record::new((*w).to_owned(), (*d).to_owned()), None)?,
+                definition_topic.encode(Record::new((*w).to_owned(), (*d).to_owned()), None)?,
             );
         }
     }

@@ -124,7 +124,7 @@ pub async fn over_sized_state_rejected_and_nothing_written(factory: StateFactory
         "{err}"
     );
     let batch = vec![with_content("small", b"x"), state];
-    let err = store.upsert_all(&batch).await.expect_err("batch must fail");
+    let err = store.upsert_all(batch.clone()).await.expect_err("batch must fail");
     assert!(
         matches!(err, RepositoryError::StateTooLarge { .. }),
         "{err}"
@@ -219,7 +219,7 @@ pub async fn versions_and_timestamps_advance(factory: StateFactory) {
 pub async fn get_all_keeps_request_order_duplicates_and_missing(factory: StateFactory) {
     let store = factory.create().await;
     store
-        .upsert_all(&[with_content("a", b"A"), with_content("b", b"B")])
+        .upsert_all(vec![with_content("a", b"A"), with_content("b", b"B")])
         .await
         .expect("write");
     let ids = [
@@ -250,7 +250,7 @@ pub async fn get_all_keeps_request_order_duplicates_and_missing(factory: StateFa
     assert!(store.get_all(&[]).await.expect("empty get_all").is_empty());
     assert!(
         store
-            .upsert_all(&[])
+            .upsert_all(Vec::new())
             .await
             .expect("empty upsert_all")
             .is_empty()
@@ -265,7 +265,7 @@ pub async fn batch_larger_than_native_limit(factory: StateFactory) {
     let states: Vec<RawState> = (0..n)
         .map(|i| with_content(&format!("batch-{i}"), &(i as u64).to_be_bytes()))
         .collect();
-    let written = store.upsert_all(&states).await.expect("large batch write");
+    let written = store.upsert_all(states.clone()).await.expect("large batch write");
     assert_eq!(written.len(), n);
     assert!(written.iter().all(|s| s.version == 1));
     let ids: Vec<_> = states.iter().map(|s| s.id.clone()).collect();
@@ -280,7 +280,7 @@ pub async fn batch_larger_than_native_limit(factory: StateFactory) {
     }
     // And a second round of conditional writes over all of them.
     let again = store
-        .upsert_all(&read)
+        .upsert_all(read.clone())
         .await
         .expect("second large batch write");
     assert!(again.iter().all(|s| s.version == 2));
@@ -300,7 +300,7 @@ pub async fn idempotent_re_upserts(factory: StateFactory) {
 
 async fn assert_conflict(store: &StateStore, states: &[RawState], expected: &[&str]) {
     let err = store
-        .upsert_all(states)
+        .upsert_all(states.to_vec())
         .await
         .expect_err("stale write must be rejected");
     match err {
@@ -371,7 +371,7 @@ pub async fn stale_batch_rejected_and_nothing_changed(factory: StateFactory) {
 pub async fn conflict_names_every_stale_id(factory: StateFactory) {
     let store = factory.create().await;
     let written = store
-        .upsert_all(&[
+        .upsert_all(vec![
             with_content("s1", b"1"),
             with_content("s2", b"2"),
             with_content("ok", b"3"),
@@ -379,7 +379,7 @@ pub async fn conflict_names_every_stale_id(factory: StateFactory) {
         .await
         .expect("write");
     store
-        .upsert_all(&written[..2])
+        .upsert_all(written[..2].to_vec())
         .await
         .expect("bump versions");
     let batch = vec![
@@ -400,7 +400,7 @@ pub async fn duplicate_ids_in_batch_rejected(factory: StateFactory) {
         with_content("d", b"2"),
     ];
     let err = store
-        .upsert_all(&batch)
+        .upsert_all(batch.clone())
         .await
         .expect_err("duplicates rejected");
     assert!(
@@ -492,7 +492,7 @@ pub async fn hostile_ids_round_trip_and_stay_distinct(factory: StateFactory) {
         &max_ascii,
     ];
     let states: Vec<RawState> = ids.iter().map(|i| with_content(i, i.as_bytes())).collect();
-    store.upsert_all(&states).await.expect("write hostile ids");
+    store.upsert_all(states.clone()).await.expect("write hostile ids");
     let requested: Vec<_> = ids.iter().map(|i| id(i)).collect();
     let read = store.get_all(&requested).await.expect("read hostile ids");
     for (i, state) in ids.iter().zip(&read) {
@@ -593,7 +593,7 @@ pub async fn stale_writes_in_a_batch_leave_newer_states_and_write_the_rest(facto
         old.with_content(b"lost".to_vec()),
         existing.with_content(b"after".to_vec()),
     ];
-    let written = store.upsert_all(&batch).await.expect("batch succeeds");
+    let written = store.upsert_all(batch.clone()).await.expect("batch succeeds");
     assert_eq!(
         written.iter().map(|s| s.version).collect::<Vec<_>>(),
         [1, 2, 2]
@@ -765,7 +765,7 @@ async fn perform(store: &dyn SingleStateRepository, op: &Op) -> Observed {
                     s.with_content(content.clone())
                 })
                 .collect();
-            observe(store.upsert_all(&writes).await)
+            observe(store.upsert_all(writes.clone()).await)
         }
         Op::StaleWrite(i, delta, content) => {
             let mut state = match store.get(&pool[*i]).await {

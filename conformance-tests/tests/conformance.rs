@@ -56,8 +56,11 @@ mod last_write_wins {
             Ok(in_request_order(ids, found))
         }
 
-        async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
-            let writes = prepare_writes(states, &self.capabilities())?;
+        async fn upsert_all(
+            &self,
+            states: Vec<RawState>,
+        ) -> Result<Vec<RawState>, RepositoryError> {
+            let writes = prepare_writes(&states, &self.capabilities())?;
             let mut stored = self.states.lock().expect("lock");
             for write in &writes {
                 let elapsed = write.state.updated_at.map_or(0, |read| {

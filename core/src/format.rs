@@ -58,6 +58,17 @@ pub trait Format<T>: Send + Sync {
         self.encode(value).map(Some)
     }
 
+    /// Encodes a value it may consume. Formats whose encoding is the value's own bytes
+    /// (bytes, UTF-8) hand them over instead of copying them.
+    fn encode_owned(&self, value: T) -> Result<Vec<u8>, FormatError> {
+        self.encode(&value)
+    }
+
+    /// [`encode_payload`](Self::encode_payload) of a value it may consume.
+    fn encode_owned_payload(&self, value: T) -> Result<Option<Vec<u8>>, FormatError> {
+        self.encode_owned(value).map(Some)
+    }
+
     /// Decodes a possibly-null Kafka payload; null is an error unless the format accepts it.
     fn decode_payload(&self, bytes: Option<&[u8]>) -> Result<T, FormatError> {
         match bytes {
@@ -80,6 +91,9 @@ impl Format<Vec<u8>> for Bytes {
     fn encode(&self, value: &Vec<u8>) -> Result<Vec<u8>, FormatError> {
         Ok(value.clone())
     }
+    fn encode_owned(&self, value: Vec<u8>) -> Result<Vec<u8>, FormatError> {
+        Ok(value)
+    }
     fn decode(&self, bytes: &[u8]) -> Result<Vec<u8>, FormatError> {
         Ok(bytes.to_vec())
     }
@@ -95,6 +109,9 @@ impl Format<String> for Utf8 {
     }
     fn encode(&self, value: &String) -> Result<Vec<u8>, FormatError> {
         Ok(value.as_bytes().to_vec())
+    }
+    fn encode_owned(&self, value: String) -> Result<Vec<u8>, FormatError> {
+        Ok(value.into_bytes())
     }
     fn decode(&self, bytes: &[u8]) -> Result<String, FormatError> {
         Ok(std::str::from_utf8(bytes)?.to_owned())
@@ -204,6 +221,15 @@ impl<T, F: Format<T>> Format<Option<T>> for Nullable<F> {
     }
     fn encode_payload(&self, value: &Option<T>) -> Result<Option<Vec<u8>>, FormatError> {
         value.as_ref().map(|v| self.0.encode(v)).transpose()
+    }
+    fn encode_owned(&self, value: Option<T>) -> Result<Vec<u8>, FormatError> {
+        match value {
+            Some(value) => self.0.encode_owned(value),
+            None => self.encode(&None),
+        }
+    }
+    fn encode_owned_payload(&self, value: Option<T>) -> Result<Option<Vec<u8>>, FormatError> {
+        value.map(|v| self.0.encode_owned(v)).transpose()
     }
     fn decode_payload(&self, bytes: Option<&[u8]>) -> Result<Option<T>, FormatError> {
         bytes.map(|b| self.0.decode(b)).transpose()

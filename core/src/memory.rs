@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use crate::id::PersistenceId;
 use crate::repository::{
-    Capabilities, RepositoryError, SingleStateRepository, check_writes, written_at,
+    Capabilities, RepositoryError, SingleStateRepository, check_writes, mark_written,
 };
 use crate::row::{
     ChangeBatch, PrimaryKey, Row, TableSchema, UpsertRepository, Value, rows_in_request_order,
@@ -91,9 +91,12 @@ impl SingleStateRepository for MemoryStateRepository {
             .collect())
     }
 
-    async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
+    async fn upsert_all(
+        &self,
+        mut states: Vec<RawState>,
+    ) -> Result<Vec<RawState>, RepositoryError> {
         // Nothing is encoded: the internal blob's size is computed for the size check.
-        check_writes(states, &self.capabilities)?;
+        check_writes(&states, &self.capabilities)?;
         let now = crate::state::now();
         let mut stored = self.lock();
         // All or nothing: every version is checked before anything is written.
@@ -105,20 +108,17 @@ impl SingleStateRepository for MemoryStateRepository {
         if !conflicts.is_empty() {
             return Err(RepositoryError::Conflict { ids: conflicts });
         }
-        Ok(states
-            .iter()
-            .map(|state| {
-                let written = written_at(state, now);
-                match stored.get_mut(&written.id) {
-                    // Overwritten in place, reusing the stored state's buffers.
-                    Some(slot) => slot.clone_from(&written),
-                    None => {
-                        stored.insert(written.id.clone(), written.clone());
-                    }
+        for state in &mut states {
+            mark_written(state, now);
+            match stored.get_mut(&state.id) {
+                // Overwritten in place, reusing the stored state's buffers.
+                Some(slot) => slot.clone_from(state),
+                None => {
+                    stored.insert(state.id.clone(), state.clone());
                 }
-                written
-            })
-            .collect())
+            }
+        }
+        Ok(states)
     }
 }
 

@@ -167,14 +167,16 @@ pub trait SingleStateRepository: Send + Sync {
 
     /// Writes one state conditionally on its version; returns it as stored.
     async fn upsert(&self, state: &RawState) -> Result<RawState, RepositoryError> {
-        let mut states = self.upsert_all(std::slice::from_ref(state)).await?;
+        let mut states = self.upsert_all(vec![state.clone()]).await?;
         states.pop().ok_or_else(|| {
             RepositoryError::Backend("upsert_all returned no state for one write".into())
         })
     }
 
     /// Writes many states, each conditionally on its version; returns them as stored.
-    async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError>;
+    /// The states are handed over, so a store can return them as written without
+    /// copying them.
+    async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError>;
 }
 
 #[async_trait]
@@ -191,7 +193,7 @@ impl<R: SingleStateRepository + ?Sized> SingleStateRepository for Arc<R> {
     async fn upsert(&self, state: &RawState) -> Result<RawState, RepositoryError> {
         (**self).upsert(state).await
     }
-    async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
+    async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
         (**self).upsert_all(states).await
     }
 }
@@ -210,7 +212,7 @@ impl<R: SingleStateRepository + ?Sized> SingleStateRepository for Box<R> {
     async fn upsert(&self, state: &RawState) -> Result<RawState, RepositoryError> {
         (**self).upsert(state).await
     }
-    async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
+    async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
         (**self).upsert_all(states).await
     }
 }
@@ -255,19 +257,18 @@ impl PreparedWrite<'_> {
 
     /// The state as it is once this write succeeded.
     pub fn written(&self) -> RawState {
-        written_at(self.state, self.updated_at)
+        let mut written = self.state.clone();
+        mark_written(&mut written, self.updated_at);
+        written
     }
 }
 
-/// `state` as a store holds it once written at `now`: the next version, its creation
-/// time kept (or `now` for a new state), updated `now`.
-pub fn written_at(state: &RawState, now: DateTime<Utc>) -> RawState {
-    State {
-        version: state.version + 1,
-        created_at: Some(state.created_at.unwrap_or(now)),
-        updated_at: Some(now),
-        ..state.clone()
-    }
+/// Turns `state` into what a store holds once it is written at `now`: the next
+/// version, its creation time kept (or `now` for a new state), updated `now`.
+pub fn mark_written(state: &mut RawState, now: DateTime<Utc>) {
+    state.version += 1;
+    state.created_at = Some(state.created_at.unwrap_or(now));
+    state.updated_at = Some(now);
 }
 
 /// Checks a batch of writes: no duplicate ids, every state (content and internal blob)

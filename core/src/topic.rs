@@ -137,25 +137,27 @@ impl<K, V> Topic<K, V> {
 
     /// Encodes a record for this topic. A record without its own timestamp gets
     /// `default_timestamp` (the input's), so re-running a function is deterministic.
+    /// The record is consumed: bytes and UTF-8 keys and values become the payload
+    /// without a copy.
     pub fn encode(
         &self,
-        record: &Record<K, V>,
+        record: Record<K, V>,
         default_timestamp: Option<i64>,
     ) -> Result<EncodedRecord, TopicFormatError> {
         let key = self
             .key_format
-            .encode_payload(&record.key)
+            .encode_owned_payload(record.key)
             .map_err(|source| self.error("encode", Part::Key, source))?;
         let value = self
             .value_format
-            .encode_payload(&record.value)
+            .encode_owned_payload(record.value)
             .map_err(|source| self.error("encode", Part::Value, source))?;
         Ok(EncodedRecord {
             topic: Arc::clone(&self.name),
             partition: record.partition,
             key,
             value,
-            headers: record.headers.clone(),
+            headers: record.headers,
             timestamp: record.timestamp.or(default_timestamp),
         })
     }
@@ -189,13 +191,13 @@ mod tests {
     fn encode_inherits_the_input_timestamp_unless_set() {
         let topic: Topic<String, Option<String>> = Topic::new("t", Utf8, Nullable(Utf8));
         let inherited = topic
-            .encode(&Record::new("k".to_owned(), None), Some(42))
+            .encode(Record::new("k".to_owned(), None), Some(42))
             .unwrap();
         assert_eq!(inherited.timestamp, Some(42));
         assert_eq!(inherited.value, None);
         let explicit = topic
             .encode(
-                &Record::new("k".to_owned(), Some("v".to_owned())).with_timestamp(7),
+                Record::new("k".to_owned(), Some("v".to_owned())).with_timestamp(7),
                 Some(42),
             )
             .unwrap();

@@ -75,7 +75,7 @@ impl Setup {
         let topic = Topic::new("words", Utf8, Utf8);
         let records = words
             .iter()
-            .map(|w| topic.encode(&Record::new(w.clone(), w.clone()), None))
+            .map(|w| topic.encode(Record::new(w.clone(), w.clone()), None))
             .collect::<Result<Vec<_>, _>>()?;
         self.feed(&records).await?;
         Ok(words)

@@ -384,7 +384,7 @@ impl<R: SingleStateRepository> SingleStateRepository for FaultyStore<R> {
         self.inner.get_all(ids).await
     }
 
-    async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
+    async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
         self.outage.check("store")?;
         if self.hold_writes.load(Ordering::SeqCst) {
             self.held.fetch_add(1, Ordering::SeqCst);

@@ -85,7 +85,7 @@ fn by_hand(batches: &[Vec<RawMessage>]) -> usize {
             counts.insert(word.key.clone(), format.encode(&count).unwrap());
             records.push(
                 output
-                    .encode(&Record::new(word.key, count), raw.timestamp)
+                    .encode(Record::new(word.key, count), raw.timestamp)
                     .unwrap(),
             );
         }

@@ -414,7 +414,10 @@ mod tests {
         async fn get_all(&self, ids: &[PersistenceId]) -> Result<Vec<RawState>, RepositoryError> {
             self.0.get_all(ids).await
         }
-        async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
+        async fn upsert_all(
+            &self,
+            states: Vec<RawState>,
+        ) -> Result<Vec<RawState>, RepositoryError> {
             self.0.upsert_all(states).await
         }
     }

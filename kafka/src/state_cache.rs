@@ -13,9 +13,13 @@
 //! (in states or bytes), the old generation is dropped and the young one becomes old.
 //! A state read from either is taken out (it is about to be folded and rewritten).
 
-// foldhash: keys come from input messages, hashed per message; a seeded fast hash.
-use foldhash::HashMap;
+use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+
+// A table of states found by their own id: no copy of the id as a separate key.
+// foldhash: ids come from input messages; a seeded fast hash.
+use foldhash::fast::RandomState;
+use hashbrown::HashTable;
 
 use flows_core::{PersistenceId, RawState};
 
@@ -49,13 +53,13 @@ impl StateCacheLimits {
 
 #[derive(Default)]
 struct Generation {
-    states: HashMap<PersistenceId, RawState>,
+    states: HashTable<RawState>,
     bytes: usize,
 }
 
 impl Generation {
-    fn take(&mut self, id: &PersistenceId) -> Option<RawState> {
-        let state = self.states.remove(id)?;
+    fn take(&mut self, hash: u64, id: &PersistenceId) -> Option<RawState> {
+        let (state, _) = self.states.find_entry(hash, |s| s.id == *id).ok()?.remove();
         self.bytes -= footprint(&state);
         Some(state)
     }
@@ -66,6 +70,7 @@ pub(crate) struct StateCache {
     limits: StateCacheLimits,
     young: Generation,
     old: Generation,
+    hasher: RandomState,
 }
 
 impl StateCache {
@@ -74,6 +79,7 @@ impl StateCache {
             limits,
             young: Generation::default(),
             old: Generation::default(),
+            hasher: RandomState::default(),
         }
     }
 
@@ -83,7 +89,10 @@ impl StateCache {
 
     /// Removes and returns the cached state of `id`, if any.
     pub(crate) fn take(&mut self, id: &PersistenceId) -> Option<RawState> {
-        self.young.take(id).or_else(|| self.old.take(id))
+        let hash = self.hasher.hash_one(id);
+        self.young
+            .take(hash, id)
+            .or_else(|| self.old.take(hash, id))
     }
 
     /// Keeps `state` (as the store now holds it), replacing any older copy.
@@ -95,15 +104,25 @@ impl StateCache {
         if size > self.limits.max_bytes / 2 {
             return;
         }
-        self.old.take(&state.id);
-        self.young.take(&state.id);
+        let hash = self.hasher.hash_one(&state.id);
+        self.old.take(hash, &state.id);
+        self.young.take(hash, &state.id);
         if self.young.states.len() >= self.limits.max_states.div_ceil(2)
             || self.young.bytes + size > self.limits.max_bytes / 2
         {
-            self.old = std::mem::take(&mut self.young);
+            // The next generation will likely fill as this one did: sized for that
+            // up front, it never rehashes on the way.
+            let next = Generation {
+                states: HashTable::with_capacity(self.young.states.len()),
+                bytes: 0,
+            };
+            self.old = std::mem::replace(&mut self.young, next);
         }
         self.young.bytes += size;
-        self.young.states.insert(state.id.clone(), state);
+        let hasher = &self.hasher;
+        self.young
+            .states
+            .insert_unique(hash, state, |s| hasher.hash_one(&s.id));
     }
 
     /// Number of states kept.

@@ -126,7 +126,7 @@ where
             folded.extend(outcome.messages.into_iter().map(|m| m.outputs));
             writes.extend(outcome.write);
         }
-        match store.upsert_all(&writes).await {
+        match store.upsert_all(writes).await {
             Ok(written) => {
                 if let Some(cache) = cache {
                     let mut cache = lock(cache);
@@ -367,7 +367,10 @@ mod tests {
             lock_reads(&self.reads).extend(ids.iter().map(|id| id.as_str().to_owned()));
             self.inner.get_all(ids).await
         }
-        async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
+        async fn upsert_all(
+            &self,
+            states: Vec<RawState>,
+        ) -> Result<Vec<RawState>, RepositoryError> {
             if self.fail_next_write.swap(false, Ordering::SeqCst) {
                 return Err(RepositoryError::Unavailable("injected".into()));
             }

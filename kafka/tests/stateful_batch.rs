@@ -127,7 +127,7 @@ impl SingleStateRepository for RacingStore {
     async fn get_all(&self, ids: &[PersistenceId]) -> Result<Vec<RawState>, RepositoryError> {
         self.inner.get_all(ids).await
     }
-    async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
+    async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
         if !self.raced.swap(true, Ordering::SeqCst) {
             let rival = self.rival.lock().unwrap().take().unwrap();
             let f = counter();

@@ -376,8 +376,8 @@ impl SingleStateRepository for CassandraStateRepository {
     /// Every state is its own statement, [`CONCURRENCY`] at a time; not atomic: with
     /// lightweight transactions, a conflict leaves the conflicting states untouched and
     /// the others written, and is reported naming every conflicting id.
-    async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
-        let writes = prepare_writes(states, &self.capabilities)?;
+    async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
+        let writes = prepare_writes(&states, &self.capabilities)?;
         match self.fencing {
             Fencing::LightweightTransactions => {
                 let calls: Vec<_> = writes.iter().map(|w| self.write_conditionally(w)).collect();

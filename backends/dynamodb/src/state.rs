@@ -377,8 +377,8 @@ impl SingleStateRepository for DynamoDbStateRepository {
         Ok(in_request_order(ids, found))
     }
 
-    async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
-        let writes = prepare_writes(states, &self.capabilities)?;
+    async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
+        let writes = prepare_writes(&states, &self.capabilities)?;
         match self.write_mode {
             WriteMode::Transactional => {
                 for chunk in chunked_by_size(

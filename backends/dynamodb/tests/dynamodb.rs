@@ -48,7 +48,7 @@ async fn largest_state_with_longest_id_fits_one_item() {
     other.id = id(&"x".repeat(PersistenceId::MAX_LEN));
     let read = store.get(&long_id).await.expect("get");
     store
-        .upsert_all(&[read, other])
+        .upsert_all(vec![read, other])
         .await
         .expect("largest states in one transaction");
 }
@@ -67,7 +67,7 @@ async fn conditional_puts_write_all_but_the_stale_states() {
         State::fresh(id("fresh")).with_content(b"x".to_vec()),
         old.with_content(b"lost".to_vec()),
     ];
-    match store.upsert_all(&batch).await {
+    match store.upsert_all(batch).await {
         Err(RepositoryError::Conflict { ids }) => assert_eq!(ids, vec![id("stale")]),
         other => panic!("expected a conflict, got {other:?}"),
     }

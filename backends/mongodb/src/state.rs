@@ -182,8 +182,8 @@ impl SingleStateRepository for MongoStateRepository {
         Ok(in_request_order(ids, found))
     }
 
-    async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
-        let writes = prepare_writes(states, &self.capabilities)?;
+    async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
+        let writes = prepare_writes(&states, &self.capabilities)?;
         let namespace = self.collection.namespace();
         let models: Vec<WriteModel> = writes
             .iter()

@@ -196,8 +196,8 @@ impl SingleStateRepository for PostgresStateRepository {
         Ok(in_request_order(ids, found))
     }
 
-    async fn upsert_all(&self, states: &[RawState]) -> Result<Vec<RawState>, RepositoryError> {
-        let writes = prepare_writes(states, &self.capabilities)?;
+    async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
+        let writes = prepare_writes(&states, &self.capabilities)?;
         if writes.is_empty() {
             return Ok(Vec::new());
         }

@@ -20,6 +20,10 @@
 
 use std::collections::BTreeMap;
 
+// A fold's per-message bookkeeping usually holds one or two entries (one message of a
+// key per batch is the common case): inline, it costs no allocation.
+use smallvec::SmallVec;
+
 use crate::function::ProcessError;
 use crate::function::stateful::StatefulProcessor;
 use crate::id::PersistenceId;
@@ -133,10 +137,10 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
     // Last offset seen per topic-partition (a state's messages nearly always come from
     // one partition, so a short list beats a map), and stored results decoded on the
     // first replay that needs them.
-    let mut last_offset: Vec<(TopicPartition, i64)> = Vec::with_capacity(1);
+    let mut last_offset: SmallVec<[(TopicPartition, i64); 1]> = SmallVec::new();
     let mut replayable: Vec<(TopicPartition, BTreeMap<i64, Vec<EncodedRecord>>)> = Vec::new();
-    let mut plans = Vec::with_capacity(messages.len());
-    let mut new_messages = Vec::with_capacity(messages.len());
+    let mut plans: SmallVec<[(TopicPartition, Plan); 2]> = SmallVec::with_capacity(messages.len());
+    let mut new_messages: SmallVec<[&RawMessage; 2]> = SmallVec::with_capacity(messages.len());
     for message in messages {
         let tp = message.topic_partition();
         match last_offset.iter_mut().find(|(seen, _)| *seen == tp) {
@@ -246,7 +250,7 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
         write.content = Some(content);
     }
     // Per topic-partition with new messages, its last applied offset (offsets ascend).
-    let mut changed: Vec<(&TopicPartition, i64)> = Vec::with_capacity(1);
+    let mut changed: SmallVec<[(&TopicPartition, i64); 1]> = SmallVec::new();
     for outcome in &outcomes {
         if matches!(
             outcome.kind,

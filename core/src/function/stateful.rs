@@ -200,7 +200,7 @@ impl<S: Send + Sync + 'static> StatefulFunction<S> {
     ) -> Self {
         self.handler(input, id, move |state, message, ts| {
             let (state, record) = f(state, message)?;
-            Ok((state, vec![output.encode(&record, ts)?]))
+            Ok((state, vec![output.encode(record, ts)?]))
         })
     }
 
@@ -232,10 +232,10 @@ impl<S: Send + Sync + 'static> StatefulFunction<S> {
             let (state, a, b) = f(state, message)?;
             let mut out = Vec::with_capacity(2);
             if let Some(a) = a {
-                out.push(first.encode(&a, ts)?);
+                out.push(first.encode(a, ts)?);
             }
             if let Some(b) = b {
-                out.push(second.encode(&b, ts)?);
+                out.push(second.encode(b, ts)?);
             }
             Ok((state, out))
         })
@@ -255,7 +255,7 @@ impl<S: Send + Sync + 'static> StatefulFunction<S> {
         self.handler(input, id, move |state, message, ts| {
             let (state, records) = f(state, message)?;
             let out = records
-                .iter()
+                .into_iter()
                 .map(|r| output.encode(r, ts))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((state, out))

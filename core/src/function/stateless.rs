@@ -114,10 +114,10 @@ impl StatelessFunction {
                 let (a, b) = f(decoder.decode(raw)?)?;
                 let mut out = Vec::with_capacity(2);
                 if let Some(a) = a {
-                    out.push(first.encode(&a, raw.timestamp)?);
+                    out.push(first.encode(a, raw.timestamp)?);
                 }
                 if let Some(b) = b {
-                    out.push(second.encode(&b, raw.timestamp)?);
+                    out.push(second.encode(b, raw.timestamp)?);
                 }
                 Ok(out)
             }),
@@ -138,7 +138,7 @@ impl StatelessFunction {
             input.shared_name(),
             Arc::new(move |raw: &RawMessage| {
                 f(decoder.decode(raw)?)?
-                    .iter()
+                    .into_iter()
                     .map(|r| output.encode(r, raw.timestamp).map_err(ProcessError::from))
                     .collect()
             }),

@@ -30,37 +30,41 @@ impl PartitionResults {
     /// Encodes `inputs` (input offset and its outputs, in ascending offset order) as the
     /// results of `tp`. Inputs without outputs are left out: replaying them emits
     /// nothing either way.
-    pub fn encode<'a>(
-        tp: &TopicPartition,
-        inputs: impl IntoIterator<Item = (i64, &'a [EncodedRecord])>,
-    ) -> Self {
+    pub fn encode<'a, I>(tp: &TopicPartition, inputs: I) -> Self
+    where
+        I: IntoIterator<Item = (i64, &'a [EncodedRecord])>,
+        I::IntoIter: Clone,
+    {
         Self::encode_counted(tp, inputs).0
     }
 
     /// [`encode`](Self::encode), also returning how many inputs were written.
-    fn encode_counted<'a>(
-        tp: &TopicPartition,
-        inputs: impl IntoIterator<Item = (i64, &'a [EncodedRecord])>,
-    ) -> (Self, usize) {
-        let mut written = 0;
-        // Sized up front: one allocation, no copies while growing.
-        let inputs: Vec<(i64, &[EncodedRecord], usize)> = inputs
+    fn encode_counted<'a, I>(tp: &TopicPartition, inputs: I) -> (Self, usize)
+    where
+        I: IntoIterator<Item = (i64, &'a [EncodedRecord])>,
+        I::IntoIter: Clone,
+    {
+        // Two passes over the inputs, sizing then writing: one exactly sized buffer, and
+        // nothing else allocated.
+        let inputs = inputs
             .into_iter()
-            .filter(|(_, outputs)| !outputs.is_empty())
-            .map(|(offset, outputs)| (offset, outputs, input_len(offset, outputs)))
-            .collect();
+            .filter(|(_, outputs)| !outputs.is_empty());
         let size = str_len(1, tp.topic.as_bytes())
             + int_len(2, i64::from(tp.partition))
             + inputs
-                .iter()
-                .map(|(_, _, len)| key_len(3) + encoded_len_varint(*len as u64) + len)
+                .clone()
+                .map(|(offset, outputs)| {
+                    let len = input_len(offset, outputs);
+                    key_len(3) + encoded_len_varint(len as u64) + len
+                })
                 .sum::<usize>();
         let mut buf = Vec::with_capacity(size);
         put_str(1, &tp.topic, &mut buf);
         put_int(2, i64::from(tp.partition), &mut buf);
-        for (offset, outputs, len) in inputs {
+        let mut written = 0;
+        for (offset, outputs) in inputs {
             encode_key(3, WireType::LengthDelimited, &mut buf);
-            encode_varint(len as u64, &mut buf);
+            encode_varint(input_len(offset, outputs) as u64, &mut buf);
             put_int(1, offset, &mut buf);
             for record in outputs {
                 encode_key(2, WireType::LengthDelimited, &mut buf);
@@ -142,11 +146,11 @@ impl LastResults {
 
     /// Replaces everything stored for `tp` with `inputs` (input offset and its outputs,
     /// in ascending offset order).
-    pub fn replace_partition<'a>(
-        &mut self,
-        tp: TopicPartition,
-        inputs: impl IntoIterator<Item = (i64, &'a [EncodedRecord])>,
-    ) {
+    pub fn replace_partition<'a, I>(&mut self, tp: TopicPartition, inputs: I)
+    where
+        I: IntoIterator<Item = (i64, &'a [EncodedRecord])>,
+        I::IntoIter: Clone,
+    {
         let (results, written) = PartitionResults::encode_counted(&tp, inputs);
         if written > 0 {
             self.0.insert(tp, results);
