@@ -124,7 +124,10 @@ pub async fn over_sized_state_rejected_and_nothing_written(factory: StateFactory
         "{err}"
     );
     let batch = vec![with_content("small", b"x"), state];
-    let err = store.upsert_all(batch.clone()).await.expect_err("batch must fail");
+    let err = store
+        .upsert_all(batch.clone())
+        .await
+        .expect_err("batch must fail");
     assert!(
         matches!(err, RepositoryError::StateTooLarge { .. }),
         "{err}"
@@ -265,7 +268,10 @@ pub async fn batch_larger_than_native_limit(factory: StateFactory) {
     let states: Vec<RawState> = (0..n)
         .map(|i| with_content(&format!("batch-{i}"), &(i as u64).to_be_bytes()))
         .collect();
-    let written = store.upsert_all(states.clone()).await.expect("large batch write");
+    let written = store
+        .upsert_all(states.clone())
+        .await
+        .expect("large batch write");
     assert_eq!(written.len(), n);
     assert!(written.iter().all(|s| s.version == 1));
     let ids: Vec<_> = states.iter().map(|s| s.id.clone()).collect();
@@ -492,7 +498,10 @@ pub async fn hostile_ids_round_trip_and_stay_distinct(factory: StateFactory) {
         &max_ascii,
     ];
     let states: Vec<RawState> = ids.iter().map(|i| with_content(i, i.as_bytes())).collect();
-    store.upsert_all(states.clone()).await.expect("write hostile ids");
+    store
+        .upsert_all(states.clone())
+        .await
+        .expect("write hostile ids");
     let requested: Vec<_> = ids.iter().map(|i| id(i)).collect();
     let read = store.get_all(&requested).await.expect("read hostile ids");
     for (i, state) in ids.iter().zip(&read) {
@@ -593,7 +602,10 @@ pub async fn stale_writes_in_a_batch_leave_newer_states_and_write_the_rest(facto
         old.with_content(b"lost".to_vec()),
         existing.with_content(b"after".to_vec()),
     ];
-    let written = store.upsert_all(batch.clone()).await.expect("batch succeeds");
+    let written = store
+        .upsert_all(batch.clone())
+        .await
+        .expect("batch succeeds");
     assert_eq!(
         written.iter().map(|s| s.version).collect::<Vec<_>>(),
         [1, 2, 2]
