@@ -11,9 +11,11 @@ use std::sync::Arc;
 
 use prost::Message as _;
 use prost::bytes::{BufMut, Bytes};
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
-use super::wire::{int_len, put_bytes, put_int, put_optional_int, put_str, str_len};
+use super::wire::{
+    delimited_len, implicit_int_len, implicit_str_len, int_len, put_bytes, put_delimited_head,
+    put_int, put_optional_int, put_str, str_len,
+};
 
 use crate::message::{Header, TopicPartition};
 use crate::state::partition_map::PartitionMap;
@@ -49,35 +51,26 @@ impl PartitionResults {
         let inputs = inputs
             .into_iter()
             .filter(|(_, outputs)| !outputs.is_empty());
-        let size = str_len(1, tp.topic.as_bytes())
-            + int_len(2, i64::from(tp.partition))
+        let size = implicit_str_len(1, &tp.topic)
+            + implicit_int_len(2, i64::from(tp.partition))
             + inputs
                 .clone()
-                .map(|(offset, outputs)| {
-                    let len = input_len(offset, outputs);
-                    key_len(3) + encoded_len_varint(len as u64) + len
-                })
+                .map(|(offset, outputs)| delimited_len(3, input_len(offset, outputs)))
                 .sum::<usize>();
         let mut buf = Vec::with_capacity(size);
         put_str(1, &tp.topic, &mut buf);
         put_int(2, i64::from(tp.partition), &mut buf);
         let mut written = 0;
         for (offset, outputs) in inputs {
-            encode_key(3, WireType::LengthDelimited, &mut buf);
-            encode_varint(input_len(offset, outputs) as u64, &mut buf);
+            put_delimited_head(3, input_len(offset, outputs), &mut buf);
             put_int(1, offset, &mut buf);
             for record in outputs {
-                encode_key(2, WireType::LengthDelimited, &mut buf);
-                encode_varint(record_len(record) as u64, &mut buf);
+                put_delimited_head(2, record_len(record), &mut buf);
                 put_record(record, &mut buf);
             }
             written += 1;
         }
-        debug_assert!(
-            buf.len() <= size,
-            "results sized {size}, encoded {}",
-            buf.len()
-        );
+        debug_assert_eq!(buf.len(), size, "results sized up front");
         let results = Self {
             encoded: buf.into(),
         };
@@ -195,30 +188,17 @@ impl LastResults {
 // prost's encoding of `proto::PartitionResults` (a test checks it).
 
 fn header_len(header: &Header) -> usize {
-    let key = if header.key.is_empty() {
-        0
-    } else {
-        str_len(1, header.key.as_bytes())
-    };
-    key + header.value.as_deref().map_or(0, |v| str_len(2, v))
+    implicit_str_len(1, &header.key) + header.value.as_deref().map_or(0, |v| str_len(2, v))
 }
 
 fn record_len(r: &EncodedRecord) -> usize {
-    let topic = if r.topic.is_empty() {
-        0
-    } else {
-        str_len(1, r.topic.as_bytes())
-    };
-    topic
+    implicit_str_len(1, &r.topic)
         + r.partition.map_or(0, |p| int_len(2, i64::from(p)))
         + r.key.as_deref().map_or(0, |k| str_len(3, k))
         + r.value.as_deref().map_or(0, |v| str_len(4, v))
         + r.headers
             .iter()
-            .map(|h| {
-                let len = header_len(h);
-                key_len(5) + encoded_len_varint(len as u64) + len
-            })
+            .map(|h| delimited_len(5, header_len(h)))
             .sum::<usize>()
         + r.timestamp.map_or(0, |t| int_len(6, t))
 }
@@ -235,8 +215,7 @@ fn put_record(r: &EncodedRecord, buf: &mut impl BufMut) {
         put_bytes(4, value, buf);
     }
     for h in r.headers.iter() {
-        encode_key(5, WireType::LengthDelimited, buf);
-        encode_varint(header_len(h) as u64, buf);
+        put_delimited_head(5, header_len(h), buf);
         put_str(1, &h.key, buf);
         if let Some(value) = &h.value {
             put_bytes(2, value, buf);
@@ -248,14 +227,10 @@ fn put_record(r: &EncodedRecord, buf: &mut impl BufMut) {
 }
 
 fn input_len(offset: i64, outputs: &[EncodedRecord]) -> usize {
-    let offset = if offset == 0 { 0 } else { int_len(1, offset) };
-    offset
+    implicit_int_len(1, offset)
         + outputs
             .iter()
-            .map(|r| {
-                let len = record_len(r);
-                key_len(2) + encoded_len_varint(len as u64) + len
-            })
+            .map(|r| delimited_len(2, record_len(r)))
             .sum::<usize>()
 }
 
