@@ -3,6 +3,7 @@
 
 // foldhash: keys come from input messages, hashed per message; a seeded fast hash.
 use foldhash::{HashMap, HashMapExt};
+use std::collections::HashMap as StdHashMap;
 use std::marker::PhantomData;
 use std::sync::Mutex;
 
@@ -125,7 +126,7 @@ impl SingleStateRepository for MemoryStateRepository {
 /// An [`UpsertRepository`] in a mutex-guarded map. Batches are atomic.
 pub struct MemoryUpsertRepository<T> {
     schema: TableSchema,
-    rows: Mutex<std::collections::HashMap<PrimaryKey, Vec<Value>>>,
+    rows: Mutex<StdHashMap<PrimaryKey, Vec<Value>>>,
     _row: PhantomData<fn() -> T>,
 }
 
@@ -140,7 +141,7 @@ impl<T: Row> MemoryUpsertRepository<T> {
     pub fn new() -> Self {
         Self {
             schema: T::schema(),
-            rows: Mutex::new(std::collections::HashMap::new()),
+            rows: Mutex::new(StdHashMap::new()),
             _row: PhantomData,
         }
     }
@@ -163,7 +164,7 @@ impl<T: Row> MemoryUpsertRepository<T> {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<PrimaryKey, Vec<Value>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StdHashMap<PrimaryKey, Vec<Value>>> {
         self.rows
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

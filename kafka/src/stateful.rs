@@ -109,7 +109,7 @@ where
 {
     let mut outputs: Vec<Vec<EncodedRecord>> = vec![Vec::new(); messages.len()];
     let Some(groups) = Groups::of(processor, messages, on_error, &mut outputs)? else {
-        return Ok(outputs.into_iter().flatten().collect());
+        return Ok(flatten(outputs));
     };
 
     let mut last_conflict = Vec::new();
@@ -135,10 +135,7 @@ where
                 for (&index, records) in groups.order.iter().zip(folded) {
                     outputs[index] = records;
                 }
-                let total = outputs.iter().map(Vec::len).sum();
-                let mut flat = Vec::with_capacity(total);
-                outputs.into_iter().for_each(|records| flat.extend(records));
-                return Ok(flat);
+                return Ok(flatten(outputs));
             }
             Err(RepositoryError::Conflict { ids }) => {
                 tracing::debug!(
@@ -154,6 +151,13 @@ where
         }
     }
     Err(BatchError::PersistentConflict { ids: last_conflict })
+}
+
+/// Every message's outputs, in input order, in one vector sized up front.
+fn flatten(outputs: Vec<Vec<EncodedRecord>>) -> Vec<EncodedRecord> {
+    let mut flat = Vec::with_capacity(outputs.iter().map(Vec::len).sum());
+    outputs.into_iter().for_each(|records| flat.extend(records));
+    flat
 }
 
 /// A batch's messages grouped by persistence id: one group per distinct id, in order of
