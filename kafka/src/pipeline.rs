@@ -8,7 +8,7 @@
 //!   one state read and one state write per batch;
 //! - materialise: the mapper per message, then one batched write to the table.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use flows_core::function::{ErrorAction, StatefulProcessor, StatelessProcessor};
@@ -20,7 +20,7 @@ use flows_core::{
 use crate::error::EngineError;
 use crate::policy::{ErrorPolicy, Fallback};
 use crate::state_cache::{self, StateCache, StateCacheLimits};
-use crate::stateful::{BatchError, apply_batch_cached};
+use crate::stateful::{BatchBuffers, BatchError, Reuse, apply_batch_cached};
 
 /// Decides what a failed message becomes (from the pipeline's [`ErrorPolicy`]).
 pub(crate) type OnError<'a> = dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync + 'a;
@@ -75,14 +75,17 @@ pub(crate) trait Stage: Send + Sync {
     /// Topics the stage reads.
     fn input_topics(&self) -> Vec<Arc<str>>;
 
-    /// Turns a batch (one partition, offset order) into the records to publish, after
-    /// making any state or table change durable.
+    /// Turns a batch (one partition, offset order) into the records to publish,
+    /// appended to `outputs` (empty on entry), after making any state or table change
+    /// durable. On an error, `outputs` holds nothing to publish and is cleared by the
+    /// caller.
     async fn run(
         &self,
         batch: &[RawMessage],
         on_error: &OnError<'_>,
         still_owner: &StillOwner<'_>,
-    ) -> Result<Vec<EncodedRecord>, StageError>;
+        outputs: &mut Vec<EncodedRecord>,
+    ) -> Result<(), StageError>;
 
     /// Replaces the cache of recently written states, for stages that keep one.
     fn set_state_cache(&self, _limits: StateCacheLimits) {}
@@ -136,15 +139,16 @@ impl<F: StatelessProcessor> Stage for StatelessStage<F> {
         batch: &[RawMessage],
         on_error: &OnError<'_>,
         _still_owner: &StillOwner<'_>,
-    ) -> Result<Vec<EncodedRecord>, StageError> {
-        let mut outputs = Vec::with_capacity(batch.len());
+        outputs: &mut Vec<EncodedRecord>,
+    ) -> Result<(), StageError> {
+        outputs.reserve(batch.len());
         for message in batch {
             match self.0.process(message) {
                 Ok(records) => outputs.extend(records),
                 Err(error) => outputs.extend(handle_failure(message, error, on_error)?),
             }
         }
-        Ok(outputs)
+        Ok(())
     }
 }
 
@@ -152,6 +156,9 @@ struct StatefulStage<F, R> {
     function: F,
     store: R,
     cache: Mutex<StateCache>,
+    /// Buffers of finished batches, taken by the next ones (at most one set per
+    /// partition worker running at once).
+    buffers: Mutex<Vec<BatchBuffers>>,
 }
 
 impl<F, R: SingleStateRepository> StatefulStage<F, R> {
@@ -161,7 +168,13 @@ impl<F, R: SingleStateRepository> StatefulStage<F, R> {
             function,
             store,
             cache: Mutex::new(StateCache::new(limits)),
+            buffers: Mutex::new(Vec::new()),
         }
+    }
+
+    fn buffers(&self) -> MutexGuard<'_, Vec<BatchBuffers>> {
+        // Buffers hold no invariant between batches: a poisoned pool is still usable.
+        self.buffers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// `limits`, unless the store cannot tell a stale cached state (see `state_cache`).
@@ -185,19 +198,28 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         batch: &[RawMessage],
         on_error: &OnError<'_>,
         still_owner: &StillOwner<'_>,
-    ) -> Result<Vec<EncodedRecord>, StageError> {
+        outputs: &mut Vec<EncodedRecord>,
+    ) -> Result<(), StageError> {
         let cache = state_cache::lock(&self.cache)
             .is_enabled()
             .then_some(&self.cache);
-        Ok(apply_batch_cached(
+        let mut buffers = self.buffers().pop().unwrap_or_default();
+        let reuse = Reuse {
+            cache,
+            buffers: &mut buffers,
+        };
+        let result = apply_batch_cached(
             &self.function,
             &self.store,
             batch,
             on_error,
             still_owner,
-            cache,
+            reuse,
+            outputs,
         )
-        .await?)
+        .await;
+        self.buffers().push(buffers);
+        Ok(result?)
     }
 
     fn set_state_cache(&self, limits: StateCacheLimits) {
@@ -226,10 +248,10 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
         batch: &[RawMessage],
         on_error: &OnError<'_>,
         _still_owner: &StillOwner<'_>,
-    ) -> Result<Vec<EncodedRecord>, StageError> {
+        outputs: &mut Vec<EncodedRecord>,
+    ) -> Result<(), StageError> {
         let schema = self.repository.schema();
         let mut changes = ChangeBatchBuilder::new();
-        let mut outputs = Vec::new();
         for message in batch {
             // A row that does not fit the table fails its own message (policy), not the
             // whole batch's write.
@@ -252,7 +274,7 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
         if !changes.is_empty() {
             self.repository.write(changes).await?;
         }
-        Ok(outputs)
+        Ok(())
     }
 }
 

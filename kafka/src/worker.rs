@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-use flows_core::{RawMessage, TopicPartition};
+use flows_core::{EncodedRecord, RawMessage, TopicPartition};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -168,6 +168,8 @@ pub(crate) async fn run_partition(
     mut input: impl PartitionInput,
 ) -> Result<(), EngineError> {
     let mut collected = Batch::new(&context.batch);
+    // The outputs of one batch after another: kept, so no batch allocates it afresh.
+    let mut outputs = Vec::new();
     loop {
         collected.clear();
         loop {
@@ -193,7 +195,7 @@ pub(crate) async fn run_partition(
         let batch = &collected.messages;
         context.metrics.add_consumed(batch.len() as u64);
         let started = Instant::now();
-        let end = process_batch(&context, &tp, &control, batch).await?;
+        let end = process_batch(&context, &tp, &control, batch, &mut outputs).await?;
         tracing::debug!(pipeline = %context.pipeline.name, %tp, messages = batch.len(), elapsed = ?started.elapsed(), "batch done");
         match end {
             BatchEnd::Completed => {}
@@ -211,11 +213,13 @@ async fn process_batch(
     tp: &TopicPartition,
     control: &PartitionControl,
     batch: &[RawMessage],
+    outputs: &mut Vec<EncodedRecord>,
 ) -> Result<BatchEnd, EngineError> {
     let pipeline = &context.pipeline;
     let mut attempt: u32 = 0;
     let mut transient: u32 = 0;
-    let outputs = loop {
+    loop {
+        outputs.clear();
         if control.abandoned() {
             return Ok(BatchEnd::Abandoned);
         }
@@ -225,8 +229,12 @@ async fn process_batch(
                 .action(attempt, &pipeline.name, message, error)
         };
         let still_owner = || control.owned();
-        match pipeline.stage.run(batch, &on_error, &still_owner).await {
-            Ok(outputs) => break outputs,
+        match pipeline
+            .stage
+            .run(batch, &on_error, &still_owner, outputs)
+            .await
+        {
+            Ok(()) => break,
             Err(StageError::Message(error)) if attempt < pipeline.policy.retries => {
                 tracing::warn!(pipeline = %pipeline.name, %tp, attempt, %error, "message failed; retrying the batch");
                 context.metrics.add_function_retries(1);
@@ -250,7 +258,7 @@ async fn process_batch(
                 return Ok(BatchEnd::Abandoned);
             }
         }
-    };
+    }
 
     let mut transient: u32 = 0;
     loop {
@@ -258,7 +266,7 @@ async fn process_batch(
             // States are written; the next owner replays the stored outputs.
             return Ok(BatchEnd::Abandoned);
         }
-        match context.producer.send_all(&outputs).await {
+        match context.producer.send_all(outputs).await {
             Ok(()) => break,
             Err(EngineError::Delivery { topic, source }) if !is_permanent(&source) => {
                 let delay = context.backoff.delay(transient);
@@ -287,6 +295,8 @@ async fn process_batch(
     metrics.add_dead_lettered(dead_letters as u64);
     metrics.add_committed(batch.len() as u64);
     metrics.add_batches(1);
+    // Published: the records go now, the vector's room stays for the next batch.
+    outputs.clear();
     Ok(BatchEnd::Completed)
 }
 
