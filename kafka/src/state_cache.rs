@@ -26,7 +26,10 @@ use flows_core::{PersistenceId, RawState};
 /// Limits of a pipeline's state cache; zero states disables it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StateCacheLimits {
-    /// Most states kept (default 10,000).
+    /// Most states kept (default 100,000; the byte limit is usually the one reached
+    /// first). Below a pipeline's number of hot keys, the two generations turn over
+    /// before a key comes back and most reads miss: with 10,000 keys written in turn,
+    /// a limit of 10,000 kept about half of them.
     pub max_states: usize,
     /// Most bytes of ids, contents and stored outputs kept (default 32 MiB).
     pub max_bytes: usize,
@@ -35,7 +38,7 @@ pub struct StateCacheLimits {
 impl Default for StateCacheLimits {
     fn default() -> Self {
         Self {
-            max_states: 10_000,
+            max_states: 100_000,
             max_bytes: 32 * 1024 * 1024,
         }
     }
