@@ -263,6 +263,15 @@ impl PreparedWrite<'_> {
     }
 }
 
+/// `states` (given to `upsert_all`) as the store holds them once every one was written
+/// at `now` (the `updated_at` of their [`PreparedWrite`]s): moved, not copied. The
+/// writes borrow the states, so a backend drops them first; [`PreparedWrite::written`]
+/// copies one state instead.
+pub fn into_written(mut states: Vec<RawState>, now: DateTime<Utc>) -> Vec<RawState> {
+    states.iter_mut().for_each(|state| mark_written(state, now));
+    states
+}
+
 /// Turns `state` into what a store holds once it is written at `now`: the next
 /// version, its creation time kept (or `now` for a new state), updated `now`.
 pub fn mark_written(state: &mut RawState, now: DateTime<Utc>) {

@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flows_core::repository::{
-    PreparedWrite, decode_stored_state, distinct_ids, in_request_order, prepare_writes,
+    PreparedWrite, decode_stored_state, distinct_ids, in_request_order, into_written,
+    prepare_writes,
 };
 use flows_core::state::StateCodecError;
 use flows_core::{
@@ -403,7 +404,11 @@ impl SingleStateRepository for CassandraStateRepository {
                     .await?;
             }
         }
-        Ok(writes.iter().map(PreparedWrite::written).collect())
+        let now = writes
+            .first()
+            .map_or_else(chrono::Utc::now, |w| w.updated_at);
+        drop(writes); // they borrow `states`
+        Ok(into_written(states, now))
     }
 }
 

@@ -11,7 +11,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, Put, ScalarAttributeType, Transact
 use chrono::{DateTime, Utc};
 use flows_core::repository::{
     PreparedWrite, decode_stored_id, decode_stored_state, distinct_ids, in_request_order,
-    prepare_writes,
+    into_written, prepare_writes,
 };
 use flows_core::{
     Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, StateCodecError,
@@ -418,7 +418,11 @@ impl SingleStateRepository for DynamoDbStateRepository {
                 }
             }
         }
-        Ok(writes.iter().map(PreparedWrite::written).collect())
+        let now = writes
+            .first()
+            .map_or_else(chrono::Utc::now, |w| w.updated_at);
+        drop(writes); // they borrow `states`
+        Ok(into_written(states, now))
     }
 }
 

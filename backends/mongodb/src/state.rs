@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flows_core::repository::{
-    PreparedWrite, decode_stored_state, distinct_ids, in_request_order, prepare_writes,
+    PreparedWrite, decode_stored_state, distinct_ids, in_request_order, into_written,
+    prepare_writes,
 };
 use flows_core::{
     Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName,
@@ -210,7 +211,11 @@ impl SingleStateRepository for MongoStateRepository {
             .collect();
         let rejections = self.store.bulk_write(models, true).await?;
         if rejections.is_empty() {
-            return Ok(writes.iter().map(PreparedWrite::written).collect());
+            let now = writes
+                .first()
+                .map_or_else(chrono::Utc::now, |w| w.updated_at);
+            drop(writes); // they borrow `states`
+            return Ok(into_written(states, now));
         }
         // A transaction stops at the first rejection: name every stale id by reading
         // the versions now (versions only grow, so a stale write stays stale).

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use async_trait::async_trait;
 use flows_core::repository::{
     PreparedWrite, conflicting_ids, decode_stored_id, decode_stored_state, distinct_ids,
-    in_request_order, prepare_writes,
+    in_request_order, into_written, prepare_writes,
 };
 use flows_core::{
     Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName,
@@ -290,7 +290,13 @@ impl SingleStateRepository for PostgresStateRepository {
             attempt = self.attempt(&writes, &ordered, true).await?;
         }
         match attempt {
-            Attempt::Committed => Ok(writes.iter().map(PreparedWrite::written).collect()),
+            Attempt::Committed => {
+                let now = writes
+                    .first()
+                    .map_or_else(chrono::Utc::now, |w| w.updated_at);
+                drop(writes); // they borrow `states`
+                Ok(into_written(states, now))
+            }
             Attempt::Conflicts(ids) => Err(RepositoryError::Conflict { ids }),
             Attempt::FellShort => Err(RepositoryError::Backend(
                 "a naming write reported no conflict but fell short".into(),
