@@ -572,6 +572,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_conflict_retry_keeps_dead_letters_and_folds_again() {
+        let (f, store) = (counter(), Spy::default());
+        let cache = Mutex::new(StateCache::new(StateCacheLimits::default()));
+        run(&f, &store, &cache, &words(0, &["a"]))
+            .await
+            .expect("first");
+        // Another instance counts "a" once more behind this one's cache.
+        let other = Mutex::new(StateCache::new(StateCacheLimits::disabled()));
+        let elsewhere = [RawMessage::raw(
+            "words",
+            1,
+            0,
+            Some(&b"a"[..]),
+            Some(&b"a"[..]),
+        )];
+        run(&f, &store, &other, &elsewhere).await.expect("other");
+        let dead_letter = |m: &RawMessage, _: &ProcessError| {
+            ErrorAction::DeadLetter(vec![EncodedRecord {
+                topic: "dlq".into(),
+                partition: None,
+                key: m.key.clone(),
+                value: Some(b"-1".to_vec()),
+                headers: Default::default(),
+                timestamp: None,
+            }])
+        };
+        // A keyless message (dead-lettered before any fold), then "a" (whose cached
+        // state is stale: the first attempt conflicts), then "b".
+        let batch = [
+            vec![RawMessage::raw("words", 0, 1, None, Some(&b"?"[..]))],
+            words(2, &["a", "b"]),
+        ]
+        .concat();
+        let mut buffers = BatchBuffers::default();
+        let reuse = Reuse {
+            cache: Some(&cache),
+            buffers: &mut buffers,
+        };
+        let mut outputs = Vec::new();
+        apply_batch_cached(
+            &f,
+            &store,
+            &batch,
+            &dead_letter,
+            &|| true,
+            reuse,
+            &mut outputs,
+        )
+        .await
+        .expect("batch");
+        assert_eq!(
+            counts(&outputs),
+            [-1, 3, 1],
+            "one set of outputs, input order"
+        );
+    }
+
+    #[tokio::test]
     async fn after_a_failed_write_the_batch_reads_the_store_again() {
         let (f, store) = (counter(), Spy::default());
         let cache = Mutex::new(StateCache::new(StateCacheLimits::default()));

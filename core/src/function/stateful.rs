@@ -363,6 +363,54 @@ mod tests {
         );
     }
 
+    /// Text that refuses to encode "unencodable".
+    struct Picky;
+
+    impl Format<String> for Picky {
+        fn name(&self) -> &'static str {
+            "picky"
+        }
+        fn encode(&self, value: &String) -> Result<Vec<u8>, crate::format::FormatError> {
+            if value == "unencodable" {
+                return Err(crate::format::FormatError::Custom {
+                    format: "picky",
+                    message: "refused".into(),
+                });
+            }
+            Ok(value.clone().into_bytes())
+        }
+        fn decode(&self, bytes: &[u8]) -> Result<String, crate::format::FormatError> {
+            Utf8.decode(bytes)
+        }
+    }
+
+    #[test]
+    fn a_message_failing_after_some_outputs_keeps_none_of_them() {
+        // The first output of "unencodable" encodes, the second fails: the message must
+        // fail with no outputs at all, and the messages around it keep theirs.
+        let f = StatefulFunction::new(Json::<i64>::new()).one_to_two(
+            Topic::new("words", Utf8, Utf8),
+            Topic::new("counts", Utf8, Json::<i64>::new()),
+            Topic::new("echo", Utf8, Picky),
+            PersistenceIdFn::key(),
+            |count: Option<&i64>, word| {
+                let count = count.copied().unwrap_or(0) + 1;
+                let echo = Record::new(word.key.clone(), word.value);
+                Ok((count, Some(Record::new(word.key, count)), Some(echo)))
+            },
+        );
+        let id = PersistenceId::new("a").unwrap();
+        let (m1, m2, m3) = (word(0, "a"), word(1, "unencodable"), word(2, "a"));
+        let applied = f.apply(&id, None, &[&m1, &m2, &m3]).unwrap();
+        let counts: Vec<Option<usize>> = applied
+            .outcomes
+            .iter()
+            .map(|o| o.as_ref().ok().map(Vec::len))
+            .collect();
+        assert_eq!(counts, [Some(2), None, Some(2)]);
+        assert_eq!(applied.content.as_deref(), Some(&b"2"[..]));
+    }
+
     #[test]
     fn nothing_applied_means_no_new_content() {
         let f = counter();
