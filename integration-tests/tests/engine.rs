@@ -88,17 +88,16 @@ async fn word_count_is_exact_and_outputs_follow_input_order() {
     let metrics = running.metrics().snapshot();
     running.shutdown().await.unwrap();
 
-    let duplicates = assert_word_count(
-        &brokers,
-        store.as_ref(),
-        &tally(input.iter().map(String::as_str)),
-    )
-    .await;
+    let expected = tally(input.iter().map(String::as_str));
+    let duplicates = assert_word_count(&brokers, store.as_ref(), &expected).await;
     assert_eq!(
         duplicates, 0,
         "no replay happened, so no duplicate may appear"
     );
     assert_eq!(metrics.published, 3_000);
+    // Each word is read from the store once, when first seen; the cache serves it after.
+    assert_eq!(metrics.states_read, expected.len() as u64, "{metrics:?}");
+    assert!(metrics.state_cache_hits > 0, "{metrics:?}");
     assert!(
         metrics.batches < 3_000,
         "messages are processed in batches ({} batches)",

@@ -390,6 +390,8 @@ pub(crate) fn poll_loop(
                 published = m.published,
                 dead_lettered = m.dead_lettered,
                 transient_retries = m.transient_retries,
+                states_read = m.states_read,
+                state_cache_hits = m.state_cache_hits,
                 partitions = shared.owned_partitions().len(),
                 "progress"
             );

@@ -24,6 +24,8 @@ struct Counters {
     abandoned_batches: AtomicU64,
     conflicts_fenced: AtomicU64,
     rebalances: AtomicU64,
+    states_read: AtomicU64,
+    state_cache_hits: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -52,6 +54,13 @@ pub struct MetricsSnapshot {
     pub conflicts_fenced: u64,
     /// Rebalance events seen (assignments and revocations).
     pub rebalances: u64,
+    /// States read from the store by stateful batches (new keys, cache misses, and
+    /// every state of a batch retried after a conflict or a failure).
+    pub states_read: u64,
+    /// States a stateful batch found in the pipeline's cache of recently written ones
+    /// instead of reading them: with `states_read`, how well
+    /// [`StateCacheLimits`](crate::StateCacheLimits) fit the hot keys.
+    pub state_cache_hits: u64,
 }
 
 macro_rules! counter {
@@ -95,6 +104,10 @@ counter! {
     add_conflicts_fenced => conflicts_fenced,
     /// Adds rebalance events.
     add_rebalances => rebalances,
+    /// Adds states read from the store.
+    add_states_read => states_read,
+    /// Adds states served by the state cache.
+    add_state_cache_hits => state_cache_hits,
 }
 
 impl Metrics {
@@ -160,6 +173,16 @@ impl MetricsSnapshot {
                 "flows_rebalances_total",
                 "Rebalance events.",
                 self.rebalances,
+            ),
+            (
+                "flows_states_read_total",
+                "States read from the store.",
+                self.states_read,
+            ),
+            (
+                "flows_state_cache_hits_total",
+                "States served by the cache of recently written states.",
+                self.state_cache_hits,
             ),
         ];
         let mut text = String::new();

@@ -18,6 +18,7 @@ use flows_core::{
 };
 
 use crate::error::EngineError;
+use crate::metrics::Metrics;
 use crate::policy::{ErrorPolicy, Fallback};
 use crate::state_cache::{self, StateCache, StateCacheLimits};
 use crate::stateful::{BatchBuffers, BatchError, Reuse, apply_batch_cached};
@@ -85,6 +86,7 @@ pub(crate) trait Stage: Send + Sync {
         on_error: &OnError<'_>,
         still_owner: &StillOwner<'_>,
         outputs: &mut Vec<EncodedRecord>,
+        metrics: &Metrics,
     ) -> Result<(), StageError>;
 
     /// Replaces the cache of recently written states, for stages that keep one.
@@ -140,6 +142,7 @@ impl<F: StatelessProcessor> Stage for StatelessStage<F> {
         on_error: &OnError<'_>,
         _still_owner: &StillOwner<'_>,
         outputs: &mut Vec<EncodedRecord>,
+        _metrics: &Metrics,
     ) -> Result<(), StageError> {
         outputs.reserve(batch.len());
         for message in batch {
@@ -199,6 +202,7 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         on_error: &OnError<'_>,
         still_owner: &StillOwner<'_>,
         outputs: &mut Vec<EncodedRecord>,
+        metrics: &Metrics,
     ) -> Result<(), StageError> {
         let cache = state_cache::lock(&self.cache)
             .is_enabled()
@@ -218,6 +222,8 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
             outputs,
         )
         .await;
+        metrics.add_state_cache_hits(buffers.reads.cached);
+        metrics.add_states_read(buffers.reads.stored);
         self.buffers().push(buffers);
         Ok(result?)
     }
@@ -249,6 +255,7 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
         on_error: &OnError<'_>,
         _still_owner: &StillOwner<'_>,
         outputs: &mut Vec<EncodedRecord>,
+        _metrics: &Metrics,
     ) -> Result<(), StageError> {
         let schema = self.repository.schema();
         let mut changes = ChangeBatchBuilder::new();

@@ -125,6 +125,17 @@ pub(crate) struct BatchBuffers {
     slots: Vec<Option<RawState>>,
     /// The states to write (the store hands the vector back with the written states).
     writes: Vec<RawState>,
+    /// Where the last batch's states came from.
+    pub(crate) reads: StateReads,
+}
+
+/// Where a batch's states came from, over all its attempts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct StateReads {
+    /// Found in the cache of recently written states.
+    pub(crate) cached: u64,
+    /// Read from the store.
+    pub(crate) stored: u64,
 }
 
 /// What a batch may reuse: the pipeline's cache of recently written states, and
@@ -156,7 +167,9 @@ where
         states,
         slots,
         writes,
+        reads,
     } = reuse.buffers;
+    *reads = StateReads::default();
     per_message.clear();
     per_message.resize_with(messages.len(), Vec::new);
     if !groups.fill(processor, messages, on_error, per_message)? {
@@ -168,7 +181,9 @@ where
     let mut group: Vec<&RawMessage> = Vec::new();
     for attempt in 0..=MAX_CONFLICT_RETRIES {
         let cache = reuse.cache.filter(|_| attempt == 0);
-        read_states(store, &groups.ids, cache, slots, states).await?;
+        let read = read_states(store, &groups.ids, cache, slots, states).await?;
+        reads.cached += read.cached;
+        reads.stored += read.stored;
         writes.clear();
         folded.clear();
         for (state, members) in states.drain(..).zip(groups.members()) {
@@ -339,12 +354,15 @@ async fn read_states<R: SingleStateRepository + ?Sized>(
     cache: Option<&Mutex<StateCache>>,
     slots: &mut Vec<Option<RawState>>,
     states: &mut Vec<RawState>,
-) -> Result<(), RepositoryError> {
+) -> Result<StateReads, RepositoryError> {
     states.clear();
     let Some(cache) = cache else {
         // `get_all` answers in request order, one state per id.
         *states = store.get_all(ids).await?;
-        return Ok(());
+        return Ok(StateReads {
+            cached: 0,
+            stored: ids.len() as u64,
+        });
     };
     slots.clear();
     {
@@ -357,6 +375,10 @@ async fn read_states<R: SingleStateRepository + ?Sized>(
         .filter(|(_, state)| state.is_none())
         .map(|(id, _)| id.clone())
         .collect();
+    let reads = StateReads {
+        cached: (ids.len() - missing.len()) as u64,
+        stored: missing.len() as u64,
+    };
     let mut read = if missing.is_empty() {
         Vec::new()
     } else {
@@ -372,7 +394,7 @@ async fn read_states<R: SingleStateRepository + ?Sized>(
             RepositoryError::Backend(format!("get_all returned no state for {id}").into())
         })?);
     }
-    Ok(())
+    Ok(reads)
 }
 
 #[cfg(test)]
@@ -518,7 +540,7 @@ mod tests {
             [words(5, &["b"]), vec![keyless(6)], words(7, &["c", "a"])].concat(),
             words(9, &["a"]),
         ];
-        let mut counted = Vec::new();
+        let (mut counted, mut sources) = (Vec::new(), Vec::new());
         for batch in &batches {
             let reuse = Reuse {
                 cache: Some(&cache),
@@ -537,11 +559,14 @@ mod tests {
             .await
             .expect("batch");
             counted.push(counts(&outputs));
+            sources.push((buffers.reads.cached, buffers.reads.stored));
         }
         assert_eq!(
             counted,
             [vec![1, 1, 2], vec![-1, -1], vec![2, -1, 1, 3], vec![4]]
         );
+        // (from the cache, from the store) per batch: only c is new in the third.
+        assert_eq!(sources, [(0, 2), (0, 0), (2, 1), (1, 0)]);
     }
 
     #[tokio::test]

@@ -231,7 +231,7 @@ async fn process_batch(
         let still_owner = || control.owned();
         match pipeline
             .stage
-            .run(batch, &on_error, &still_owner, outputs)
+            .run(batch, &on_error, &still_owner, outputs, &context.metrics)
             .await
         {
             Ok(()) => break,
