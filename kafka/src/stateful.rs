@@ -479,6 +479,7 @@ mod tests {
         }
     }
 
+    /// One batch with fresh buffers, aborting on any failed message.
     async fn run(
         f: &StatefulFunction<i64>,
         store: &Spy,
@@ -486,14 +487,37 @@ mod tests {
         batch: &[RawMessage],
     ) -> Result<Vec<EncodedRecord>, BatchError> {
         let abort = |_: &RawMessage, _: &ProcessError| ErrorAction::Abort;
-        let mut buffers = BatchBuffers::default();
+        run_with(f, store, cache, &mut BatchBuffers::default(), batch, &abort).await
+    }
+
+    /// One batch with the given buffers and error policy.
+    async fn run_with(
+        f: &StatefulFunction<i64>,
+        store: &Spy,
+        cache: &Mutex<StateCache>,
+        buffers: &mut BatchBuffers,
+        batch: &[RawMessage],
+        on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
+    ) -> Result<Vec<EncodedRecord>, BatchError> {
         let reuse = Reuse {
             cache: Some(cache),
-            buffers: &mut buffers,
+            buffers,
         };
         let mut outputs = Vec::new();
-        apply_batch_cached(f, store, batch, &abort, &|| true, reuse, &mut outputs).await?;
+        apply_batch_cached(f, store, batch, on_error, &|| true, reuse, &mut outputs).await?;
         Ok(outputs)
+    }
+
+    /// A dead-letter policy whose record carries the value -1.
+    fn dead_letter(m: &RawMessage, _: &ProcessError) -> ErrorAction {
+        ErrorAction::DeadLetter(vec![EncodedRecord {
+            topic: "dlq".into(),
+            partition: None,
+            key: m.key.clone(),
+            value: Some(b"-1".to_vec()),
+            headers: Default::default(),
+            timestamp: None,
+        }])
     }
 
     #[tokio::test]
@@ -522,17 +546,6 @@ mod tests {
         let (f, store) = (counter(), Spy::default());
         let cache = Mutex::new(StateCache::new(StateCacheLimits::default()));
         let mut buffers = BatchBuffers::default();
-        let dead_letter = |m: &RawMessage, _: &ProcessError| {
-            let record = EncodedRecord {
-                topic: "dlq".into(),
-                partition: None,
-                key: m.key.clone(),
-                value: Some(b"-1".to_vec()),
-                headers: Default::default(),
-                timestamp: None,
-            };
-            ErrorAction::DeadLetter(vec![record])
-        };
         let keyless = |offset| RawMessage::raw("words", 0, offset, None, Some(&b"?"[..]));
         let batches = [
             words(0, &["a", "b", "a"]),
@@ -542,22 +555,9 @@ mod tests {
         ];
         let (mut counted, mut sources) = (Vec::new(), Vec::new());
         for batch in &batches {
-            let reuse = Reuse {
-                cache: Some(&cache),
-                buffers: &mut buffers,
-            };
-            let mut outputs = Vec::new();
-            apply_batch_cached(
-                &f,
-                &store,
-                batch,
-                &dead_letter,
-                &|| true,
-                reuse,
-                &mut outputs,
-            )
-            .await
-            .expect("batch");
+            let outputs = run_with(&f, &store, &cache, &mut buffers, batch, &dead_letter)
+                .await
+                .expect("batch");
             counted.push(counts(&outputs));
             sources.push((buffers.reads.cached, buffers.reads.stored));
         }
@@ -613,16 +613,6 @@ mod tests {
             Some(&b"a"[..]),
         )];
         run(&f, &store, &other, &elsewhere).await.expect("other");
-        let dead_letter = |m: &RawMessage, _: &ProcessError| {
-            ErrorAction::DeadLetter(vec![EncodedRecord {
-                topic: "dlq".into(),
-                partition: None,
-                key: m.key.clone(),
-                value: Some(b"-1".to_vec()),
-                headers: Default::default(),
-                timestamp: None,
-            }])
-        };
         // A keyless message (dead-lettered before any fold), then "a" (whose cached
         // state is stale: the first attempt conflicts), then "b".
         let batch = [
@@ -631,22 +621,9 @@ mod tests {
         ]
         .concat();
         let mut buffers = BatchBuffers::default();
-        let reuse = Reuse {
-            cache: Some(&cache),
-            buffers: &mut buffers,
-        };
-        let mut outputs = Vec::new();
-        apply_batch_cached(
-            &f,
-            &store,
-            &batch,
-            &dead_letter,
-            &|| true,
-            reuse,
-            &mut outputs,
-        )
-        .await
-        .expect("batch");
+        let outputs = run_with(&f, &store, &cache, &mut buffers, &batch, &dead_letter)
+            .await
+            .expect("batch");
         assert_eq!(
             counts(&outputs),
             [-1, 3, 1],
