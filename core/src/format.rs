@@ -118,6 +118,14 @@ impl Format<String> for Utf8 {
     }
 }
 
+thread_local! {
+    /// Where [`Json`] encodes before copying the bytes out.
+    static JSON_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The largest scratch buffer kept between encodings (larger ones are freed).
+const JSON_SCRATCH_KEPT: usize = 64 * 1024;
+
 /// JSON through serde.
 pub struct Json<T>(PhantomData<fn() -> T>);
 
@@ -151,7 +159,18 @@ impl<T: Serialize + DeserializeOwned + 'static> Format<T> for Json<T> {
         "json"
     }
     fn encode(&self, value: &T) -> Result<Vec<u8>, FormatError> {
-        Ok(serde_json::to_vec(value)?)
+        // serde_json::to_vec starts every value at 128 bytes; an output or state of a
+        // few bytes would keep all of them while it waits to be published or written.
+        // Writing into a scratch buffer and copying out gives an exactly sized vector.
+        JSON_SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            let written = serde_json::to_writer(&mut *scratch, value);
+            let encoded = written.map(|()| scratch.as_slice().to_vec());
+            if scratch.capacity() > JSON_SCRATCH_KEPT {
+                *scratch = Vec::new();
+            }
+            Ok(encoded?)
+        })
     }
     fn decode(&self, bytes: &[u8]) -> Result<T, FormatError> {
         Ok(serde_json::from_slice(bytes)?)
@@ -293,6 +312,25 @@ mod tests {
     fn invalid_utf8_is_an_error_not_a_lossy_conversion() {
         let err = Utf8.decode(&[0x66, 0xff, 0x6f]).unwrap_err();
         assert!(matches!(err, FormatError::Utf8(_)), "{err}");
+    }
+
+    #[test]
+    fn json_encodes_into_exactly_sized_vectors_and_reports_failures() {
+        let small = Json::<i64>::new().encode(&97).unwrap();
+        assert_eq!(small, b"97");
+        assert_eq!(small.capacity(), small.len());
+        // Larger than the scratch buffer kept between encodings, then small again.
+        let big = "x".repeat(JSON_SCRATCH_KEPT * 2);
+        let encoded = Json::<String>::new().encode(&big).unwrap();
+        assert_eq!(encoded.len(), big.len() + 2);
+        assert_eq!(Json::<String>::new().decode(&encoded).unwrap(), big);
+        assert_eq!(Json::<i64>::new().encode(&-5).unwrap(), b"-5");
+        // A map with non-string keys cannot be JSON: an error, and the next encoding
+        // starts from a clean buffer.
+        let map: std::collections::HashMap<Vec<u8>, i64> = [(vec![1], 1)].into();
+        let error = Json::new().encode(&map).unwrap_err();
+        assert!(matches!(error, FormatError::Json(_)), "{error}");
+        assert_eq!(Json::<i64>::new().encode(&1).unwrap(), b"1");
     }
 
     #[test]

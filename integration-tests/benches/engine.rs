@@ -11,7 +11,10 @@
 //! - (a) `passthrough`: consume-and-produce written directly against rdkafka, tuned (the
 //!   ceiling); run first and again last, the better of the two being the baseline;
 //! - (b) `stateless`: a flows stateless one-to-one;
-//! - (c) `count-memory`, `count-sqlite`, `count-postgres`: flows word count.
+//! - (c) `count-memory`, `count-sqlite`, `count-postgres`: flows word count;
+//! - (d) `count-by-hand`, `count-by-hand-postgres`: the least any word count does,
+//!   written by hand against rdkafka (in memory; with a batched upsert per partition
+//!   batch into PostgreSQL), without flows' guarantees: the ceiling for (c).
 //!
 //! Each program reports its own numbers: messages per second from the assignment of its
 //! partitions to its last acknowledged output (group join excluded), CPU seconds and peak
@@ -19,6 +22,8 @@
 
 #![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
 
+use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -30,9 +35,12 @@ use flows::kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicRep
 use flows::kafka::rdkafka::client::DefaultClientContext;
 use flows::kafka::rdkafka::config::ClientConfig;
 use flows::kafka::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use flows::kafka::rdkafka::error::KafkaResult;
 use flows::kafka::rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use flows::kafka::rdkafka::message::Message as _;
-use flows::kafka::rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use flows::kafka::rdkafka::message::{BorrowedMessage, Message as _};
+use flows::kafka::rdkafka::producer::{
+    BaseRecord, DefaultProducerContext, Producer, ThreadedProducer,
+};
 use flows::kafka::rdkafka::{Offset, TopicPartitionList};
 use flows::kafka::{Engine, KafkaConfig, OutputProducer, Pipeline};
 use flows::{EncodedRecord, Headers, Json, Record, Topic, Utf8};
@@ -170,9 +178,17 @@ impl Broker {
         }
     }
 
-    /// CPU seconds used by the broker so far, when it is our own process.
+    /// CPU seconds used by the broker so far: our own process, or the one whose PID is
+    /// in `FLOWS_BENCH_BROKER_PIDFILE` (scripts/bench-engine's Tansu).
     fn cpu_seconds(&self) -> Option<f64> {
-        self.process.as_ref().map(|p| cpu_seconds_of(p.id()))
+        let pid = match &self.process {
+            Some(process) => process.id(),
+            None => std::env::var("FLOWS_BENCH_BROKER_PIDFILE")
+                .ok()
+                .and_then(|file| std::fs::read_to_string(file).ok())
+                .and_then(|pid| pid.trim().parse().ok())?,
+        };
+        Some(cpu_seconds_of(pid))
     }
 }
 
@@ -223,16 +239,19 @@ fn driver() {
     let restart = std::env::var("FLOWS_BENCH_BROKER_RESTART").ok();
     let fresh_per_program = restart.is_some() || std::env::var("FLOWS_BENCH_BROKERS").is_err();
     let mut broker: Option<Broker> = None;
-    let mut rows: Vec<(&str, Report)> = Vec::new();
+    let mut rows: Vec<(&str, Report, OtherCpu)> = Vec::new();
     let only = std::env::var("FLOWS_BENCH_ONLY").unwrap_or_default();
     // The passthrough runs first and again last; the better of its two runs is the
     // baseline (the higher ceiling: the ratios are not flattered by a slow run of it).
     for (label, mode) in [
         ("passthrough", "passthrough"),
+        ("passthrough, one thread", "passthrough-one-thread"),
         ("stateless", "stateless"),
         ("count-memory", "count-memory"),
         ("count-sqlite", "count-sqlite"),
         ("count-postgres", "count-postgres"),
+        ("count by hand, in memory", "count-by-hand"),
+        ("count by hand, PostgreSQL", "count-by-hand-postgres"),
         ("passthrough (again)", "passthrough"),
     ] {
         if !only.is_empty() && !only.split(',').any(|m| m == mode) {
@@ -254,6 +273,7 @@ fn driver() {
         };
         let brokers = broker.bootstrap.clone();
         let broker_cpu_before = broker.cpu_seconds();
+        let postgres_cpu_before = local_postgres_cpu_seconds();
         // FLOWS_BENCH_WRAPPER runs each program under a profiler (e.g. valgrind).
         let wrapper = std::env::var("FLOWS_BENCH_WRAPPER").unwrap_or_default();
         let mut command: Vec<String> = wrapper.split_whitespace().map(String::from).collect();
@@ -271,13 +291,15 @@ fn driver() {
         }
         match stdout.lines().find_map(Report::parse) {
             Some(report) => {
-                match (broker.cpu_seconds(), broker_cpu_before) {
-                    (Some(after), Some(before)) => {
-                        eprintln!("{label}: {report:?}, broker CPU {:.1} s", after - before);
-                    }
-                    _ => eprintln!("{label}: {report:?}"),
-                }
-                rows.push((label, report));
+                let others = OtherCpu {
+                    broker: broker
+                        .cpu_seconds()
+                        .zip(broker_cpu_before)
+                        .map(|(after, before)| after - before),
+                    postgres: local_postgres_cpu_seconds() - postgres_cpu_before,
+                };
+                eprintln!("{label}: {report:?}, {others:?}");
+                rows.push((label, report, others));
             }
             None => eprintln!("{label}: failed ({:?}): {stdout}", output.status),
         }
@@ -286,8 +308,8 @@ fn driver() {
 
     let baseline = rows
         .iter()
-        .filter(|(label, _)| label.starts_with("passthrough"))
-        .map(|(_, r)| r.messages as f64 / r.seconds)
+        .filter(|(label, ..)| label.starts_with("passthrough"))
+        .map(|(_, r, _)| r.messages as f64 / r.seconds)
         .fold(None, |best: Option<f64>, rate| {
             Some(best.map_or(rate, |b| b.max(rate)))
         })
@@ -304,42 +326,76 @@ fn driver() {
     .unwrap();
     writeln!(
         out,
-        "| program | msgs/s | ratio to (a) | CPU s | peak RSS MB |"
+        "| program | msgs/s | ratio to (a) | CPU s | peak RSS MB | broker CPU s | PostgreSQL CPU s |"
     )
     .unwrap();
-    writeln!(out, "|---|---:|---:|---:|---:|").unwrap();
-    for (mode, r) in &rows {
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|").unwrap();
+    let seconds = |s: Option<f64>| s.map_or_else(|| "?".to_owned(), |s| format!("{s:.1}"));
+    for (mode, r, others) in &rows {
         let rate = r.messages as f64 / r.seconds;
         writeln!(
             out,
-            "| {mode} | {rate:.0} | {:.2} | {:.1} | {:.0} |",
+            "| {mode} | {rate:.0} | {:.2} | {:.1} | {:.0} | {} | {:.1} |",
             rate / baseline,
             r.cpu_seconds,
-            r.peak_rss_mb
+            r.peak_rss_mb,
+            seconds(others.broker),
+            others.postgres,
         )
         .unwrap();
     }
 }
 
-/// CPU seconds (user + system) used so far by process `pid` (fields 14 and 15 of
-/// `/proc/<pid>/stat`, after the parenthesised command name).
+/// CPU used during one program by the processes it works with on the same machine:
+/// on two shared cores, their time is time the program did not get.
+#[derive(Debug)]
+struct OtherCpu {
+    /// The broker's CPU seconds, when its process is known.
+    broker: Option<f64>,
+    /// Every local PostgreSQL process's (0 when the server is elsewhere).
+    postgres: f64,
+}
+
+/// CPU seconds used so far by every local process named `postgres`, including its
+/// reaped children (a connection's backend exits with its program, and its time moves
+/// to the postmaster's children's time).
+fn local_postgres_cpu_seconds() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
+        .filter(|stat| stat.contains("(postgres)"))
+        .map(|stat| stat_ticks(&stat, &[11, 12, 13, 14]) / 100.0)
+        .sum()
+}
+
+/// CPU seconds (user + system) used so far by process `pid`.
 fn cpu_seconds_of(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_ticks(&stat, &[11, 12]) / 100.0
+}
+
+/// The sum of the given fields of a `/proc/<pid>/stat` line, counted after the
+/// parenthesised command name (11, 12: user and system ticks; 13, 14: those of its
+/// reaped children).
+fn stat_ticks(stat: &str, fields: &[usize]) -> f64 {
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
+    let values: Vec<&str> = after.split_whitespace().collect();
+    fields
+        .iter()
+        .filter_map(|&i| values.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum()
 }
 
 async fn child(mode: &str, brokers: &str) -> Report {
     let total = messages();
     match mode {
-        "passthrough" => tokio::task::block_in_place(|| passthrough(brokers, total)),
+        "passthrough" => by_hand_mode(|| passthrough(brokers, total, Threads::PerPartition)),
+        "passthrough-one-thread" => by_hand_mode(|| passthrough(brokers, total, Threads::One)),
+        "count-by-hand" => by_hand_mode(|| count_by_hand(brokers, total)),
+        "count-by-hand-postgres" => by_hand_mode(|| count_by_hand_postgres(brokers, total)),
         "stateless" => {
             let copy = StatelessFunction::one_to_one(
                 Topic::new("words", Utf8, Utf8),
@@ -370,6 +426,11 @@ async fn child(mode: &str, brokers: &str) -> Report {
         }
         other => panic!("unknown mode {other}"),
     }
+}
+
+/// Runs a hand-written (blocking) program from the runtime.
+fn by_hand_mode(program: impl FnOnce() -> Report) -> Report {
+    tokio::task::block_in_place(program)
 }
 
 fn word_count(name: &str, store: Arc<dyn flows::SingleStateRepository>) -> Pipeline {
@@ -417,13 +478,236 @@ async fn run_flows(brokers: &str, pipeline: Pipeline, total: u64) -> Report {
     Report::measure(total, seconds)
 }
 
-/// The ceiling: consume-and-produce written directly against rdkafka, with flows' tuned
-/// client settings, one thread per partition (each on its own partition queue, as
-/// flows does), offsets stored per message and committed asynchronously every second.
-fn passthrough(brokers: &str, total: u64) -> Report {
+/// The ceiling: consume-and-produce written directly against rdkafka.
+fn passthrough(brokers: &str, total: u64, threads: Threads) -> Report {
+    by_hand(brokers, total, "bench-passthrough", threads, 1, || {
+        |batch: &[BorrowedMessage<'_>], send: &mut Produce<'_>| {
+            for message in batch {
+                send(message.key(), message.payload());
+            }
+        }
+    })
+}
+
+/// The least any word count does, written by hand against rdkafka: a count per word in
+/// a hash map, its new value published per message; nothing durable, no replay
+/// records, offsets committed without waiting for the outputs. No correct word count
+/// (flows' included) can be faster on the same machine: its ratio to (a) is the
+/// ceiling for the word-count rows.
+fn count_by_hand(brokers: &str, total: u64) -> Report {
+    by_hand(
+        brokers,
+        total,
+        "bench-count-by-hand",
+        Threads::PerPartition,
+        1,
+        || {
+            let mut counts: HashMap<String, i64> = HashMap::new();
+            let mut value = String::new();
+            move |batch: &[BorrowedMessage<'_>], send: &mut Produce<'_>| {
+                for message in batch {
+                    let word = std::str::from_utf8(message.key().unwrap_or_default()).unwrap();
+                    let count = bump(&mut counts, word);
+                    value.clear();
+                    write!(value, "{count}").unwrap();
+                    send(message.key(), Some(value.as_bytes()));
+                }
+            }
+        },
+    )
+}
+
+/// The least a durable word count on PostgreSQL does, by hand: per partition, batches
+/// of up to flows' batch size (5,000 messages by default), counts kept in memory and read from the
+/// table only for words not seen before, one `INSERT … ON CONFLICT DO UPDATE` of every
+/// changed count per batch (a table of word and count, no version, no replay records,
+/// fill factor 50 as flows'), then the outputs. It neither checks versions nor waits for
+/// acknowledgements before committing: a ceiling, not a correct pipeline.
+fn count_by_hand_postgres(brokers: &str, total: u64) -> Report {
+    let runtime = tokio::runtime::Handle::current();
+    let table = format!("bench_hand_{}", std::process::id());
+    let pool = runtime.block_on(async {
+        let pool = sqlx::PgPool::connect(&postgres_url()).await.unwrap();
+        let create = format!(
+            "CREATE TABLE {table} (word text PRIMARY KEY, count bigint NOT NULL) \
+             WITH (fillfactor = 50)"
+        );
+        sqlx::query(sqlx::AssertSqlSafe(create))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool
+    });
+    let select = format!("SELECT word, count FROM {table} WHERE word = ANY($1)");
+    let upsert = format!(
+        "INSERT INTO {table} (word, count) SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
+         ON CONFLICT (word) DO UPDATE SET count = EXCLUDED.count"
+    );
+    let batch = bench_config(brokers).batch.max_messages;
+    by_hand(
+        brokers,
+        total,
+        "bench-count-by-hand-pg",
+        Threads::PerPartition,
+        batch,
+        || {
+            let (runtime, pool) = (runtime.clone(), pool.clone());
+            let (select, upsert) = (select.clone(), upsert.clone());
+            let mut counts: HashMap<String, i64> = HashMap::new();
+            let mut outputs: Vec<String> = Vec::new();
+            move |batch: &[BorrowedMessage<'_>], send: &mut Produce<'_>| {
+                let words: Vec<&str> = batch
+                    .iter()
+                    .map(|m| std::str::from_utf8(m.key().unwrap_or_default()).unwrap())
+                    .collect();
+                let mut unseen: Vec<&str> = words
+                    .iter()
+                    .copied()
+                    .filter(|w| !counts.contains_key(*w))
+                    .collect();
+                unseen.sort_unstable();
+                unseen.dedup();
+                if !unseen.is_empty() {
+                    let stored: Vec<(String, i64)> = runtime
+                        .block_on(
+                            sqlx::query_as(sqlx::AssertSqlSafe(select.clone()))
+                                .bind(&unseen)
+                                .fetch_all(&pool),
+                        )
+                        .unwrap();
+                    counts.extend(stored);
+                }
+                let mut changed: HashMap<&str, i64> = HashMap::new();
+                outputs.clear();
+                for word in &words {
+                    let count = bump(&mut counts, word);
+                    changed.insert(word, count);
+                    outputs.push(count.to_string());
+                }
+                let (names, values): (Vec<&str>, Vec<i64>) = changed.into_iter().unzip();
+                runtime
+                    .block_on(
+                        sqlx::query(sqlx::AssertSqlSafe(upsert.clone()))
+                            .bind(&names)
+                            .bind(&values)
+                            .execute(&pool),
+                    )
+                    .unwrap();
+                for (message, value) in batch.iter().zip(&outputs) {
+                    send(message.key(), Some(value.as_bytes()));
+                }
+            }
+        },
+    )
+}
+
+/// Adds one to `word`'s count, allocating its key only the first time.
+fn bump(counts: &mut HashMap<String, i64>, word: &str) -> i64 {
+    let count = match counts.get_mut(word) {
+        Some(count) => count,
+        None => counts.entry(word.to_owned()).or_insert(0),
+    };
+    *count += 1;
+    *count
+}
+
+/// What a hand-written program's handler calls to produce a record (key, value).
+type Produce<'a> = dyn FnMut(Option<&[u8]>, Option<&[u8]>) + 'a;
+
+/// One thread's loop of a hand-written program.
+struct Taker<'a> {
+    consumer: &'a BaseConsumer,
+    producer: &'a ThreadedProducer<DefaultProducerContext>,
+    output_topic: &'a str,
+    seen: &'a AtomicU64,
+    total: u64,
+    max_batch: usize,
+}
+
+impl Taker<'_> {
+    /// Takes batches from `poll` until all threads together have seen `total`
+    /// messages, hands each batch to `handle`, produces what it sends, stores the
+    /// batch's offsets; calls `between` before each batch.
+    fn run<'m, H>(
+        &self,
+        mut poll: impl FnMut(Duration) -> Option<KafkaResult<BorrowedMessage<'m>>>,
+        handle: &mut H,
+        between: &mut dyn FnMut(),
+    ) where
+        H: FnMut(&[BorrowedMessage<'_>], &mut Produce<'_>),
+    {
+        let mut batch = Vec::with_capacity(self.max_batch);
+        while self.seen.load(Ordering::Relaxed) < self.total {
+            between();
+            let Some(first) = poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            batch.push(first.unwrap());
+            while batch.len() < self.max_batch {
+                match poll(Duration::ZERO) {
+                    Some(message) => batch.push(message.unwrap()),
+                    None => break,
+                }
+            }
+            handle(&batch, &mut |key, payload| self.send(key, payload));
+            for message in &batch {
+                self.consumer.store_offset_from_message(message).unwrap();
+            }
+            self.seen.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            batch.clear();
+        }
+    }
+
+    /// Produces one record, waiting while the producer's queue is full.
+    fn send(&self, key: Option<&[u8]>, payload: Option<&[u8]>) {
+        let mut record = BaseRecord::<[u8], [u8]>::to(self.output_topic);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(payload) = payload {
+            record = record.payload(payload);
+        }
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((error, _)) => panic!("produce failed: {error}"),
+            }
+        }
+    }
+}
+
+/// How a hand-written program's threads take messages from the consumer.
+#[derive(Debug, Clone, Copy)]
+enum Threads {
+    /// One thread per partition, each on its own partition queue (as flows works).
+    PerPartition,
+    /// One thread on the consumer's own queue, the partitions interleaved.
+    One,
+}
+
+/// A hand-written program against rdkafka, with flows' tuned client settings: its
+/// threads hand batches of up to `max_batch` messages (what is queued, without waiting
+/// for more) to their handler, which sends records to topic `<group>-out`; every
+/// message's offset is stored after its batch and offsets are committed
+/// asynchronously every second.
+fn by_hand<H>(
+    brokers: &str,
+    total: u64,
+    group: &str,
+    threads: Threads,
+    max_batch: usize,
+    handler: impl Fn() -> H,
+) -> Report
+where
+    H: FnMut(&[BorrowedMessage<'_>], &mut Produce<'_>) + Send + 'static,
+{
     let config = bench_config(brokers);
     let mut consumer_config = ClientConfig::new();
-    for (k, v) in config.consumer_properties("bench-passthrough") {
+    for (k, v) in config.consumer_properties(group) {
         consumer_config.set(k, v);
     }
     let consumer: Arc<BaseConsumer> = Arc::new(consumer_config.create().unwrap());
@@ -431,7 +715,9 @@ fn passthrough(brokers: &str, total: u64) -> Report {
     for (k, v) in config.producer_properties() {
         producer_config.set(k, v);
     }
-    let producer: Arc<ThreadedProducer<_>> = Arc::new(producer_config.create().unwrap());
+    let producer: Arc<ThreadedProducer<DefaultProducerContext>> =
+        Arc::new(producer_config.create().unwrap());
+    let output_topic: Arc<str> = format!("{group}-out").into();
 
     // Connect and learn the partition leaders first, as a group member has by the time
     // its partitions are assigned, so both clocks start from the same point.
@@ -448,54 +734,58 @@ fn passthrough(brokers: &str, total: u64) -> Report {
     consumer.assign(&assignment).unwrap();
     let started = Instant::now();
     let seen = Arc::new(AtomicU64::new(0));
-    let threads: Vec<_> = (0..PARTITIONS)
-        .map(|partition| {
-            let queue = consumer.split_partition_queue("words", partition).unwrap();
-            let (consumer, producer) = (Arc::clone(&consumer), Arc::clone(&producer));
-            let seen = Arc::clone(&seen);
-            std::thread::spawn(move || {
-                while seen.load(Ordering::Relaxed) < total {
-                    let Some(message) = queue.poll(Duration::from_millis(100)) else {
-                        continue;
-                    };
-                    let message = message.unwrap();
-                    let mut record = BaseRecord::<[u8], [u8]>::to("bench-passthrough-out");
-                    if let Some(key) = message.key() {
-                        record = record.key(key);
-                    }
-                    if let Some(payload) = message.payload() {
-                        record = record.payload(payload);
-                    }
-                    loop {
-                        match producer.send(record) {
-                            Ok(()) => break,
-                            Err((
-                                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull),
-                                back,
-                            )) => {
-                                record = back;
-                                std::thread::sleep(Duration::from_millis(1));
-                            }
-                            Err((error, _)) => panic!("produce failed: {error}"),
-                        }
-                    }
-                    consumer.store_offset_from_message(&message).unwrap();
-                    seen.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
     let mut last_commit = Instant::now();
-    while seen.load(Ordering::Relaxed) < total {
-        // Serves the consumer's events; messages all go to the partition queues.
-        let _ = consumer.poll(Duration::from_millis(20));
+    let mut commit_every_second = || {
         if last_commit.elapsed() > Duration::from_secs(1) {
             let _ = consumer.commit_consumer_state(CommitMode::Async);
             last_commit = Instant::now();
         }
-    }
-    for thread in threads {
-        thread.join().unwrap();
+    };
+    match threads {
+        Threads::One => {
+            let taker = Taker {
+                consumer: &consumer,
+                producer: &producer,
+                output_topic: &output_topic,
+                seen: &seen,
+                total,
+                max_batch,
+            };
+            taker.run(
+                |timeout| consumer.poll(timeout),
+                &mut handler(),
+                &mut commit_every_second,
+            );
+        }
+        Threads::PerPartition => {
+            let threads: Vec<_> = (0..PARTITIONS)
+                .map(|partition| {
+                    let queue = consumer.split_partition_queue("words", partition).unwrap();
+                    let (consumer, producer) = (Arc::clone(&consumer), Arc::clone(&producer));
+                    let (seen, output_topic) = (Arc::clone(&seen), Arc::clone(&output_topic));
+                    let mut handle = handler();
+                    std::thread::spawn(move || {
+                        let taker = Taker {
+                            consumer: &consumer,
+                            producer: &producer,
+                            output_topic: &output_topic,
+                            seen: &seen,
+                            total,
+                            max_batch,
+                        };
+                        taker.run(|timeout| queue.poll(timeout), &mut handle, &mut || {});
+                    })
+                })
+                .collect();
+            while seen.load(Ordering::Relaxed) < total {
+                // Serves the consumer's events; messages all go to the partition queues.
+                let _ = consumer.poll(Duration::from_millis(20));
+                commit_every_second();
+            }
+            for thread in threads {
+                thread.join().unwrap();
+            }
+        }
     }
     producer.flush(Duration::from_secs(60)).unwrap();
     let seconds = started.elapsed().as_secs_f64();
