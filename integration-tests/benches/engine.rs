@@ -4,12 +4,13 @@
 //! PostgreSQL row; `FLOWS_TEST_POSTGRES_URL`, default the `flows_test` database).
 //!
 //! The driver starts the broker (`embedded-kafka`, librdkafka's mock cluster, in its
-//! own process), fills topic `words` with `FLOWS_BENCH_MESSAGES` messages (default
-//! 1,000,000) over 10,000 distinct words and 8 partitions, then runs each program as its
-//! own process, one after the other, each reading the whole topic in its own consumer
-//! group:
-//! - (a) `passthrough`: consume-and-produce written directly against rdkafka, tuned (the
-//!   ceiling); run first and again last, the better of the two being the baseline;
+//! own process, or an external one: `FLOWS_BENCH_BROKERS`), fills topic `words` with
+//! `FLOWS_BENCH_MESSAGES` messages (default 1,000,000) over 10,000 distinct words and 8
+//! partitions, then runs each program as its own process, one after the other, each
+//! reading the whole topic in its own consumer group:
+//! - (a) `passthrough`, `passthrough-one-thread`: consume-and-produce written directly
+//!   against rdkafka with flows' tuned client settings, one thread per partition queue
+//!   or one thread on the consumer's queue; the faster is the baseline (the ceiling);
 //! - (b) `stateless`: a flows stateless one-to-one;
 //! - (c) `count-memory`, `count-sqlite`, `count-postgres`: flows word count;
 //! - (d) `count-by-hand`, `count-by-hand-postgres`: the least any word count does,
@@ -18,7 +19,10 @@
 //!
 //! Each program reports its own numbers: messages per second from the assignment of its
 //! partitions to its last acknowledged output (group join excluded), CPU seconds and peak
-//! resident memory (from `/proc/self`). Default engine settings throughout.
+//! resident memory (from `/proc/self`). The driver adds the CPU the broker (when its PID
+//! is known) and local PostgreSQL processes used meanwhile. The programs run in
+//! `FLOWS_BENCH_ROUNDS` interleaved rounds (default 3); each row is a program's median
+//! run. `FLOWS_BENCH_ONLY=mode,mode` picks programs. Default engine settings throughout.
 
 #![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
 
@@ -231,6 +235,38 @@ fn feed(brokers: &str, total: u64) {
     eprintln!("fed {total} messages ({DISTINCT} words, {PARTITIONS} partitions)");
 }
 
+/// The programs, in the order each round runs them: label and `--child` mode.
+const PROGRAMS: [(&str, &str); 8] = [
+    (
+        "(a) passthrough, a thread per partition queue",
+        "passthrough",
+    ),
+    ("(a) passthrough, one thread", "passthrough-one-thread"),
+    ("(b) flows stateless one-to-one", "stateless"),
+    ("(c) flows word count, in memory", "count-memory"),
+    ("(c) flows word count, SQLite", "count-sqlite"),
+    ("(c) flows word count, PostgreSQL", "count-postgres"),
+    ("(d) word count by hand, in memory", "count-by-hand"),
+    (
+        "(d) word count by hand, PostgreSQL",
+        "count-by-hand-postgres",
+    ),
+];
+
+/// One run of a program: its label, its report, and the CPU others used meanwhile.
+type Run<'a> = (&'a str, Report, OtherCpu);
+
+/// How many times each program runs (`FLOWS_BENCH_ROUNDS`, default 3), the programs
+/// interleaved: a shared machine's speed drifts over minutes, and a program run once,
+/// minutes after its baseline, can be 20% off.
+fn rounds() -> usize {
+    std::env::var("FLOWS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(3)
+}
+
 fn driver() {
     let total = messages();
     // With a restart command (scripts/bench-engine gives one for its Tansu), or with
@@ -239,107 +275,136 @@ fn driver() {
     let restart = std::env::var("FLOWS_BENCH_BROKER_RESTART").ok();
     let fresh_per_program = restart.is_some() || std::env::var("FLOWS_BENCH_BROKERS").is_err();
     let mut broker: Option<Broker> = None;
-    let mut rows: Vec<(&str, Report, OtherCpu)> = Vec::new();
+    let mut runs: Vec<Run<'_>> = Vec::new();
     let only = std::env::var("FLOWS_BENCH_ONLY").unwrap_or_default();
-    // The passthrough runs first and again last; the better of its two runs is the
-    // baseline (the higher ceiling: the ratios are not flattered by a slow run of it).
-    for (label, mode) in [
-        ("passthrough", "passthrough"),
-        ("passthrough, one thread", "passthrough-one-thread"),
-        ("stateless", "stateless"),
-        ("count-memory", "count-memory"),
-        ("count-sqlite", "count-sqlite"),
-        ("count-postgres", "count-postgres"),
-        ("count by hand, in memory", "count-by-hand"),
-        ("count by hand, PostgreSQL", "count-by-hand-postgres"),
-        ("passthrough (again)", "passthrough"),
-    ] {
-        if !only.is_empty() && !only.split(',').any(|m| m == mode) {
-            continue;
-        }
-        if broker.is_none() || fresh_per_program {
-            if broker.take().is_some()
-                && let Some(command) = &restart
-            {
-                let status = Command::new("sh").args(["-c", command]).status().unwrap();
-                assert!(status.success(), "broker restart failed: {status}");
+    let rounds = rounds();
+    for round in 1..=rounds {
+        for (label, mode) in PROGRAMS {
+            if !only.is_empty() && !only.split(',').any(|m| m == mode) {
+                continue;
             }
-            let fresh = Broker::start();
-            feed(&fresh.bootstrap, total);
-            broker = Some(fresh);
-        }
-        let Some(broker) = &broker else {
-            unreachable!("a broker was just started")
-        };
-        let brokers = broker.bootstrap.clone();
-        let broker_cpu_before = broker.cpu_seconds();
-        let postgres_cpu_before = local_postgres_cpu_seconds();
-        // FLOWS_BENCH_WRAPPER runs each program under a profiler (e.g. valgrind).
-        let wrapper = std::env::var("FLOWS_BENCH_WRAPPER").unwrap_or_default();
-        let mut command: Vec<String> = wrapper.split_whitespace().map(String::from).collect();
-        command.push(std::env::current_exe().unwrap().display().to_string());
-        let output = Command::new(&command[0])
-            .args(&command[1..])
-            .args(["--child", mode, &brokers])
-            .stderr(Stdio::inherit())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        // Anything else the program printed (logs with RUST_LOG) goes to stderr.
-        for line in stdout.lines().filter(|l| !l.starts_with("REPORT ")) {
-            eprintln!("{line}");
-        }
-        match stdout.lines().find_map(Report::parse) {
-            Some(report) => {
-                let others = OtherCpu {
-                    broker: broker
-                        .cpu_seconds()
-                        .zip(broker_cpu_before)
-                        .map(|(after, before)| after - before),
-                    postgres: local_postgres_cpu_seconds() - postgres_cpu_before,
-                };
-                eprintln!("{label}: {report:?}, {others:?}");
-                rows.push((label, report, others));
+            if broker.is_none() || fresh_per_program {
+                if broker.take().is_some()
+                    && let Some(command) = &restart
+                {
+                    let status = Command::new("sh").args(["-c", command]).status().unwrap();
+                    assert!(status.success(), "broker restart failed: {status}");
+                }
+                let fresh = Broker::start();
+                feed(&fresh.bootstrap, total);
+                broker = Some(fresh);
             }
-            None => eprintln!("{label}: failed ({:?}): {stdout}", output.status),
+            let Some(broker) = &broker else {
+                unreachable!("a broker was just started")
+            };
+            match run_program(broker, mode) {
+                Some((report, others)) => {
+                    eprintln!("round {round}/{rounds}: {label}: {report:?}, {others:?}");
+                    runs.push((label, report, others));
+                }
+                None => eprintln!("round {round}/{rounds}: {label}: failed"),
+            }
         }
     }
     drop(broker);
+    print_table(total, rounds, &runs);
+}
 
+/// Runs one program against `broker`: its report and the CPU others used meanwhile.
+fn run_program(broker: &Broker, mode: &str) -> Option<(Report, OtherCpu)> {
+    let broker_cpu_before = broker.cpu_seconds();
+    let postgres_cpu_before = local_postgres_cpu_seconds();
+    // FLOWS_BENCH_WRAPPER runs each program under a profiler (e.g. perf record).
+    let wrapper = std::env::var("FLOWS_BENCH_WRAPPER").unwrap_or_default();
+    let mut command: Vec<String> = wrapper.split_whitespace().map(String::from).collect();
+    command.push(std::env::current_exe().unwrap().display().to_string());
+    let output = Command::new(&command[0])
+        .args(&command[1..])
+        .args(["--child", mode, &broker.bootstrap])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // Anything else the program printed (logs with RUST_LOG) goes to stderr.
+    for line in stdout.lines().filter(|l| !l.starts_with("REPORT ")) {
+        eprintln!("{line}");
+    }
+    let Some(report) = stdout.lines().find_map(Report::parse) else {
+        eprintln!("{mode}: no report ({:?})", output.status);
+        return None;
+    };
+    let others = OtherCpu {
+        broker: broker
+            .cpu_seconds()
+            .zip(broker_cpu_before)
+            .map(|(after, before)| after - before),
+        postgres: local_postgres_cpu_seconds() - postgres_cpu_before,
+    };
+    Some((report, others))
+}
+
+/// The median of runs sorted by rate; of an even count, the slower of the middle two.
+fn median<'a, T>(sorted: &[&'a T]) -> &'a T {
+    sorted[(sorted.len() - 1) / 2]
+}
+
+/// One row per program: its median run (rate, CPU, other processes' CPU), the range of
+/// its rates and its largest peak RSS over the rounds; ratios to the faster
+/// passthrough's median.
+fn print_table(total: u64, rounds: usize, runs: &[Run<'_>]) {
+    let rate = |r: &Report| r.messages as f64 / r.seconds;
+    let rows: Vec<(&str, Vec<&Run<'_>>)> = PROGRAMS
+        .iter()
+        .map(|(label, _)| {
+            let mut of_program: Vec<_> = runs.iter().filter(|(l, ..)| l == label).collect();
+            of_program.sort_by(|a, b| rate(&a.1).total_cmp(&rate(&b.1)));
+            (*label, of_program)
+        })
+        .filter(|(_, of_program)| !of_program.is_empty())
+        .collect();
     let baseline = rows
         .iter()
-        .filter(|(label, ..)| label.starts_with("passthrough"))
-        .map(|(_, r, _)| r.messages as f64 / r.seconds)
-        .fold(None, |best: Option<f64>, rate| {
-            Some(best.map_or(rate, |b| b.max(rate)))
-        })
-        .unwrap_or(1.0);
-    let mut out = std::io::stdout().lock();
+        .filter(|(label, _)| label.starts_with("(a)"))
+        .map(|(_, of_program)| rate(&median(of_program).1))
+        .fold(f64::NAN, f64::max);
+    let baseline = if baseline.is_nan() { 1.0 } else { baseline };
     let broker_name = std::env::var("FLOWS_BENCH_BROKERS").map_or_else(
         |_| "the mock cluster in its own process".to_owned(),
         |b| format!("the broker at {b}"),
     );
+    let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "\n{total} messages, {DISTINCT} distinct words, {PARTITIONS} partitions, {broker_name}"
+        "\n{total} messages, {DISTINCT} distinct words, {PARTITIONS} partitions, \
+         {broker_name}; median of {rounds} interleaved round(s)"
     )
     .unwrap();
     writeln!(
         out,
-        "| program | msgs/s | ratio to (a) | CPU s | peak RSS MB | broker CPU s | PostgreSQL CPU s |"
+        "| program | msgs/s | range | ratio to (a) | CPU s | peak RSS MB | broker CPU s | PostgreSQL CPU s |"
     )
     .unwrap();
-    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|").unwrap();
-    let seconds = |s: Option<f64>| s.map_or_else(|| "?".to_owned(), |s| format!("{s:.1}"));
-    for (mode, r, others) in &rows {
-        let rate = r.messages as f64 / r.seconds;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+    let thousands = |r: f64| format!("{:.0}k", r / 1000.0);
+    for (label, of_program) in &rows {
+        let (_, report, others) = median(of_program);
+        let (slowest, fastest) = (&of_program[0].1, &of_program[of_program.len() - 1].1);
+        let peak_rss = of_program
+            .iter()
+            .map(|(_, r, _)| r.peak_rss_mb)
+            .fold(0.0, f64::max);
         writeln!(
             out,
-            "| {mode} | {rate:.0} | {:.2} | {:.1} | {:.0} | {} | {:.1} |",
-            rate / baseline,
-            r.cpu_seconds,
-            r.peak_rss_mb,
-            seconds(others.broker),
+            "| {label} | {:.0} | {}–{} | {:.2} | {:.1} | {:.0} | {} | {:.1} |",
+            rate(report),
+            thousands(rate(slowest)),
+            thousands(rate(fastest)),
+            rate(report) / baseline,
+            report.cpu_seconds,
+            peak_rss,
+            others
+                .broker
+                .map_or_else(|| "?".to_owned(), |s| format!("{s:.1}")),
             others.postgres,
         )
         .unwrap();
