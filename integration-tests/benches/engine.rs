@@ -583,7 +583,7 @@ fn count_by_hand(brokers: &str, total: u64) -> Report {
 }
 
 /// The least a durable word count on PostgreSQL does, by hand: per partition, batches
-/// of up to flows' batch size (5,000 messages by default), counts kept in memory and read from the
+/// of up to flows' batch size (10,000 messages by default), counts kept in memory and read from the
 /// table only for words not seen before, one `INSERT … ON CONFLICT DO UPDATE` of every
 /// changed count per batch (a table of word and count, no version, no replay records,
 /// fill factor 50 as flows'), then the outputs. It neither checks versions nor waits for

@@ -11,7 +11,7 @@ use std::time::Duration;
 /// one batch, its states and its outputs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchConfig {
-    /// Most messages in one batch (default 5,000).
+    /// Most messages in one batch (default 10,000).
     pub max_messages: usize,
     /// Most key and value bytes in one batch (default 4 MiB), so that large messages
     /// make smaller batches instead of large memory.
@@ -23,7 +23,7 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            max_messages: 5_000,
+            max_messages: 10_000,
             max_bytes: 4 * 1024 * 1024,
             max_delay: Duration::from_millis(50),
         }
@@ -177,14 +177,19 @@ impl KafkaConfig {
             // A full queue postpones the partition's next fetch by this long; librdkafka's
             // default (1 s) leaves a fast worker idle for most of that second.
             ("fetch.queue.backoff.ms", "10"),
-            // One fetch response adds up to this much on top of the queue: bounded, so a
-            // backlog of small, well-compressed messages cannot arrive all at once (with
-            // librdkafka's defaults, 1 MiB per partition and 50 MiB per response, a whole
-            // partition of 100,000s of messages did). `fetch.max.bytes` may not be below
-            // `message.max.bytes`, which for a consumer only bounds its own requests.
-            ("max.partition.fetch.bytes", "262144"),
-            ("fetch.max.bytes", "524288"),
-            ("message.max.bytes", "524288"),
+            // One fetch response adds up to this much on top of the queue, and what
+            // bounds memory for small, well-compressed messages is their count (each
+            // fetched message is an op of its own): 64 KiB of lz4-compressed words is
+            // some 6,000 messages. With librdkafka's defaults (1 MiB per partition, 50 MiB
+            // per response) a whole partition of 100,000s of messages arrived at once;
+            // at 256/512 KiB a word count still held ~60 MB more of them than at 64/128
+            // (the README's performance notes). A larger record batch is still returned
+            // whole (the broker always sends the first one). `fetch.max.bytes` may not be
+            // below `message.max.bytes`, which for a consumer only bounds its requests.
+            // On a high-latency link, raise `fetch.max.bytes`: one response per round trip.
+            ("max.partition.fetch.bytes", "65536"),
+            ("fetch.max.bytes", "131072"),
+            ("message.max.bytes", "131072"),
         ];
         merge(&defaults, &self.consumer_overrides)
     }

@@ -110,7 +110,7 @@ where
 }
 
 /// Buffers of a stateful batch kept for the next one. Each is about as large as a
-/// batch (hundreds of KiB at the default 5,000 messages): allocated afresh for every
+/// batch (hundreds of KiB at the default 10,000 messages): allocated afresh for every
 /// batch, they cost the allocator fresh pages, which the kernel zeroes (a tenth of a
 /// word count's CPU time when measured).
 #[derive(Default)]
