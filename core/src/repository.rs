@@ -263,10 +263,17 @@ impl PreparedWrite<'_> {
     }
 }
 
+/// When a batch of [`prepare_writes`] was written (they share one time). Takes the
+/// writes, ending their borrow of the states, so that [`into_written`] can have them.
+pub fn write_time(writes: Vec<PreparedWrite<'_>>) -> DateTime<Utc> {
+    writes
+        .first()
+        .map_or_else(crate::state::now, |write| write.updated_at)
+}
+
 /// `states` (given to `upsert_all`) as the store holds them once every one was written
-/// at `now` (the `updated_at` of their [`PreparedWrite`]s): moved, not copied. The
-/// writes borrow the states, so a backend drops them first; [`PreparedWrite::written`]
-/// copies one state instead.
+/// at `now` ([`write_time`]): moved, not copied. [`PreparedWrite::written`] copies one
+/// state instead.
 pub fn into_written(mut states: Vec<RawState>, now: DateTime<Utc>) -> Vec<RawState> {
     states.iter_mut().for_each(|state| mark_written(state, now));
     states

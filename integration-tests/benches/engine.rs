@@ -679,17 +679,19 @@ fn bump(counts: &mut HashMap<String, i64>, word: &str) -> i64 {
 /// What a hand-written program's handler calls to produce a record (key, value).
 type Produce<'a> = dyn FnMut(Option<&[u8]>, Option<&[u8]>) + 'a;
 
-/// One thread's loop of a hand-written program.
-struct Taker<'a> {
-    consumer: &'a BaseConsumer,
-    producer: &'a ThreadedProducer<DefaultProducerContext>,
-    output_topic: &'a str,
-    seen: &'a AtomicU64,
+/// One thread's loop of a hand-written program (each thread has a clone).
+#[derive(Clone)]
+struct Taker {
+    consumer: Arc<BaseConsumer>,
+    producer: Arc<ThreadedProducer<DefaultProducerContext>>,
+    output_topic: Arc<str>,
+    /// Messages seen by all threads together.
+    seen: Arc<AtomicU64>,
     total: u64,
     max_batch: usize,
 }
 
-impl Taker<'_> {
+impl Taker {
     /// Takes batches from `poll` until all threads together have seen `total`
     /// messages, hands each batch to `handle`, produces what it sends, stores the
     /// batch's offsets; calls `between` before each batch.
@@ -725,7 +727,7 @@ impl Taker<'_> {
 
     /// Produces one record, waiting while the producer's queue is full.
     fn send(&self, key: Option<&[u8]>, payload: Option<&[u8]>) {
-        let mut record = BaseRecord::<[u8], [u8]>::to(self.output_topic);
+        let mut record = BaseRecord::<[u8], [u8]>::to(&self.output_topic);
         if let Some(key) = key {
             record = record.key(key);
         }
@@ -782,7 +784,6 @@ where
     }
     let producer: Arc<ThreadedProducer<DefaultProducerContext>> =
         Arc::new(producer_config.create().unwrap());
-    let output_topic: Arc<str> = format!("{group}-out").into();
 
     // Connect and learn the partition leaders first, as a group member has by the time
     // its partitions are assigned, so both clocks start from the same point.
@@ -806,38 +807,26 @@ where
             last_commit = Instant::now();
         }
     };
+    let taker = Taker {
+        consumer: Arc::clone(&consumer),
+        producer: Arc::clone(&producer),
+        output_topic: format!("{group}-out").into(),
+        seen: Arc::clone(&seen),
+        total,
+        max_batch,
+    };
     match threads {
-        Threads::One => {
-            let taker = Taker {
-                consumer: &consumer,
-                producer: &producer,
-                output_topic: &output_topic,
-                seen: &seen,
-                total,
-                max_batch,
-            };
-            taker.run(
-                |timeout| consumer.poll(timeout),
-                &mut handler(),
-                &mut commit_every_second,
-            );
-        }
+        Threads::One => taker.run(
+            |timeout| consumer.poll(timeout),
+            &mut handler(),
+            &mut commit_every_second,
+        ),
         Threads::PerPartition => {
             let threads: Vec<_> = (0..PARTITIONS)
                 .map(|partition| {
                     let queue = consumer.split_partition_queue("words", partition).unwrap();
-                    let (consumer, producer) = (Arc::clone(&consumer), Arc::clone(&producer));
-                    let (seen, output_topic) = (Arc::clone(&seen), Arc::clone(&output_topic));
-                    let mut handle = handler();
+                    let (taker, mut handle) = (taker.clone(), handler());
                     std::thread::spawn(move || {
-                        let taker = Taker {
-                            consumer: &consumer,
-                            producer: &producer,
-                            output_topic: &output_topic,
-                            seen: &seen,
-                            total,
-                            max_batch,
-                        };
                         taker.run(|timeout| queue.poll(timeout), &mut handle, &mut || {});
                     })
                 })

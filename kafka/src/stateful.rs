@@ -508,6 +508,18 @@ mod tests {
         Ok(outputs)
     }
 
+    /// Another instance, without a cache, counts `times` more "a" (from partition 1) in
+    /// `store`, behind the back of any cache of this one.
+    async fn count_a_elsewhere(f: &StatefulFunction<i64>, store: &Spy, times: i64) {
+        let other = Mutex::new(StateCache::new(StateCacheLimits::disabled()));
+        let elsewhere: Vec<RawMessage> = (0..times)
+            .map(|i| RawMessage::raw("words", 1, i, Some(&b"a"[..]), Some(&b"a"[..])))
+            .collect();
+        run(f, store, &other, &elsewhere)
+            .await
+            .expect("other instance");
+    }
+
     /// A dead-letter policy whose record carries the value -1.
     fn dead_letter(m: &RawMessage, _: &ProcessError) -> ErrorAction {
         ErrorAction::DeadLetter(vec![EncodedRecord {
@@ -577,13 +589,7 @@ mod tests {
             .await
             .expect("first");
         // Another instance (after a rebalance, say) counts three more "a" in between.
-        let other = Mutex::new(StateCache::new(StateCacheLimits::disabled()));
-        let elsewhere: Vec<RawMessage> = (0..3)
-            .map(|i| RawMessage::raw("words", 1, i, Some(&b"a"[..]), Some(&b"a"[..])))
-            .collect();
-        run(&f, &store, &other, &elsewhere)
-            .await
-            .expect("other instance");
+        count_a_elsewhere(&f, &store, 3).await;
         store.reads();
         let out = run(&f, &store, &cache, &words(1, &["a"]))
             .await
@@ -604,15 +610,7 @@ mod tests {
             .await
             .expect("first");
         // Another instance counts "a" once more behind this one's cache.
-        let other = Mutex::new(StateCache::new(StateCacheLimits::disabled()));
-        let elsewhere = [RawMessage::raw(
-            "words",
-            1,
-            0,
-            Some(&b"a"[..]),
-            Some(&b"a"[..]),
-        )];
-        run(&f, &store, &other, &elsewhere).await.expect("other");
+        count_a_elsewhere(&f, &store, 1).await;
         // A keyless message (dead-lettered before any fold), then "a" (whose cached
         // state is stale: the first attempt conflicts), then "b".
         let batch = [

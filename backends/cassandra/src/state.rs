@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flows_core::repository::{
     PreparedWrite, decode_stored_state, distinct_ids, in_request_order, into_written,
-    prepare_writes,
+    prepare_writes, write_time,
 };
 use flows_core::state::StateCodecError;
 use flows_core::{
@@ -404,10 +404,7 @@ impl SingleStateRepository for CassandraStateRepository {
                     .await?;
             }
         }
-        let now = writes
-            .first()
-            .map_or_else(chrono::Utc::now, |w| w.updated_at);
-        drop(writes); // they borrow `states`
+        let now = write_time(writes);
         Ok(into_written(states, now))
     }
 }

@@ -11,7 +11,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, Put, ScalarAttributeType, Transact
 use chrono::{DateTime, Utc};
 use flows_core::repository::{
     PreparedWrite, decode_stored_id, decode_stored_state, distinct_ids, in_request_order,
-    into_written, prepare_writes,
+    into_written, prepare_writes, write_time,
 };
 use flows_core::{
     Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, StateCodecError,
@@ -418,10 +418,7 @@ impl SingleStateRepository for DynamoDbStateRepository {
                 }
             }
         }
-        let now = writes
-            .first()
-            .map_or_else(chrono::Utc::now, |w| w.updated_at);
-        drop(writes); // they borrow `states`
+        let now = write_time(writes);
         Ok(into_written(states, now))
     }
 }

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flows_core::repository::{
     PreparedWrite, decode_stored_state, distinct_ids, in_request_order, into_written,
-    prepare_writes,
+    prepare_writes, write_time,
 };
 use flows_core::{
     Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName,
@@ -211,10 +211,7 @@ impl SingleStateRepository for MongoStateRepository {
             .collect();
         let rejections = self.store.bulk_write(models, true).await?;
         if rejections.is_empty() {
-            let now = writes
-                .first()
-                .map_or_else(chrono::Utc::now, |w| w.updated_at);
-            drop(writes); // they borrow `states`
+            let now = write_time(writes);
             return Ok(into_written(states, now));
         }
         // A transaction stops at the first rejection: name every stale id by reading

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use async_trait::async_trait;
 use flows_core::repository::{
     PreparedWrite, conflicting_ids, decode_stored_id, decode_stored_state, distinct_ids,
-    in_request_order, into_written, prepare_writes,
+    in_request_order, into_written, prepare_writes, write_time,
 };
 use flows_core::{
     Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName,
@@ -291,10 +291,7 @@ impl SingleStateRepository for PostgresStateRepository {
         }
         match attempt {
             Attempt::Committed => {
-                let now = writes
-                    .first()
-                    .map_or_else(chrono::Utc::now, |w| w.updated_at);
-                drop(writes); // they borrow `states`
+                let now = write_time(writes);
                 Ok(into_written(states, now))
             }
             Attempt::Conflicts(ids) => Err(RepositoryError::Conflict { ids }),

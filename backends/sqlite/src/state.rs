@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flows_core::repository::{
     PreparedWrite, conflicting_ids, decode_stored_id, decode_stored_state, distinct_ids,
-    in_request_order, into_written, prepare_writes,
+    in_request_order, into_written, prepare_writes, write_time,
 };
 use flows_core::{
     Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository, TableName,
@@ -181,10 +181,7 @@ impl SingleStateRepository for SqliteStateRepository {
             return Err(RepositoryError::Conflict { ids: conflicts });
         }
         tx.commit().await.map_err(map_err)?;
-        let now = writes
-            .first()
-            .map_or_else(chrono::Utc::now, |w| w.updated_at);
-        drop(writes); // they borrow `states`
+        let now = write_time(writes);
         Ok(into_written(states, now))
     }
 }
