@@ -8,7 +8,8 @@
 //! together or apart (`FLOWS_INSTANCE=word-join-rekey` / `word-join`).
 //!
 //! `cargo run --example word-join` runs on the embedded default; with `FLOWS_BROKERS`
-//! it is a long-lived worker (see `word-count.rs`).
+//! it is a long-lived worker (see `word-count.rs`; states in table `FLOWS_STATE_TABLE`,
+//! default `word_cards`).
 
 mod common;
 
@@ -66,7 +67,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("word-cards", 4),
         ("word-join-dead-letter", 1),
     ])?;
-    let store = flows::open_state_store(&setup.store_url, "word_cards").await?;
+    let table = std::env::var("FLOWS_STATE_TABLE").unwrap_or_else(|_| "word_cards".into());
+    let store = flows::open_state_store(&setup.store_url, &table).await?;
     let join = join();
     let dead_letter = ErrorPolicy::dead_letter("word-join-dead-letter");
     let mut pipelines = vec![

@@ -167,15 +167,26 @@ pub fn read_topic(brokers: &str, topic: &str, at_least: usize, timeout: Duration
     records.into_values().collect()
 }
 
+/// The target directory of the running test (`target/<profile>`).
+fn profile_dir() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The binary `name` of this crate (`src/bin`), which `cargo test` builds.
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let binary = profile_dir().join(name);
+    assert!(binary.exists(), "{} is missing", binary.display());
+    binary
+}
+
 /// The binary of the `flows` example `name`, next to the running test's in the target
 /// directory (`cargo test` builds the examples before running tests).
 pub fn example_binary(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps");
-    let binary = profile_dir.join("examples").join(name);
+    let binary = profile_dir().join("examples").join(name);
     assert!(
         binary.exists(),
         "{} is missing: build it with `cargo build --examples --all-features` (cargo test builds it)",
@@ -208,52 +219,256 @@ pub fn check_word_count_outputs(
     outputs: &[Consumed],
     expected: &HashMap<String, i64>,
 ) -> Result<usize, String> {
-    let mut by_word: HashMap<String, Vec<&Consumed>> = HashMap::new();
+    check_sequenced_outputs(outputs, expected, |record| {
+        record
+            .value_str()
+            .parse()
+            .map_err(|_| format!("value {:?} is not a count", record.value_str()))
+    })
+}
+
+/// Checks outputs that number, per key, the inputs their state has applied (`sequence`
+/// reads that number from a record): for every key the numbers 1..=n first appear in
+/// ascending order, every repeat is a byte-identical copy (value and headers) of its
+/// first appearance (a replay, not a recomputation), and the keys and their n are
+/// exactly `expected`. Returns how many duplicates were seen.
+pub fn check_sequenced_outputs(
+    outputs: &[Consumed],
+    expected: &HashMap<String, i64>,
+    sequence: impl Fn(&Consumed) -> Result<i64, String>,
+) -> Result<usize, String> {
+    let mut by_key: HashMap<String, Vec<&Consumed>> = HashMap::new();
     for record in outputs {
-        by_word.entry(record.key_str()).or_default().push(record);
+        by_key.entry(record.key_str()).or_default().push(record);
     }
     let mut duplicates = 0;
-    for (word, records) in &by_word {
-        let Some(&final_count) = expected.get(word) else {
-            return Err(format!("unexpected output for word {word:?}"));
+    for (key, records) in &by_key {
+        let Some(&last) = expected.get(key) else {
+            return Err(format!("unexpected output for key {key:?}"));
         };
         let mut first: Vec<&Consumed> = Vec::new();
         for record in records {
-            let count: i64 = record
-                .value_str()
-                .parse()
-                .map_err(|_| format!("{word}: value {:?} is not a count", record.value_str()))?;
+            let n = sequence(record).map_err(|e| format!("{key}: {e}"))?;
             let seen = first.len() as i64;
-            if count == seen + 1 {
+            if n == seen + 1 {
                 first.push(record);
-            } else if count >= 1 && count <= seen {
-                let original = first[(count - 1) as usize];
+            } else if n >= 1 && n <= seen {
+                let original = first[(n - 1) as usize];
                 if original.value != record.value || original.headers != record.headers {
                     return Err(format!(
-                        "{word}: count {count} was published twice with different bytes \
-                         (offsets {} and {}): recomputed, not replayed",
-                        original.offset, record.offset
+                        "{key}: output {n} was published twice with different bytes \
+                         (partition {} offsets {} and {}): recomputed, not replayed",
+                        record.partition, original.offset, record.offset
                     ));
                 }
                 duplicates += 1;
             } else {
                 return Err(format!(
-                    "{word}: count {count} at offset {} after only {seen} counts (gap or regression)",
+                    "{key}: output {n} at offset {} after only {seen} (gap or regression)",
                     record.offset
                 ));
             }
         }
-        if first.len() as i64 != final_count {
+        if first.len() as i64 != last {
             return Err(format!(
-                "{word}: outputs reach {} but the word was sent {final_count} times",
+                "{key}: outputs reach {} but {last} were expected",
                 first.len()
             ));
         }
     }
-    if let Some(missing) = expected.keys().find(|w| !by_word.contains_key(*w)) {
-        return Err(format!("no output at all for word {missing:?}"));
+    if let Some(missing) = expected.keys().find(|k| !by_key.contains_key(*k)) {
+        return Err(format!("no output at all for key {missing:?}"));
     }
     Ok(duplicates)
+}
+
+/// A broker in a process of its own (`embedded-kafka`: librdkafka's mock cluster), so
+/// that workers can be killed and restarted against a broker that outlives them.
+/// Dropping it (closing its standard input) ends it.
+pub struct BrokerProcess {
+    child: std::process::Child,
+    /// Its `bootstrap.servers`.
+    pub bootstrap: String,
+}
+
+impl BrokerProcess {
+    /// Starts the broker with `topics` (name, partitions) created.
+    pub fn start(topics: &[(&str, i32)]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(binary("embedded-kafka"))
+            .args(topics.iter().map(|(t, p)| format!("{t}:{p}")))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the broker process");
+        let stdout = child.stdout.take().expect("broker stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("broker output");
+        let bootstrap = line
+            .trim()
+            .strip_prefix("BOOTSTRAP=")
+            .unwrap_or_else(|| panic!("unexpected broker output {line:?}"))
+            .to_owned();
+        Self { child, bootstrap }
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A worker process: a binary with the test configuration of a long-lived worker
+/// (`FLOWS_BROKERS`, 200-message batches, a 6 s session timeout, warnings logged).
+pub struct WorkerProcess {
+    child: std::process::Child,
+}
+
+impl WorkerProcess {
+    /// Starts `binary` against `brokers` with `env` on top of the test configuration.
+    pub fn start(binary: &std::path::Path, brokers: &str, env: &[(&str, &str)]) -> Self {
+        let mut command = std::process::Command::new(binary);
+        command
+            .env("FLOWS_BROKERS", brokers)
+            .env("FLOWS_BATCH_MAX_MESSAGES", "200")
+            .env(
+                "FLOWS_CONSUMER_PROPERTIES",
+                "session.timeout.ms=6000,heartbeat.interval.ms=500",
+            )
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("start the worker");
+        Self { child }
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap the worker");
+    }
+
+    /// SIGTERM, then waits for the exit; whether the worker stopped cleanly.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success(), "SIGTERM could not be sent");
+        self.child.wait().expect("wait for the worker")
+    }
+
+    /// Whether the process has ended (it should not, while it has work).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The sum, over `topics` (name, partitions), of the offsets consumer group `group` has
+/// committed (0 for a partition without a commit).
+pub fn committed_total(brokers: &str, group: &str, topics: &[(&str, i32)]) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut list = TopicPartitionList::new();
+    for (topic, partitions) in topics {
+        for partition in 0..*partitions {
+            list.add_partition(topic, partition);
+        }
+    }
+    let total = match consumer.committed_offsets(list, Duration::from_secs(10)) {
+        Ok(committed) => {
+            let total = committed
+                .elements()
+                .iter()
+                .map(|e| match e.offset() {
+                    Offset::Offset(offset) => offset,
+                    _ => 0,
+                })
+                .sum();
+            // Drop the list before the consumer (a live list can hang the consumer's drop).
+            drop(committed);
+            total
+        }
+        Err(_) => 0,
+    };
+    drop(consumer);
+    total
+}
+
+/// The sum of the high watermarks of `topic`'s `partitions` partitions: how many
+/// records were ever written to it.
+pub fn high_watermark_total(brokers: &str, topic: &str, partitions: i32) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("consumer");
+    (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .map_or(0, |(_, high)| high)
+        })
+        .sum()
+}
+
+/// Sets the committed offsets of consumer group `group` (whose pipeline must be
+/// stopped) to the beginning of every partition of `topics`: what a crash of its
+/// pipeline after publishing and before committing leaves behind, at its worst. Joins
+/// the group to do so, as `kafka-consumer-groups --reset-offsets` would (the mock
+/// cluster accepts commits from members only).
+pub fn rewind_group(brokers: &str, group: &str, topics: &[(&str, i32)]) {
+    use flows::kafka::rdkafka::consumer::CommitMode;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .expect("consumer");
+    let names: Vec<&str> = topics.iter().map(|(t, _)| *t).collect();
+    consumer.subscribe(&names).expect("subscribe");
+    let mut list = TopicPartitionList::new();
+    for (topic, partitions) in topics {
+        for partition in 0..*partitions {
+            list.add_partition_offset(topic, partition, Offset::Offset(0))
+                .expect("partition");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // Polling serves the group protocol; messages are not consumed further.
+        let _ = consumer.poll(Duration::from_millis(100));
+        let assigned = consumer.assignment().map_or(0, |a| a.count());
+        if assigned == list.count() {
+            match consumer.commit(&list, CommitMode::Sync) {
+                Ok(()) => break,
+                Err(error) => assert!(Instant::now() < deadline, "rewind {group}: {error}"),
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rewind {group}: {assigned} of {} partitions assigned",
+            list.count()
+        );
+    }
+    consumer.unsubscribe();
 }
 
 /// Reads the count (JSON integer) of every word from `store`.

@@ -43,7 +43,11 @@ impl Engine {
             EngineError::Configuration("Engine::start must be called inside a tokio runtime".into())
         })?;
         let metrics = Metrics::new();
-        let producer = OutputProducer::new(&self.config)?;
+        let mut producer_config = self.config.clone();
+        producer_config
+            .producer_overrides
+            .extend(pipeline.producer_overrides.iter().cloned());
+        let producer = OutputProducer::new(&producer_config)?;
         let worker = Arc::new(WorkerContext {
             pipeline: pipeline.clone(),
             producer,

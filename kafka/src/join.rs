@@ -12,14 +12,33 @@
 //! No transaction spans the sources, and the intermediate topic may have more
 //! partitions than the sources. [`Join::rekey_pipeline`] is the standard mapper; a
 //! custom one writes its records with [`intermediate_record`].
+//!
+//! # Exactly once across re-key replays
+//! A re-key step that crashes after publishing and before committing publishes the
+//! same source messages again. Every intermediate record therefore carries its source
+//! message's topic, partition and offset, and the stateful half records progress and
+//! last results under those coordinates ([`StatefulProcessor::origin`]): a copy of a
+//! source message already applied is skipped, or re-emits the stored outputs byte for
+//! byte if the last write applied it, however many copies there are and whichever
+//! intermediate partition they land in.
+//!
+//! This relies on each producer session writing one intermediate partition without
+//! gaps (the idempotent producer's guarantee, which the re-key pipeline strengthens by
+//! never timing a record out: see [`Join::rekey_pipeline_with`]). A record the broker
+//! refuses for good (larger than the topic's `max.message.bytes`, say) goes through the
+//! re-key pipeline's error policy; with the stop policy, a later fix on the broker lets
+//! that record through after later ones of its state, which the stateful half would
+//! take for a copy: dead-letter it instead, and replay it from the dead-letter topic. Do not add
+//! partitions to the intermediate topic while a join runs: a state's messages would
+//! then be split between two partitions, as with any keyed Kafka topic.
 
 use std::sync::Arc;
 
 use flows_core::function::stateful::Applied;
-use flows_core::function::{StatefulProcessor, StatelessProcessor};
+use flows_core::function::{Origin, StatefulProcessor, StatelessProcessor};
 use flows_core::{
     EncodedRecord, Headers, InvalidPersistenceId, PersistenceId, ProcessError, RawMessage,
-    SingleStateRepository,
+    SingleStateRepository, TopicPartition,
 };
 
 use crate::pipeline::Pipeline;
@@ -28,6 +47,10 @@ use crate::pipeline::Pipeline;
 pub const SOURCE_TOPIC_HEADER: &str = "flows.join.source-topic";
 /// Header carrying the original key of an intermediate message (absent value: null key).
 pub const SOURCE_KEY_HEADER: &str = "flows.join.source-key";
+/// Header carrying the source partition of an intermediate message (decimal text).
+pub const SOURCE_PARTITION_HEADER: &str = "flows.join.source-partition";
+/// Header carrying the source offset of an intermediate message (decimal text).
+pub const SOURCE_OFFSET_HEADER: &str = "flows.join.source-offset";
 
 /// A join of the source topics of a multi-handler
 /// [`StatefulFunction`](flows_core::function::StatefulFunction) through an intermediate
@@ -103,9 +126,17 @@ impl Join {
     }
 
     /// A re-key pipeline with a custom mapper, which must write to the intermediate
-    /// topic with [`intermediate_record`].
+    /// topic with [`intermediate_record`], at most one record per state for each source
+    /// message.
+    ///
+    /// Its producer never times a record out (`message.timeout.ms=0`): a record that
+    /// timed out while a later one of its partition got through would reach the
+    /// intermediate topic only after it, when republished, and look to the stateful half
+    /// like a message already applied. While the broker is unreachable the step waits,
+    /// as every pipeline does.
     pub fn rekey_pipeline_with(&self, mapper: impl StatelessProcessor + 'static) -> Pipeline {
         Pipeline::stateless(format!("{}-rekey", self.name), mapper)
+            .producer_property("message.timeout.ms", "0")
     }
 
     /// The stateful pipeline over the intermediate topic, with its states in `store`.
@@ -122,7 +153,9 @@ impl Join {
 }
 
 /// The intermediate record of `message` for the state `id`: value, headers and
-/// timestamp unchanged, key = `id`, source topic and key in headers.
+/// timestamp unchanged, key = `id`, the source topic, key, partition and offset in
+/// headers (the stateful half restores the message from them, and recognises copies of
+/// one source message by its coordinates).
 pub fn intermediate_record(
     intermediate_topic: impl Into<Arc<str>>,
     id: &PersistenceId,
@@ -132,7 +165,12 @@ pub fn intermediate_record(
         .headers
         .clone()
         .with(SOURCE_TOPIC_HEADER, message.topic.as_bytes().to_vec())
-        .with(SOURCE_KEY_HEADER, message.key.clone());
+        .with(SOURCE_KEY_HEADER, message.key.clone())
+        .with(
+            SOURCE_PARTITION_HEADER,
+            message.partition.to_string().into_bytes(),
+        )
+        .with(SOURCE_OFFSET_HEADER, message.offset.to_string().into_bytes());
     EncodedRecord {
         topic: intermediate_topic.into(),
         partition: None,
@@ -164,26 +202,56 @@ impl StatelessProcessor for StandardMapper {
 }
 
 /// The stateful half: reads the intermediate topic, applies each message as it was on
-/// its source topic. Progress is tracked on the intermediate topic's partitions.
+/// its source topic, and records it under its source coordinates.
 struct Joined {
     intermediate: Arc<str>,
     function: Arc<dyn StatefulProcessor>,
 }
 
+/// Why an intermediate message cannot be restored.
+fn invalid(intermediate: &str, header: &str) -> ProcessError {
+    ProcessError::Origin(format!(
+        "{intermediate} message without a valid {header} header (was it written with intermediate_record?)"
+    ))
+}
+
 impl Joined {
+    fn header<'m>(&self, message: &'m RawMessage, name: &str) -> Result<&'m str, ProcessError> {
+        message
+            .headers
+            .first(name)
+            .flatten()
+            .and_then(|value| std::str::from_utf8(value).ok())
+            .ok_or_else(|| invalid(&self.intermediate, name))
+    }
+
+    fn number<T: std::str::FromStr>(
+        &self,
+        message: &RawMessage,
+        name: &str,
+    ) -> Result<T, ProcessError> {
+        self.header(message, name)?
+            .parse()
+            .map_err(|_| invalid(&self.intermediate, name))
+    }
+
+    /// The source message's coordinates.
+    fn source(&self, message: &RawMessage) -> Result<Origin, ProcessError> {
+        let topic = self.header(message, SOURCE_TOPIC_HEADER)?;
+        let partition: i32 = self.number(message, SOURCE_PARTITION_HEADER)?;
+        let offset: i64 = self.number(message, SOURCE_OFFSET_HEADER)?;
+        if partition < 0 || offset < 0 {
+            return Err(invalid(&self.intermediate, SOURCE_OFFSET_HEADER));
+        }
+        Ok(Origin {
+            topic_partition: TopicPartition::new(topic, partition),
+            offset,
+        })
+    }
+
     /// The message as it was on its source topic.
     fn restore(&self, message: &RawMessage) -> Result<RawMessage, ProcessError> {
-        let source = message
-            .headers
-            .first(SOURCE_TOPIC_HEADER)
-            .flatten()
-            .and_then(|t| std::str::from_utf8(t).ok())
-            .ok_or_else(|| {
-                ProcessError::UnknownTopic(format!(
-                    "{} message without a valid {SOURCE_TOPIC_HEADER} header",
-                    self.intermediate
-                ))
-            })?;
+        let origin = self.source(message)?;
         let key = message
             .headers
             .first(SOURCE_KEY_HEADER)
@@ -191,14 +259,14 @@ impl Joined {
         let headers: Headers = message
             .headers
             .iter()
-            .filter(|h| h.key != SOURCE_TOPIC_HEADER && h.key != SOURCE_KEY_HEADER)
+            .filter(|h| !JOIN_HEADERS.contains(&h.key.as_str()))
             .cloned()
             .collect::<Vec<_>>()
             .into();
         Ok(RawMessage {
-            topic: Arc::from(source),
-            partition: message.partition,
-            offset: message.offset,
+            topic: origin.topic_partition.topic,
+            partition: origin.topic_partition.partition,
+            offset: origin.offset,
             key,
             value: message.value.clone(),
             headers,
@@ -206,6 +274,14 @@ impl Joined {
         })
     }
 }
+
+/// The headers a join adds to an intermediate record.
+const JOIN_HEADERS: [&str; 4] = [
+    SOURCE_TOPIC_HEADER,
+    SOURCE_KEY_HEADER,
+    SOURCE_PARTITION_HEADER,
+    SOURCE_OFFSET_HEADER,
+];
 
 impl StatefulProcessor for Joined {
     fn input_topics(&self) -> Vec<Arc<str>> {
@@ -217,13 +293,22 @@ impl StatefulProcessor for Joined {
         Ok(PersistenceId::from_utf8(key)?)
     }
 
+    fn id_is_key<'m>(&self, message: &'m RawMessage) -> Option<&'m [u8]> {
+        message.key.as_deref()
+    }
+
+    fn origin(&self, message: &RawMessage) -> Result<Option<Origin>, ProcessError> {
+        self.source(message).map(Some)
+    }
+
     fn apply(
         &self,
         id: &PersistenceId,
         content: Option<&[u8]>,
         messages: &[&RawMessage],
     ) -> Result<Applied, ProcessError> {
-        // A message that cannot be restored fails alone; the others are applied.
+        // A message that cannot be restored fails alone; the others are applied. (The
+        // fold passes only messages whose origin is valid, so this is a safety net.)
         let mut restored = Vec::with_capacity(messages.len());
         let mut failures = Vec::new();
         for (index, message) in messages.iter().enumerate() {
@@ -320,6 +405,7 @@ mod tests {
         };
         let restored = joined.restore(&consumed[0]).unwrap();
         assert_eq!(restored.topic.as_ref(), "credits");
+        assert_eq!((restored.partition, restored.offset), (2, 10));
         assert_eq!(restored.key, credit.key);
         assert_eq!(restored.headers, credit.headers);
         assert_eq!(restored.timestamp, Some(42));
@@ -336,7 +422,7 @@ mod tests {
         assert_eq!(applied.content.as_deref(), Some(&b"50"[..]));
         assert_eq!(
             applied.outcomes[1].as_ref().unwrap_err().kind(),
-            "unknown-topic"
+            "origin"
         );
     }
 }

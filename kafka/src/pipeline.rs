@@ -308,6 +308,8 @@ pub struct Pipeline {
     pub(crate) name: String,
     pub(crate) stage: Arc<dyn Stage>,
     pub(crate) policy: ErrorPolicy,
+    /// librdkafka producer properties of this pipeline, over the engine's.
+    pub(crate) producer_overrides: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -326,6 +328,7 @@ impl Pipeline {
             name: name.into(),
             stage,
             policy: ErrorPolicy::default(),
+            producer_overrides: Vec::new(),
         }
     }
 
@@ -382,6 +385,13 @@ impl Pipeline {
     /// Stores that fence by last-write-wins get no cache. No effect on other pipelines.
     pub fn state_cache(self, limits: StateCacheLimits) -> Self {
         self.stage.set_state_cache(limits);
+        self
+    }
+
+    /// Sets a librdkafka property of this pipeline's producer, over the engine's
+    /// ([`KafkaConfig::producer_property`](crate::KafkaConfig::producer_property)).
+    pub fn producer_property(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.producer_overrides.push((key.into(), value.into()));
         self
     }
 

@@ -20,6 +20,8 @@
 
 use std::collections::BTreeMap;
 
+use foldhash::HashSet;
+
 // A fold's per-message bookkeeping usually holds one or two entries (one message of a
 // key per batch is the common case): inline, it costs no allocation.
 use smallvec::SmallVec;
@@ -52,6 +54,9 @@ pub enum OutcomeKind {
     Applied,
     /// Failed now and handled by [`ErrorAction::DeadLetter`].
     DeadLettered,
+    /// A copy of a message earlier in this batch (see [`StatefulProcessor::origin`]):
+    /// that one's outputs stand for both.
+    Duplicate,
 }
 
 /// The outcome of one message of a fold.
@@ -122,38 +127,73 @@ pub enum FoldError {
 
 enum Plan {
     Skip,
+    Duplicate,
     Replay(Vec<EncodedRecord>),
     Apply,
+    /// The message carries no valid origin ([`StatefulProcessor::origin`]).
+    NoOrigin(ProcessError),
 }
 
 /// Applies `messages` (all of `state.id`, in offset order per topic-partition) to
 /// `state`. `on_error` decides what a failed message becomes.
+///
+/// Messages are recorded under their [origin](StatefulProcessor::origin): their own
+/// coordinates, which must ascend per topic-partition, or the coordinates a copy
+/// carries, which may repeat (a repeat within the batch is a
+/// [`Duplicate`](OutcomeKind::Duplicate)) and come out of order.
 pub fn fold<P: StatefulProcessor + ?Sized>(
     processor: &P,
     state: RawState,
     messages: &[&RawMessage],
     mut on_error: impl FnMut(&RawMessage, &ProcessError) -> ErrorAction,
 ) -> Result<FoldOutcome, FoldError> {
-    // Last offset seen per topic-partition (a state's messages nearly always come from
-    // one partition, so a short list beats a map), and stored results decoded on the
-    // first replay that needs them.
+    // Per topic-partition of this batch, its last offset (a state's messages nearly
+    // always come from one partition, so a short list beats a map), and stored results
+    // decoded on the first replay that needs them.
     let mut last_offset: SmallVec<[(TopicPartition, i64); 1]> = SmallVec::new();
+    // Carried origins seen in this batch, by index into `last_offset`; only copies need it.
+    let mut carried_seen: Option<HashSet<(usize, i64)>> = None;
     let mut replayable: Vec<(TopicPartition, BTreeMap<i64, Vec<EncodedRecord>>)> = Vec::new();
-    let mut plans: SmallVec<[(TopicPartition, Plan); 2]> = SmallVec::with_capacity(messages.len());
+    let mut plans: SmallVec<[(TopicPartition, i64, Plan); 2]> =
+        SmallVec::with_capacity(messages.len());
     let mut new_messages: SmallVec<[&RawMessage; 2]> = SmallVec::with_capacity(messages.len());
+    let mut carried_any = false;
     for message in messages {
-        let tp = message.topic_partition();
-        match last_offset.iter_mut().find(|(seen, _)| *seen == tp) {
-            Some((_, previous)) if *previous >= message.offset => {
-                return Err(FoldError::OutOfOrder {
-                    topic_partition: tp,
-                    offset: message.offset,
-                });
+        let (tp, offset, carried) = match processor.origin(message) {
+            Ok(None) => (message.topic_partition(), message.offset, false),
+            Ok(Some(origin)) => (origin.topic_partition, origin.offset, true),
+            Err(error) => {
+                plans.push((message.topic_partition(), message.offset, Plan::NoOrigin(error)));
+                continue;
             }
-            Some((_, previous)) => *previous = message.offset,
-            None => last_offset.push((tp.clone(), message.offset)),
+        };
+        let index = match last_offset.iter().position(|(seen, _)| *seen == tp) {
+            Some(index) => index,
+            None => {
+                last_offset.push((tp.clone(), i64::MIN));
+                last_offset.len() - 1
+            }
+        };
+        let previous = &mut last_offset[index].1;
+        if carried {
+            carried_any = true;
+            if !carried_seen
+                .get_or_insert_with(HashSet::default)
+                .insert((index, offset))
+            {
+                plans.push((tp, offset, Plan::Duplicate));
+                continue;
+            }
+            *previous = (*previous).max(offset);
+        } else if *previous >= offset {
+            return Err(FoldError::OutOfOrder {
+                topic_partition: tp,
+                offset,
+            });
+        } else {
+            *previous = offset;
         }
-        let plan = if state.progress.has_applied(&tp, message.offset) {
+        let plan = if state.progress.has_applied(&tp, offset) {
             let index = match replayable.iter().position(|(seen, _)| *seen == tp) {
                 Some(index) => index,
                 None => {
@@ -172,8 +212,9 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
                     replayable.len() - 1
                 }
             };
-            // Offsets are strictly ascending per partition: each is taken at most once.
-            match replayable[index].1.remove(&message.offset) {
+            // Each offset is planned once (own offsets ascend, repeated copies are
+            // duplicates), so each stored result is taken at most once.
+            match replayable[index].1.remove(&offset) {
                 Some(outputs) => Plan::Replay(outputs),
                 None => Plan::Skip,
             }
@@ -181,51 +222,48 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
             new_messages.push(*message);
             Plan::Apply
         };
-        plans.push((tp, plan));
+        plans.push((tp, offset, plan));
     }
     drop(replayable);
 
-    if new_messages.is_empty() {
-        let messages = plans
-            .into_iter()
-            .zip(messages)
-            .map(|((tp, plan), message)| {
-                let (kind, outputs) = match plan {
-                    Plan::Replay(outputs) => (OutcomeKind::Replayed, outputs),
-                    _ => (OutcomeKind::Skipped, Vec::new()),
-                };
-                MessageOutcome {
-                    topic_partition: tp,
-                    offset: message.offset,
-                    kind,
-                    outputs,
-                }
-            })
-            .collect();
-        return Ok(FoldOutcome {
-            write: None,
-            messages,
-        });
+    let mut applied_content = None;
+    let mut applied_outcomes = Vec::new().into_iter();
+    if !new_messages.is_empty() {
+        let applied = processor
+            .apply(&state.id, state.content.as_deref(), &new_messages)
+            .map_err(FoldError::State)?;
+        applied_content = applied.content;
+        applied_outcomes = applied.outcomes.into_iter();
     }
 
-    let applied = processor
-        .apply(&state.id, state.content.as_deref(), &new_messages)
-        .map_err(FoldError::State)?;
-    let mut applied_outcomes = applied.outcomes.into_iter();
-
     let mut outcomes = Vec::with_capacity(messages.len());
-    for ((tp, plan), message) in plans.into_iter().zip(messages) {
-        let (kind, outputs) = match plan {
-            Plan::Skip => (OutcomeKind::Skipped, Vec::new()),
-            Plan::Replay(outputs) => (OutcomeKind::Replayed, outputs),
+    // Per topic-partition recorded by this fold, its highest offset.
+    let mut changed: SmallVec<[(TopicPartition, i64); 1]> = SmallVec::new();
+    for ((tp, offset, plan), message) in plans.into_iter().zip(messages) {
+        let (kind, outputs, recorded) = match plan {
+            Plan::Skip => (OutcomeKind::Skipped, Vec::new(), false),
+            Plan::Duplicate => (OutcomeKind::Duplicate, Vec::new(), false),
+            Plan::Replay(outputs) => (OutcomeKind::Replayed, outputs, false),
+            Plan::NoOrigin(error) => match on_error(message, &error) {
+                // Without an origin there is nothing to record it under: a replay
+                // dead-letters it again.
+                ErrorAction::DeadLetter(records) => (OutcomeKind::DeadLettered, records, false),
+                ErrorAction::Abort => {
+                    return Err(FoldError::Aborted {
+                        topic_partition: tp,
+                        offset,
+                        source: error,
+                    });
+                }
+            },
             Plan::Apply => match applied_outcomes.next() {
-                Some(Ok(outputs)) => (OutcomeKind::Applied, outputs),
+                Some(Ok(outputs)) => (OutcomeKind::Applied, outputs, true),
                 Some(Err(error)) => match on_error(message, &error) {
-                    ErrorAction::DeadLetter(records) => (OutcomeKind::DeadLettered, records),
+                    ErrorAction::DeadLetter(records) => (OutcomeKind::DeadLettered, records, true),
                     ErrorAction::Abort => {
                         return Err(FoldError::Aborted {
                             topic_partition: tp,
-                            offset: message.offset,
+                            offset,
                             source: error,
                         });
                     }
@@ -237,43 +275,58 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
                 }
             },
         };
+        if recorded {
+            match changed.iter_mut().find(|(seen, _)| *seen == tp) {
+                Some((_, last)) => *last = (*last).max(offset),
+                None => changed.push((tp.clone(), offset)),
+            }
+        }
         outcomes.push(MessageOutcome {
             topic_partition: tp,
-            offset: message.offset,
+            offset,
             kind,
             outputs,
         });
     }
+    if changed.is_empty() {
+        // Only skips, duplicates, replays and unrecorded failures: nothing to write.
+        return Ok(FoldOutcome {
+            write: None,
+            messages: outcomes,
+        });
+    }
 
     let mut write = state;
-    if let Some(content) = applied.content {
+    if let Some(content) = applied_content {
         write.content = Some(content);
-    }
-    // Per topic-partition with new messages, its last applied offset (offsets ascend).
-    let mut changed: SmallVec<[(&TopicPartition, i64); 1]> = SmallVec::new();
-    for outcome in &outcomes {
-        if matches!(
-            outcome.kind,
-            OutcomeKind::Applied | OutcomeKind::DeadLettered
-        ) {
-            match changed
-                .iter_mut()
-                .find(|(tp, _)| **tp == outcome.topic_partition)
-            {
-                Some((_, last)) => *last = outcome.offset,
-                None => changed.push((&outcome.topic_partition, outcome.offset)),
-            }
-        }
     }
     // Results of partitions with new messages are replaced by this batch's outputs,
     // replayed ones included; partitions with only replays keep theirs.
     for (tp, last) in changed {
-        write.progress.record(tp.clone(), last);
-        let inputs = outcomes
-            .iter()
-            .filter(|o| o.topic_partition == *tp && o.kind != OutcomeKind::Skipped)
-            .map(|o| (o.offset, o.outputs.as_slice()));
-        write.results.replace_partition(tp.clone(), inputs);
+        let stored = |o: &&MessageOutcome| {
+            o.topic_partition == tp
+                && matches!(
+                    o.kind,
+                    OutcomeKind::Replayed | OutcomeKind::Applied | OutcomeKind::DeadLettered
+                )
+        };
+        if carried_any {
+            // Copies may come out of order; results are stored by ascending offset.
+            let mut inputs: SmallVec<[(i64, &[EncodedRecord]); 4]> = outcomes
+                .iter()
+                .filter(stored)
+                .map(|o| (o.offset, o.outputs.as_slice()))
+                .collect();
+            inputs.sort_unstable_by_key(|(offset, _)| *offset);
+            write.results.replace_partition(tp.clone(), inputs);
+        } else {
+            let inputs = outcomes
+                .iter()
+                .filter(stored)
+                .map(|o| (o.offset, o.outputs.as_slice()));
+            write.results.replace_partition(tp.clone(), inputs);
+        }
+        write.progress.record(tp, last);
     }
     Ok(FoldOutcome {
         write: Some(write),
@@ -463,6 +516,300 @@ mod tests {
         ));
     }
 
+    /// The stateful half of a join, in miniature: reads copies of `counter()`'s input
+    /// ("words") from an intermediate topic, each carrying its source partition and
+    /// offset in headers (an absent header: no origin).
+    struct Copies(StatefulFunction<i64>);
+
+    impl Copies {
+        fn source(m: &RawMessage) -> Option<(i32, i64)> {
+            let number = |name| {
+                std::str::from_utf8(m.headers.first(name)??)
+                    .ok()?
+                    .parse::<i64>()
+                    .ok()
+            };
+            Some((i32::try_from(number("src-p")?).ok()?, number("src-o")?))
+        }
+    }
+
+    impl StatefulProcessor for Copies {
+        fn input_topics(&self) -> Vec<std::sync::Arc<str>> {
+            vec!["mid".into()]
+        }
+        fn persistence_id(&self, m: &RawMessage) -> Result<PersistenceId, ProcessError> {
+            Ok(PersistenceId::from_utf8(m.key.as_deref().unwrap_or_default())?)
+        }
+        fn origin(
+            &self,
+            m: &RawMessage,
+        ) -> Result<Option<crate::function::Origin>, ProcessError> {
+            let (partition, offset) =
+                Self::source(m).ok_or_else(|| ProcessError::Origin("no src".into()))?;
+            Ok(Some(crate::function::Origin {
+                topic_partition: TopicPartition::new("words", partition),
+                offset,
+            }))
+        }
+        fn apply(
+            &self,
+            id: &PersistenceId,
+            content: Option<&[u8]>,
+            messages: &[&RawMessage],
+        ) -> Result<crate::function::stateful::Applied, ProcessError> {
+            let restored: Vec<RawMessage> = messages
+                .iter()
+                .map(|m| {
+                    let (partition, offset) = Self::source(m).unwrap();
+                    RawMessage {
+                        topic: "words".into(),
+                        partition,
+                        offset,
+                        ..(*m).clone()
+                    }
+                })
+                .collect();
+            let refs: Vec<&RawMessage> = restored.iter().collect();
+            self.0.apply(id, content, &refs)
+        }
+    }
+
+    /// A copy, at `offset` of the intermediate topic, of the message at `source` of
+    /// "words" partition `partition`.
+    fn copy(offset: i64, partition: i32, source: i64, key: &str) -> RawMessage {
+        let mut m = RawMessage::raw("mid", 0, offset, Some(key.as_bytes()), Some(key.as_bytes()));
+        m.headers.append("src-p", Some(partition.to_string().into_bytes()));
+        m.headers.append("src-o", Some(source.to_string().into_bytes()));
+        m
+    }
+
+    fn kinds(out: &FoldOutcome) -> Vec<OutcomeKind> {
+        out.messages.iter().map(|m| m.kind).collect()
+    }
+
+    #[test]
+    fn copies_of_one_source_message_change_the_state_once() {
+        use OutcomeKind::*;
+        let f = Copies(counter());
+        let src = TopicPartition::new("words", 3);
+        // The re-key step published sources 0 and 1, crashed, and published them again.
+        let batch = [copy(0, 3, 0, "a"), copy(1, 3, 1, "a"), copy(2, 3, 0, "a"), copy(3, 3, 1, "a")];
+        let refs: Vec<&RawMessage> = batch.iter().collect();
+        let first = fold(&f, fresh(), &refs, abort).unwrap();
+        assert_eq!(kinds(&first), [Applied, Applied, Duplicate, Duplicate]);
+        assert_eq!(first.outputs().map(value).collect::<Vec<_>>(), [1, 2]);
+        let state = first.write.clone().unwrap();
+        assert_eq!(state.content.as_deref(), Some(&b"2"[..]));
+        assert_eq!(state.progress.get(&src), Some(1));
+        assert_eq!(state.progress.get(&TopicPartition::new("mid", 0)), None);
+
+        // The stateful half crashed before its outputs were acknowledged: the same
+        // copies, at other intermediate offsets, with a new source message.
+        let again = [copy(7, 3, 0, "a"), copy(8, 3, 1, "a"), copy(9, 3, 2, "a")];
+        let refs: Vec<&RawMessage> = again.iter().collect();
+        let second = fold(&f, state, &refs, abort).unwrap();
+        assert_eq!(kinds(&second), [Replayed, Replayed, Applied]);
+        assert_eq!(
+            second.outputs().take(2).collect::<Vec<_>>(),
+            first.outputs().collect::<Vec<_>>(),
+            "replayed byte for byte"
+        );
+        let state = second.write.unwrap();
+        assert_eq!(state.content.as_deref(), Some(&b"3"[..]));
+
+        // More copies, with another duplicate: the last write applied (or replayed)
+        // sources 0, 1 and 2, so they replay again; nothing is written.
+        let more = [copy(20, 3, 0, "a"), copy(21, 3, 2, "a"), copy(22, 3, 2, "a")];
+        let refs: Vec<&RawMessage> = more.iter().collect();
+        let third = fold(&f, state.clone(), &refs, abort).unwrap();
+        assert_eq!(kinds(&third), [Replayed, Replayed, Duplicate]);
+        assert!(third.write.is_none());
+
+        // After a write of source 3 alone, copies of the earlier ones are skipped.
+        let next = fold(&f, state, &[&copy(30, 3, 3, "a")], abort).unwrap();
+        let state = next.write.unwrap();
+        let late = [copy(40, 3, 0, "a"), copy(41, 3, 3, "a")];
+        let refs: Vec<&RawMessage> = late.iter().collect();
+        let fourth = fold(&f, state, &refs, abort).unwrap();
+        assert_eq!(kinds(&fourth), [Skipped, Replayed]);
+    }
+
+    #[test]
+    fn copies_out_of_order_are_applied_not_lost() {
+        use OutcomeKind::*;
+        let f = Copies(counter());
+        let batch = [copy(0, 0, 7, "a"), copy(1, 0, 8, "a"), copy(2, 0, 5, "a"), copy(3, 1, 1, "a")];
+        let refs: Vec<&RawMessage> = batch.iter().collect();
+        let out = fold(&f, fresh(), &refs, abort).unwrap();
+        assert_eq!(kinds(&out), [Applied, Applied, Applied, Applied]);
+        let state = out.write.unwrap();
+        assert_eq!(state.progress.get(&TopicPartition::new("words", 0)), Some(8));
+        assert_eq!(state.progress.get(&TopicPartition::new("words", 1)), Some(1));
+        // Every one of them replays its own outputs.
+        let replay = fold(&f, state, &[&batch[2], &batch[0]], abort).unwrap();
+        assert_eq!(kinds(&replay), [Replayed, Replayed]);
+        assert_eq!(replay.messages[0].outputs, out.messages[2].outputs);
+        assert_eq!(replay.messages[1].outputs, out.messages[0].outputs);
+    }
+
+    #[test]
+    fn a_copy_without_origin_fails_alone_and_is_not_recorded() {
+        use OutcomeKind::*;
+        let f = Copies(counter());
+        let mut orphan = copy(1, 0, 0, "a");
+        orphan.headers = crate::message::Headers::new();
+        let batch = [copy(0, 0, 4, "a"), orphan, copy(2, 0, 5, "a")];
+        let refs: Vec<&RawMessage> = batch.iter().collect();
+        let dead = |m: &RawMessage, e: &ProcessError| {
+            assert_eq!(e.kind(), "origin");
+            ErrorAction::DeadLetter(vec![EncodedRecord {
+                topic: "dlq".into(),
+                partition: None,
+                key: m.key.clone(),
+                value: m.value.clone(),
+                headers: crate::message::Headers::new(),
+                timestamp: None,
+            }])
+        };
+        let out = fold(&f, fresh(), &refs, dead).unwrap();
+        assert_eq!(kinds(&out), [Applied, DeadLettered, Applied]);
+        let state = out.write.unwrap();
+        assert_eq!(state.content.as_deref(), Some(&b"2"[..]));
+        assert_eq!(state.progress.get(&TopicPartition::new("mid", 0)), None);
+        assert!(matches!(
+            fold(&f, fresh(), &refs, abort),
+            Err(FoldError::Aborted { offset: 1, .. })
+        ));
+    }
+
+    /// A simulated join: a re-key step copies two source partitions into one
+    /// intermediate partition in batches, crashing at random (then publishing the batch
+    /// again: all of it, or after a prefix of it got through), and a stateful half
+    /// reads the intermediate partition with its own batches and crashes (see
+    /// [`run_with_crashes`]). Returns the final counts and every published output.
+    fn run_join_with_crashes(
+        sources: &[Vec<u8>; 2],
+        rekey: &[(u8, usize, usize)],
+        batches: &[usize],
+        crashes: &[u8],
+    ) -> (HashMap<String, i64>, Vec<EncodedRecord>) {
+        // The re-key step: (source partition, batch size, delivered prefix or all).
+        let mut intermediate: Vec<RawMessage> = Vec::new();
+        let mut committed = [0usize; 2];
+        let mut step = 0;
+        while committed[0] < sources[0].len() || committed[1] < sources[1].len() {
+            // Once the planned steps are used up, no more crashes: the work ends.
+            let (pick, size, prefix) = rekey
+                .get(step)
+                .copied()
+                .unwrap_or((rekey[step % rekey.len()].0, 4, 0));
+            step += 1;
+            let p = usize::from(pick % 2);
+            let p = if committed[p] < sources[p].len() { p } else { 1 - p };
+            let end = (committed[p] + size.max(1)).min(sources[p].len());
+            // prefix 0: everything delivered and committed; otherwise a crash after
+            // `prefix` records were delivered (the batch is published again later).
+            let delivered = if prefix == 0 { end - committed[p] } else { prefix.min(end - committed[p]) };
+            for source in committed[p]..committed[p] + delivered {
+                let key = format!("w{}", sources[p][source]);
+                let offset = intermediate.len() as i64;
+                intermediate.push(copy(offset, p as i32, source as i64, &key));
+            }
+            if prefix == 0 {
+                committed[p] = end;
+            }
+        }
+
+        let f = Copies(counter());
+        let mut store: HashMap<PersistenceId, RawState> = HashMap::new();
+        let mut published: Vec<EncodedRecord> = Vec::new();
+        let mut done = 0usize;
+        let mut attempt = 0usize;
+        while done < intermediate.len() {
+            let crash = crashes.get(attempt).copied().unwrap_or(0);
+            let batch = batches[attempt % batches.len()];
+            attempt += 1;
+            let end = (done + batch).min(intermediate.len());
+            let mut by_key: Vec<(PersistenceId, Vec<&RawMessage>)> = Vec::new();
+            for m in &intermediate[done..end] {
+                let id = f.persistence_id(m).unwrap();
+                match by_key.iter_mut().find(|(k, _)| *k == id) {
+                    Some((_, ms)) => ms.push(m),
+                    None => by_key.push((id, vec![m])),
+                }
+            }
+            let mut outputs: BTreeMap<i64, Vec<EncodedRecord>> = BTreeMap::new();
+            for (id, ms) in &by_key {
+                let state = store
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| State::fresh(id.clone()));
+                let out = fold(&f, state, ms, abort).unwrap();
+                if let Some(mut w) = out.write.clone() {
+                    w.version += 1;
+                    store.insert(id.clone(), w);
+                }
+                for (m, o) in ms.iter().zip(out.messages) {
+                    outputs.insert(m.offset, o.outputs);
+                }
+            }
+            if crash == 1 {
+                continue;
+            }
+            let outputs: Vec<_> = outputs.into_values().flatten().collect();
+            if crash == 2 {
+                published.extend(outputs.iter().take(outputs.len() / 2).cloned());
+                continue;
+            }
+            published.extend(outputs);
+            if crash == 3 {
+                continue;
+            }
+            done = end;
+        }
+        let counts = store
+            .into_iter()
+            .map(|(id, s)| {
+                (id.to_string(), serde_json::from_slice(&s.content.unwrap()).unwrap())
+            })
+            .collect();
+        (counts, published)
+    }
+
+    /// Every count 1..=n of every key is published, first appearances in ascending
+    /// order, every duplicate byte-identical to the first; the highest counts are
+    /// `expected`.
+    fn check_outputs(
+        published: &[EncodedRecord],
+        expected: &HashMap<String, i64>,
+    ) -> Result<(), TestCaseError> {
+        let mut first_seen: HashMap<(String, i64), &EncodedRecord> = HashMap::new();
+        let mut max_seen: HashMap<String, i64> = HashMap::new();
+        for r in published {
+            let key = String::from_utf8(r.key.clone().unwrap()).unwrap();
+            let n = value(r);
+            match first_seen.get(&(key.clone(), n)) {
+                Some(first) => prop_assert_eq!(*first, r, "duplicate differs from first attempt"),
+                None => {
+                    let max = max_seen.entry(key.clone()).or_default();
+                    prop_assert_eq!(n, *max + 1, "first appearance out of order for {}", key);
+                    *max = n;
+                    first_seen.insert((key, n), r);
+                }
+            }
+        }
+        prop_assert_eq!(&max_seen, expected);
+        Ok(())
+    }
+
+    fn tally(words: impl IntoIterator<Item = u8>) -> HashMap<String, i64> {
+        let mut expected: HashMap<String, i64> = HashMap::new();
+        for w in words {
+            *expected.entry(format!("w{w}")).or_default() += 1;
+        }
+        expected
+    }
+
     /// A simulated engine over one partition: batches whose sizes vary between attempts
     /// (as they do when messages arrive at different times), one fold
     /// and one state write per key per batch, outputs "published" after the write,
@@ -554,27 +901,27 @@ mod tests {
             crashes in proptest::collection::vec(0u8..4, 0..40),
         ) {
             let (counts, published) = run_with_crashes(&words, &batches, &crashes);
-            let mut expected: HashMap<String, i64> = HashMap::new();
-            for w in &words {
-                *expected.entry(format!("w{w}")).or_default() += 1;
-            }
+            let expected = tally(words.iter().copied());
             prop_assert_eq!(&counts, &expected);
-            let mut first_seen: HashMap<(String, i64), &EncodedRecord> = HashMap::new();
-            let mut max_seen: HashMap<String, i64> = HashMap::new();
-            for r in &published {
-                let key = String::from_utf8(r.key.clone().unwrap()).unwrap();
-                let n = value(r);
-                match first_seen.get(&(key.clone(), n)) {
-                    Some(first) => prop_assert_eq!(*first, r, "duplicate differs from first attempt"),
-                    None => {
-                        let max = max_seen.entry(key.clone()).or_default();
-                        prop_assert_eq!(n, *max + 1, "first appearance out of order for {}", key);
-                        *max = n;
-                        first_seen.insert((key, n), r);
-                    }
-                }
-            }
-            prop_assert_eq!(max_seen, expected);
+            check_outputs(&published, &expected)?;
+        }
+
+        /// G1 and G2 for a join: however often and wherever the re-key step crashes and
+        /// publishes copies again, and wherever the stateful half crashes, every source
+        /// message changes its state once and every output is replayed, not recomputed.
+        #[test]
+        fn join_copies_never_double_apply_or_lose_outputs(
+            left in proptest::collection::vec(0u8..5, 0..60),
+            right in proptest::collection::vec(0u8..5, 0..60),
+            rekey in proptest::collection::vec((0u8..2, 1usize..9, 0usize..6), 1..40),
+            batches in proptest::collection::vec(1usize..17, 1..8),
+            crashes in proptest::collection::vec(0u8..4, 0..40),
+        ) {
+            let sources = [left, right];
+            let (counts, published) = run_join_with_crashes(&sources, &rekey, &batches, &crashes);
+            let expected = tally(sources.iter().flatten().copied());
+            prop_assert_eq!(&counts, &expected);
+            check_outputs(&published, &expected)?;
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::repository::BoxError;
 use crate::topic::TopicFormatError;
 
 pub use fold::{ErrorAction, FoldError, FoldOutcome, MessageOutcome, OutcomeKind, fold};
-pub use stateful::{PersistenceIdFn, StatefulFunction, StatefulProcessor};
+pub use stateful::{Origin, PersistenceIdFn, StatefulFunction, StatefulProcessor};
 pub use stateless::{StatelessFunction, StatelessProcessor};
 
 /// An error returned by a user function.
@@ -119,6 +119,21 @@ pub enum ProcessError {
     /// The user function returned an error.
     #[error("function failed: {0}")]
     Function(#[from] FunctionError),
+    /// A copy of another message (a join's intermediate message) does not say which
+    /// message it is a copy of.
+    #[error("no valid origin: {0}")]
+    Origin(String),
+    /// Applying the message would make its state larger than the store accepts; the
+    /// state is left as it was.
+    #[error("state {id} would be {size} bytes with this message; the store accepts at most {max} bytes")]
+    StateTooLarge {
+        /// The state's id.
+        id: PersistenceId,
+        /// Content plus bookkeeping, in bytes, had the message been applied.
+        size: usize,
+        /// The store's limit.
+        max: usize,
+    },
 }
 
 impl ProcessError {
@@ -131,6 +146,8 @@ impl ProcessError {
             ProcessError::StateFormat { .. } => "state-format",
             ProcessError::UnknownTopic(_) => "unknown-topic",
             ProcessError::Function(_) => "function",
+            ProcessError::Origin(_) => "origin",
+            ProcessError::StateTooLarge { .. } => "state-too-large",
         }
     }
 }

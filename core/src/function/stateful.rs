@@ -35,7 +35,7 @@ use std::sync::Arc;
 use crate::format::Format;
 use crate::function::{FunctionError, ProcessError};
 use crate::id::{InvalidPersistenceId, PersistenceId};
-use crate::message::{Message, RawMessage, Record};
+use crate::message::{Message, RawMessage, Record, TopicPartition};
 use crate::state::EncodedRecord;
 use crate::topic::Topic;
 
@@ -46,6 +46,16 @@ pub struct Applied {
     pub content: Option<Vec<u8>>,
     /// One outcome per message, in order. A failed message did not change the state.
     pub outcomes: Vec<Result<Vec<EncodedRecord>, ProcessError>>,
+}
+
+/// The message a copy stands for: its topic-partition and offset
+/// ([`StatefulProcessor::origin`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    /// The original's topic and partition.
+    pub topic_partition: TopicPartition,
+    /// The original's offset.
+    pub offset: i64,
 }
 
 /// A stateful function over raw messages: what an engine runs.
@@ -63,6 +73,24 @@ pub trait StatefulProcessor: Send + Sync {
     fn id_is_key<'m>(&self, message: &'m RawMessage) -> Option<&'m [u8]> {
         let _ = message;
         None
+    }
+
+    /// Where a state records `message` (its progress and last results): `None`, the
+    /// default, means the message's own topic, partition and offset.
+    ///
+    /// A processor whose messages are copies of messages of other topics (the stateful
+    /// half of a join, reading an intermediate topic) returns the original's
+    /// coordinates, carried with the copy. Every copy of one original then counts as
+    /// that one message: applied once, and re-emitting its stored outputs when it
+    /// comes again. Copies may repeat and come back out of order (a re-key step that
+    /// crashed publishes them again), so the fold skips a repeated origin within a
+    /// batch instead of rejecting it as out of order.
+    ///
+    /// An error (a copy that carries no valid coordinates) fails the message through
+    /// the error policy; such a message is never recorded in a state.
+    fn origin(&self, message: &RawMessage) -> Result<Option<Origin>, ProcessError> {
+        let _ = message;
+        Ok(None)
     }
 
     /// Applies `messages` (all of state `id`, in offset order, none applied before) to
