@@ -300,7 +300,7 @@ pub fn check_writes(
                 id: state.id.clone(),
             });
         }
-        let size = state.encoded_internal_len() + state.content.as_ref().map_or(0, Vec::len);
+        let size = state.stored_size();
         if size > capabilities.max_state_size {
             return Err(RepositoryError::StateTooLarge {
                 id: state.id.clone(),

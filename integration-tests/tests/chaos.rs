@@ -133,10 +133,8 @@ async fn kill_repeatedly(
         let share: f64 = rng.random_range(0.05..0.6);
         let target = before + ((progress.available() - before) as f64 * share).max(1.0) as i64;
         let mut worker = start();
-        let progressed = wait_until(Duration::from_secs(90), || {
-            progress.committed() >= target
-        })
-        .await;
+        let progressed =
+            wait_until(Duration::from_secs(90), || progress.committed() >= target).await;
         assert!(
             progressed,
             "phase {phase}: the worker did not commit {target} inputs in 90 s"
@@ -184,7 +182,12 @@ fn terminate(worker: WorkerProcess) {
 /// Nothing was dead-lettered: every input of these tests is valid.
 fn assert_no_dead_letters(brokers: &str, topic: &str) {
     let dead = read_topic(brokers, topic, 0, Duration::from_secs(10));
-    assert!(dead.is_empty(), "{} dead letters: {:?}", dead.len(), dead[0]);
+    assert!(
+        dead.is_empty(),
+        "{} dead letters: {:?}",
+        dead.len(),
+        dead[0]
+    );
 }
 
 // --- stateful: the word count ---------------------------------------------------------
@@ -365,7 +368,9 @@ fn join_inputs(rng: &mut StdRng, words: usize) -> (Vec<EncodedRecord>, HashMap<S
 
 /// Checks the join's stored cards and its published cards against `expected`.
 async fn check_join(brokers: &str, table: &str, expected: &HashMap<String, Card>) {
-    let store = flows::open_state_store(&postgres_url(), table).await.unwrap();
+    let store = flows::open_state_store(&postgres_url(), table)
+        .await
+        .unwrap();
     let ids: Vec<flows::PersistenceId> = expected
         .keys()
         .map(|w| flows::PersistenceId::new(w).unwrap())
@@ -422,7 +427,13 @@ async fn join_under_kills(killed: &str, seed: u64) {
     let (records, expected) = join_inputs(&mut rng, 20_000);
     // The re-key step is stateless and fast: small batches, so that kills land while
     // it works.
-    let batch = |instance: &str| if instance == "chaos-join-rekey" { "20" } else { "50" };
+    let batch = |instance: &str| {
+        if instance == "chaos-join-rekey" {
+            "20"
+        } else {
+            "50"
+        }
+    };
     let env = |instance: &'static str| {
         [
             ("FLOWS_STORE", url.clone()),
@@ -559,8 +570,15 @@ async fn a_rewound_rekey_step_changes_no_joined_state_twice() {
     for state in store.get_all(&ids).await.unwrap() {
         let card: WordCard = serde_json::from_slice(state.content.as_deref().unwrap()).unwrap();
         let word = state.id.as_str();
-        assert_eq!(card.count, expected[word], "{word}: counted once per source message");
-        assert_eq!(card.definition.as_ref(), definitions.get(word), "{word}: definition");
+        assert_eq!(
+            card.count, expected[word],
+            "{word}: counted once per source message"
+        );
+        assert_eq!(
+            card.definition.as_ref(),
+            definitions.get(word),
+            "{word}: definition"
+        );
     }
     assert_no_dead_letters(brokers, "word-join-dead-letter");
 }
@@ -628,9 +646,10 @@ async fn materialise_survives_sigkill_with_the_last_value_of_every_key() {
     terminate(worker);
 
     let store = flows::postgres::PostgresStore::connect(&url).await.unwrap();
-    let table = flows::postgres::PostgresUpsertRepository::<Reading>::with_table(store, &table_name)
-        .await
-        .unwrap();
+    let table =
+        flows::postgres::PostgresUpsertRepository::<Reading>::with_table(store, &table_name)
+            .await
+            .unwrap();
     // Every reading's own row (nothing lost), and every sensor's last value.
     let mut expected: Vec<(String, i64)> = Vec::new();
     for (sensor, &n) in &last {
@@ -648,6 +667,9 @@ async fn materialise_survives_sigkill_with_the_last_value_of_every_key() {
         .filter(|((_, seq), row)| row.as_ref().map(|r| r.seq) != Some(*seq))
         .take(5)
         .collect();
-    assert!(wrong.is_empty(), "rows missing or wrong (expected, found): {wrong:?}");
+    assert!(
+        wrong.is_empty(),
+        "rows missing or wrong (expected, found): {wrong:?}"
+    );
     assert_no_dead_letters(brokers, "chaos-dead-letter");
 }

@@ -438,6 +438,94 @@ async fn a_join_applies_both_topics_to_one_state() {
     }
 }
 
+/// A custom re-key mapper (through `intermediate_record`) that fans each transfer out
+/// to two states, the payer's and the payee's, run twice over the same input (a second
+/// consumer group: every source message is re-keyed again, as after a crash of the
+/// re-key step before its commit). Every transfer moves its amount exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_mapper_fanning_out_is_applied_once_however_often_it_republishes() {
+    use flows::function::StatelessProcessor;
+    use flows::kafka::intermediate_record;
+    use flows::{PersistenceId, ProcessError, RawMessage};
+
+    /// `from,to,amount` → one intermediate record per account, marked with its side.
+    struct Transfers;
+    impl StatelessProcessor for Transfers {
+        fn input_topics(&self) -> Vec<Arc<str>> {
+            vec!["transfers".into()]
+        }
+        fn process(&self, m: &RawMessage) -> Result<Vec<flows::EncodedRecord>, ProcessError> {
+            let text = std::str::from_utf8(m.value.as_deref().unwrap_or_default())
+                .map_err(|e| ProcessError::Function(FunctionError::from_error(e)))?;
+            let parts: Vec<&str> = text.split(',').collect();
+            let mut records = Vec::new();
+            for (account, side) in [(parts[0], "debit"), (parts[1], "credit")] {
+                let mut marked = m.clone();
+                marked
+                    .headers
+                    .append("side", Some(side.as_bytes().to_vec()));
+                let id = PersistenceId::new(account)?;
+                records.push(intermediate_record("transfers-mid", &id, &marked));
+            }
+            Ok(records)
+        }
+    }
+
+    let kafka = cluster(&[("transfers", 2), ("transfers-mid", 6), ("moves", 2)]);
+    let brokers = kafka.bootstrap_servers();
+    let balance = StatefulFunction::new(Json::<i64>::new()).one_to_one(
+        Topic::new("transfers", Utf8, Utf8),
+        Topic::new("moves", Utf8, Utf8),
+        // Unused: the custom mapper chooses the ids.
+        PersistenceIdFn::key(),
+        |total: Option<&i64>, m| {
+            let amount: i64 = m.value.rsplit(',').next().unwrap().parse().unwrap();
+            let debit = m.headers.first("side").flatten() == Some(&b"debit"[..]);
+            let total = total.copied().unwrap_or(0) + if debit { -amount } else { amount };
+            Ok((total, Record::new(m.key, total.to_string())))
+        },
+    );
+    let join = Join::new("ledger", "transfers-mid", balance);
+    let store = Arc::new(MemoryStateRepository::new());
+    let engine = Engine::new(test_config(&brokers));
+    let apply = engine
+        .start(&join.stateful_pipeline(Arc::clone(&store)))
+        .unwrap();
+
+    let mut records = Vec::new();
+    let mut expected: HashMap<String, i64> = HashMap::new();
+    for i in 0..400i64 {
+        let (from, to, amount) = (format!("a{}", i % 5), format!("a{}", (i * 3 + 1) % 7), i);
+        if from == to {
+            continue;
+        }
+        *expected.entry(from.clone()).or_default() -= amount;
+        *expected.entry(to.clone()).or_default() += amount;
+        records.push(text_record(
+            "transfers",
+            None,
+            &format!("t{i}"),
+            &format!("{from},{to},{amount}"),
+        ));
+    }
+    produce(&brokers, &records).await;
+    let copies = 2 * records.len() as u64;
+    for (run, prefix) in ["", "again."].into_iter().enumerate() {
+        let rekey = Engine::new(test_config(&brokers).group_prefix(prefix))
+            .start(&join.rekey_pipeline_with(Transfers))
+            .unwrap();
+        let done = copies * (run as u64 + 1);
+        assert!(wait_until(WAIT, || apply.metrics().snapshot().committed >= done).await);
+        rekey.shutdown().await.unwrap();
+    }
+    apply.shutdown().await.unwrap();
+    assert_eq!(
+        stored_counts(store.as_ref(), expected.keys().cloned()).await,
+        expected,
+        "each transfer moved its amount once, though re-keyed twice"
+    );
+}
+
 /// The latest sentence seen for each word, materialised as a table row.
 #[derive(Clone, Debug, PartialEq)]
 struct LastSeen {
@@ -1076,4 +1164,61 @@ async fn word_count_on_cassandra_or_its_kassandra_imitation() {
         .await
         .unwrap();
     word_count_with_a_restart(Arc::new(states)).await;
+}
+
+/// DynamoDB's state limit (`flows::dynamodb::MAX_STATE_SIZE`).
+const DYNAMODB_MAX_STATE_SIZE: usize = flows::dynamodb::MAX_STATE_SIZE;
+
+/// 10,000 messages of one key (a name of 36 bytes) in one default-sized batch: their
+/// outputs, kept for replay, are ~500 KB, over the store's limit. The engine writes the
+/// batch in parts that fit, counts exactly, publishes every count in order, and shows
+/// the splits in its metrics.
+async fn a_hot_key_on(store: Arc<dyn flows::SingleStateRepository>) {
+    const HOT: &str = "a-hot-key-whose-name-is-thirty-six-by";
+    let kafka = cluster(&[("words", 1), ("counts", 1)]);
+    let brokers = kafka.bootstrap_servers();
+    let mut config = test_config(&brokers);
+    config.batch = flows::kafka::BatchConfig::default();
+    let hot = vec![HOT.to_owned(); 10_000];
+    produce(&brokers, &word_records("words", &hot)).await;
+    let pipeline = Pipeline::stateful("count", counter(), Arc::clone(&store));
+    let running = Engine::new(config).start(&pipeline).unwrap();
+    assert!(
+        wait_until(WAIT, || running.metrics().snapshot().committed >= 10_000
+            || running.is_stopping())
+        .await
+    );
+    let metrics = running.metrics().snapshot();
+    running.shutdown().await.unwrap();
+    assert_eq!(metrics.committed, 10_000);
+    assert!(metrics.batches_split >= 1, "{metrics:?}");
+    assert_word_count(
+        &brokers,
+        store.as_ref(),
+        &tally(hot.iter().map(String::as_str)),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_does_not_outgrow_a_store_with_dynamodbs_limit() {
+    a_hot_key_on(Arc::new(MemoryStateRepository::with_max_state_size(
+        DYNAMODB_MAX_STATE_SIZE,
+    )))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_does_not_outgrow_dynamodb() {
+    let endpoint = std::env::var("FLOWS_TEST_DYNAMODB_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:8000".into());
+    let address = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let url = format!("dynamodb://{address}?region=us-east-1&tls=false");
+    let table = format!("hot_{}", rand::random::<u32>());
+    let store = flows::open_state_store(&url, &table)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("DynamoDB Local at {url} is required (scripts/test starts it): {e}")
+        });
+    a_hot_key_on(store).await;
 }

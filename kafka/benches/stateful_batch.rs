@@ -111,6 +111,7 @@ async fn with_flows(batches: &[Vec<RawMessage>]) -> usize {
         published += apply_batch(&count, &store, batch, &on_error)
             .await
             .unwrap()
+            .outputs
             .len();
     }
     published

@@ -170,7 +170,10 @@ pub fn intermediate_record(
             SOURCE_PARTITION_HEADER,
             message.partition.to_string().into_bytes(),
         )
-        .with(SOURCE_OFFSET_HEADER, message.offset.to_string().into_bytes());
+        .with(
+            SOURCE_OFFSET_HEADER,
+            message.offset.to_string().into_bytes(),
+        );
     EncodedRecord {
         topic: intermediate_topic.into(),
         partition: None,
@@ -420,9 +423,6 @@ mod tests {
         broken.headers = Headers::new();
         let applied = joined.apply(&id, None, &[&consumed[0], &broken]).unwrap();
         assert_eq!(applied.content.as_deref(), Some(&b"50"[..]));
-        assert_eq!(
-            applied.outcomes[1].as_ref().unwrap_err().kind(),
-            "origin"
-        );
+        assert_eq!(applied.outcomes[1].as_ref().unwrap_err().kind(), "origin");
     }
 }

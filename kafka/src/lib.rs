@@ -80,4 +80,6 @@ pub use policy::{ErrorPolicy, Fallback, dead_letter_record};
 pub use producer::OutputProducer;
 pub use rdkafka;
 pub use state_cache::StateCacheLimits;
-pub use stateful::{BatchError, MAX_CONFLICT_RETRIES, apply_batch, apply_batch_while_owner};
+pub use stateful::{
+    BatchError, BatchOutput, MAX_CONFLICT_RETRIES, apply_batch, apply_batch_while_owner,
+};

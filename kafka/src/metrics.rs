@@ -26,6 +26,7 @@ struct Counters {
     rebalances: AtomicU64,
     states_read: AtomicU64,
     state_cache_hits: AtomicU64,
+    batches_split: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -61,6 +62,9 @@ pub struct MetricsSnapshot {
     /// instead of reading them: with `states_read`, how well
     /// [`StateCacheLimits`](crate::StateCacheLimits) fit the hot keys.
     pub state_cache_hits: u64,
+    /// Batches processed in parts because a state would otherwise have grown past the
+    /// store's limit (a hot key's outputs kept for replay).
+    pub batches_split: u64,
 }
 
 macro_rules! counter {
@@ -108,6 +112,8 @@ counter! {
     add_states_read => states_read,
     /// Adds states served by the state cache.
     add_state_cache_hits => state_cache_hits,
+    /// Adds batches processed in parts.
+    add_batches_split => batches_split,
 }
 
 impl Metrics {
@@ -183,6 +189,11 @@ impl MetricsSnapshot {
                 "flows_state_cache_hits_total",
                 "States served by the cache of recently written states.",
                 self.state_cache_hits,
+            ),
+            (
+                "flows_batches_split_total",
+                "Batches processed in parts so that no state outgrew the store.",
+                self.batches_split,
             ),
         ];
         let mut text = String::new();

@@ -78,8 +78,10 @@ pub(crate) trait Stage: Send + Sync {
 
     /// Turns a batch (one partition, offset order) into the records to publish,
     /// appended to `outputs` (empty on entry), after making any state or table change
-    /// durable. On an error, `outputs` holds nothing to publish and is cleared by the
-    /// caller.
+    /// durable. Returns how many messages, from the first, it processed: a stateful
+    /// stage may process a batch in parts ([`BatchOutput`](crate::BatchOutput)), and is
+    /// called again with the rest once the outputs are published. On an error,
+    /// `outputs` holds nothing to publish and is cleared by the caller.
     async fn run(
         &self,
         batch: &[RawMessage],
@@ -87,7 +89,7 @@ pub(crate) trait Stage: Send + Sync {
         still_owner: &StillOwner<'_>,
         outputs: &mut Vec<EncodedRecord>,
         metrics: &Metrics,
-    ) -> Result<(), StageError>;
+    ) -> Result<usize, StageError>;
 
     /// Replaces the cache of recently written states, for stages that keep one.
     fn set_state_cache(&self, _limits: StateCacheLimits) {}
@@ -143,7 +145,7 @@ impl<F: StatelessProcessor> Stage for StatelessStage<F> {
         _still_owner: &StillOwner<'_>,
         outputs: &mut Vec<EncodedRecord>,
         _metrics: &Metrics,
-    ) -> Result<(), StageError> {
+    ) -> Result<usize, StageError> {
         outputs.reserve(batch.len());
         for message in batch {
             match self.0.process(message) {
@@ -151,7 +153,7 @@ impl<F: StatelessProcessor> Stage for StatelessStage<F> {
                 Err(error) => outputs.extend(handle_failure(message, error, on_error)?),
             }
         }
-        Ok(())
+        Ok(batch.len())
     }
 }
 
@@ -203,7 +205,7 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         still_owner: &StillOwner<'_>,
         outputs: &mut Vec<EncodedRecord>,
         metrics: &Metrics,
-    ) -> Result<(), StageError> {
+    ) -> Result<usize, StageError> {
         let cache = state_cache::lock(&self.cache)
             .is_enabled()
             .then_some(&self.cache);
@@ -225,7 +227,11 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         metrics.add_state_cache_hits(buffers.reads.cached);
         metrics.add_states_read(buffers.reads.stored);
         self.buffers().push(buffers);
-        Ok(result?)
+        let processed = result?;
+        if processed < batch.len() {
+            metrics.add_batches_split(1);
+        }
+        Ok(processed)
     }
 
     fn set_state_cache(&self, limits: StateCacheLimits) {
@@ -256,7 +262,7 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
         _still_owner: &StillOwner<'_>,
         outputs: &mut Vec<EncodedRecord>,
         _metrics: &Metrics,
-    ) -> Result<(), StageError> {
+    ) -> Result<usize, StageError> {
         let schema = self.repository.schema();
         let mut changes = ChangeBatchBuilder::new();
         for message in batch {
@@ -281,7 +287,7 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
         if !changes.is_empty() {
             self.repository.write(changes).await?;
         }
-        Ok(())
+        Ok(batch.len())
     }
 }
 

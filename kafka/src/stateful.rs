@@ -10,7 +10,8 @@
 use foldhash::HashMap;
 use std::sync::Mutex;
 
-use flows_core::function::{ErrorAction, FoldError, StatefulProcessor, fold};
+use flows_core::function::stateful::Applied;
+use flows_core::function::{ErrorAction, FoldError, Origin, StatefulProcessor, fold};
 use flows_core::{
     EncodedRecord, PersistenceId, ProcessError, RawMessage, RawState, RepositoryError,
     SingleStateRepository,
@@ -57,18 +58,34 @@ pub enum BatchError {
     Fenced,
 }
 
+/// What a stateful batch did: the first `processed` messages are applied (their states
+/// are written), and `outputs` are their outputs, in input order.
+///
+/// A batch is processed in parts when a state would otherwise grow past the store's
+/// limit (a hot key folding thousands of messages keeps all their outputs for replay):
+/// publish `outputs`, then call again with the messages after `processed`. The parts
+/// must not be written before the outputs of the earlier ones are acknowledged.
+#[derive(Debug, Default)]
+pub struct BatchOutput {
+    /// How many messages, from the first, were processed.
+    pub processed: usize,
+    /// Their outputs, in input order.
+    pub outputs: Vec<EncodedRecord>,
+}
+
 /// Applies `messages` (in offset order per partition) to their states in `store` and
-/// returns every output to publish, in input order.
+/// returns the outputs to publish, in input order.
 ///
 /// States are written before this returns; the caller publishes the outputs and only
 /// then commits the offsets. Replayed messages re-emit their stored outputs and are not
 /// applied again, so calling this again with the same messages after a crash is safe.
+/// Only a prefix of `messages` may have been processed ([`BatchOutput`]).
 pub async fn apply_batch<P, R>(
     processor: &P,
     store: &R,
     messages: &[RawMessage],
     on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
-) -> Result<Vec<EncodedRecord>, BatchError>
+) -> Result<BatchOutput, BatchError>
 where
     P: StatefulProcessor + ?Sized,
     R: SingleStateRepository + ?Sized,
@@ -85,7 +102,7 @@ pub async fn apply_batch_while_owner<P, R>(
     messages: &[RawMessage],
     on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
     still_owner: &(dyn Fn() -> bool + Send + Sync),
-) -> Result<Vec<EncodedRecord>, BatchError>
+) -> Result<BatchOutput, BatchError>
 where
     P: StatefulProcessor + ?Sized,
     R: SingleStateRepository + ?Sized,
@@ -96,7 +113,7 @@ where
         cache: None,
         buffers: &mut buffers,
     };
-    apply_batch_cached(
+    let processed = apply_batch_cached(
         processor,
         store,
         messages,
@@ -106,7 +123,7 @@ where
         &mut outputs,
     )
     .await?;
-    Ok(outputs)
+    Ok(BatchOutput { processed, outputs })
 }
 
 /// Buffers of a stateful batch kept for the next one. Each is about as large as a
@@ -146,7 +163,8 @@ pub(crate) struct Reuse<'a> {
 }
 
 /// [`apply_batch_while_owner`] reading states from the cache before the store, keeping
-/// the states it wrote there, and appending the outputs to `outputs`.
+/// the states it wrote there, and appending the outputs to `outputs`. Returns how many
+/// messages, from the first, it processed (see [`BatchOutput`]).
 pub(crate) async fn apply_batch_cached<P, R>(
     processor: &P,
     store: &R,
@@ -155,7 +173,7 @@ pub(crate) async fn apply_batch_cached<P, R>(
     still_owner: &(dyn Fn() -> bool + Send + Sync),
     reuse: Reuse<'_>,
     outputs: &mut Vec<EncodedRecord>,
-) -> Result<(), BatchError>
+) -> Result<usize, BatchError>
 where
     P: StatefulProcessor + ?Sized,
     R: SingleStateRepository + ?Sized,
@@ -170,28 +188,113 @@ where
         reads,
     } = reuse.buffers;
     *reads = StateReads::default();
-    per_message.clear();
-    per_message.resize_with(messages.len(), Vec::new);
-    if !groups.fill(processor, messages, on_error, per_message)? {
-        flatten_into(per_message, outputs);
-        return Ok(());
-    }
-
-    let mut last_conflict = Vec::new();
+    let max_state_size = store.capabilities().max_state_size;
+    // Shortened when a state would outgrow the store (see `Oversized`).
+    let mut messages = messages;
+    let mut refuse_first: Option<TooLarge> = None;
+    let mut probe = false;
+    let mut first_read = true;
+    let mut conflicts = 0;
     let mut group: Vec<&RawMessage> = Vec::new();
-    for attempt in 0..=MAX_CONFLICT_RETRIES {
-        let cache = reuse.cache.filter(|_| attempt == 0);
+    let mut regroup = true;
+    loop {
+        if regroup {
+            per_message.clear();
+            per_message.resize_with(messages.len(), Vec::new);
+            if !groups.fill(processor, messages, on_error, per_message)? {
+                flatten_into(per_message, outputs);
+                return Ok(messages.len());
+            }
+            regroup = false;
+        }
+        let cache = reuse.cache.filter(|_| first_read);
+        first_read = false;
         let read = read_states(store, &groups.ids, cache, slots, states).await?;
         reads.cached += read.cached;
         reads.stored += read.stored;
         writes.clear();
         folded.clear();
+        let mut oversized = Oversized::None;
         for (state, members) in states.drain(..).zip(groups.members()) {
             group.clear();
             group.extend(members.iter().map(|&i| &messages[i]));
-            let outcome = fold(processor, state, &group, |m, e| on_error(m, e))?;
+            // While probing, a copy of the state as read: the fold consumes it.
+            let original = probe.then(|| state.clone());
+            let mut outcome = match &refuse_first {
+                Some(too_large) => {
+                    let refuse = Refuse {
+                        inner: processor,
+                        too_large,
+                    };
+                    fold(&refuse, state, &group, |m, e| on_error(m, e))?
+                }
+                None => fold(processor, state, &group, |m, e| on_error(m, e))?,
+            };
+            if let Some(write) = &mut outcome.write
+                && write.stored_size() > max_state_size
+            {
+                if refuse_first.is_some() {
+                    // Even the dead letter does not fit beside the state: keep the
+                    // progress (the message must not be applied later), publish the
+                    // dead letter once without storing it for replay.
+                    tracing::warn!(id = %write.id, size = write.stored_size(), max = max_state_size, "a dead letter too large to keep for replay is published once");
+                    for message in &outcome.messages {
+                        write
+                            .results
+                            .replace_partition(message.topic_partition.clone(), []);
+                    }
+                } else {
+                    match original {
+                        None => oversized = Oversized::Probe,
+                        Some(original) => {
+                            let cut = fitting_prefix(
+                                processor,
+                                original,
+                                &group,
+                                max_state_size,
+                                on_error,
+                            )?;
+                            oversized = oversized.min_with(match cut {
+                                Fit::Prefix(fitting) => Oversized::Cut(members[fitting]),
+                                Fit::None { .. } if members[0] > 0 => Oversized::Cut(members[0]),
+                                Fit::None { size } => Oversized::Refuse(TooLarge {
+                                    id: write.id.clone(),
+                                    size,
+                                    max: max_state_size,
+                                }),
+                            });
+                        }
+                    }
+                }
+            }
             folded.extend(outcome.messages.into_iter().map(|m| m.outputs));
             writes.extend(outcome.write);
+        }
+        match oversized {
+            Oversized::None => {}
+            Oversized::Probe => {
+                // Fold again from the states as stored, keeping copies to find how much
+                // of the batch fits.
+                probe = true;
+                continue;
+            }
+            Oversized::Cut(end) => {
+                tracing::info!(
+                    messages = messages.len(),
+                    first = end,
+                    "a state would outgrow the store: writing the batch in parts"
+                );
+                messages = &messages[..end];
+                regroup = true;
+                continue;
+            }
+            Oversized::Refuse(too_large) => {
+                tracing::warn!(error = %too_large.error(), "the first message of the batch makes its state too large: it fails alone, through the error policy");
+                messages = &messages[..1];
+                refuse_first = Some(too_large);
+                regroup = true;
+                continue;
+            }
         }
         match store.upsert_all(std::mem::take(writes)).await {
             Ok(mut written) => {
@@ -207,7 +310,7 @@ where
                     per_message[index] = records;
                 }
                 flatten_into(per_message, outputs);
-                return Ok(());
+                return Ok(messages.len());
             }
             Err(RepositoryError::Conflict { ids }) => {
                 tracing::debug!(
@@ -217,12 +320,139 @@ where
                 if !still_owner() {
                     return Err(BatchError::Fenced);
                 }
-                last_conflict = ids;
+                conflicts += 1;
+                if conflicts > MAX_CONFLICT_RETRIES {
+                    return Err(BatchError::PersistentConflict { ids });
+                }
             }
             Err(other) => return Err(other.into()),
         }
     }
-    Err(BatchError::PersistentConflict { ids: last_conflict })
+}
+
+/// What to do about states that a fold made larger than the store accepts.
+enum Oversized {
+    /// Nothing: every state fits.
+    None,
+    /// Fold again, keeping copies of the states read, to find what fits.
+    Probe,
+    /// Process only the messages before this index now (the rest in the next part).
+    Cut(usize),
+    /// The first message alone makes its state too large: it fails (through the error
+    /// policy), alone in its part.
+    Refuse(TooLarge),
+}
+
+/// A message that makes its state too large.
+struct TooLarge {
+    id: PersistenceId,
+    /// The state's size with the message applied.
+    size: usize,
+    max: usize,
+}
+
+impl TooLarge {
+    fn error(&self) -> ProcessError {
+        ProcessError::StateTooLarge {
+            id: self.id.clone(),
+            size: self.size,
+            max: self.max,
+        }
+    }
+}
+
+impl Oversized {
+    /// The stricter of two findings: the earliest cut.
+    fn min_with(self, other: Oversized) -> Oversized {
+        match (self, other) {
+            (Oversized::Refuse(e), _) | (_, Oversized::Refuse(e)) => Oversized::Refuse(e),
+            (Oversized::Cut(a), Oversized::Cut(b)) => Oversized::Cut(a.min(b)),
+            (Oversized::Cut(a), _) | (_, Oversized::Cut(a)) => Oversized::Cut(a),
+            (a, _) => a,
+        }
+    }
+}
+
+/// How much of a state's group fits the store.
+enum Fit {
+    /// The first this many messages (at least one).
+    Prefix(usize),
+    /// Not even the first: with it the state would be `size` bytes.
+    None { size: usize },
+}
+
+/// The longest prefix of `group` whose fold of `state` fits in `max` bytes, knowing the
+/// whole group does not. Folds O(log n) prefixes of copies of `state`.
+fn fitting_prefix<P: StatefulProcessor + ?Sized>(
+    processor: &P,
+    state: RawState,
+    group: &[&RawMessage],
+    max: usize,
+    on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
+) -> Result<Fit, BatchError> {
+    // Invariant: a fold of `fits` messages fits, one of `exceeds` does not.
+    let (mut fits, mut exceeds, mut exceeding_size) = (0, group.len(), usize::MAX);
+    while exceeds - fits > 1 {
+        let middle = fits + (exceeds - fits) / 2;
+        let outcome = fold(processor, state.clone(), &group[..middle], |m, e| {
+            on_error(m, e)
+        })?;
+        match outcome.write.map(|w| w.stored_size()) {
+            Some(size) if size > max => (exceeds, exceeding_size) = (middle, size),
+            _ => fits = middle,
+        }
+    }
+    if fits > 0 {
+        return Ok(Fit::Prefix(fits));
+    }
+    if exceeding_size == usize::MAX {
+        // The group is one message: measure it alone.
+        let outcome = fold(processor, state, group, |m, e| on_error(m, e))?;
+        exceeding_size = outcome.write.map_or(0, |w| w.stored_size());
+    }
+    Ok(Fit::None {
+        size: exceeding_size,
+    })
+}
+
+/// A processor that refuses every message it is asked to apply, as making its state
+/// too large, applying none: what the error policy sees for such a message.
+struct Refuse<'a, P: ?Sized> {
+    inner: &'a P,
+    too_large: &'a TooLarge,
+}
+
+impl<P: StatefulProcessor + ?Sized> StatefulProcessor for Refuse<'_, P> {
+    fn input_topics(&self) -> Vec<std::sync::Arc<str>> {
+        self.inner.input_topics()
+    }
+
+    fn persistence_id(&self, message: &RawMessage) -> Result<PersistenceId, ProcessError> {
+        self.inner.persistence_id(message)
+    }
+
+    fn id_is_key<'m>(&self, message: &'m RawMessage) -> Option<&'m [u8]> {
+        self.inner.id_is_key(message)
+    }
+
+    fn origin(&self, message: &RawMessage) -> Result<Option<Origin>, ProcessError> {
+        self.inner.origin(message)
+    }
+
+    fn apply(
+        &self,
+        _id: &PersistenceId,
+        _content: Option<&[u8]>,
+        messages: &[&RawMessage],
+    ) -> Result<Applied, ProcessError> {
+        Ok(Applied {
+            content: None,
+            outcomes: messages
+                .iter()
+                .map(|_| Err(self.too_large.error()))
+                .collect(),
+        })
+    }
 }
 
 /// Appends every message's outputs to `outputs`, in input order, emptying `per_message`.

@@ -208,6 +208,8 @@ pub(crate) async fn run_partition(
     }
 }
 
+/// Runs `batch` through the stage, publishes its outputs and marks its offsets
+/// committable: in one cycle, or in several when the stage processes it in parts.
 async fn process_batch(
     context: &WorkerContext,
     tp: &TopicPartition,
@@ -215,13 +217,54 @@ async fn process_batch(
     batch: &[RawMessage],
     outputs: &mut Vec<EncodedRecord>,
 ) -> Result<BatchEnd, EngineError> {
+    let mut rest = batch;
+    while !rest.is_empty() {
+        let processed = match stage_part(context, tp, control, rest, outputs).await? {
+            Some(processed) => processed.clamp(1, rest.len()),
+            None => return Ok(BatchEnd::Abandoned),
+        };
+        let part = &rest[..processed];
+        if !publish(context, tp, control, outputs).await? {
+            return Ok(BatchEnd::Abandoned);
+        }
+        let pipeline = &context.pipeline;
+        let dead_letters = pipeline
+            .dead_letter_topic()
+            .map_or(0, |dlq| outputs.iter().filter(|r| *r.topic == *dlq).count());
+        if let Some(last) = part.last() {
+            control
+                .next_offset
+                .store(last.offset + 1, Ordering::Release);
+        }
+        let metrics = &context.metrics;
+        metrics.add_published(outputs.len() as u64);
+        metrics.add_dead_lettered(dead_letters as u64);
+        metrics.add_committed(part.len() as u64);
+        metrics.add_batches(1);
+        // Published: the records go now, the vector's room stays for the next batch.
+        outputs.clear();
+        rest = &rest[processed..];
+    }
+    Ok(BatchEnd::Completed)
+}
+
+/// Runs the stage over `batch` until it succeeds, retrying by policy and backoff;
+/// returns how many messages it processed, or `None` if the batch was abandoned or
+/// fenced.
+async fn stage_part(
+    context: &WorkerContext,
+    tp: &TopicPartition,
+    control: &PartitionControl,
+    batch: &[RawMessage],
+    outputs: &mut Vec<EncodedRecord>,
+) -> Result<Option<usize>, EngineError> {
     let pipeline = &context.pipeline;
     let mut attempt: u32 = 0;
     let mut transient: u32 = 0;
     loop {
         outputs.clear();
         if control.abandoned() {
-            return Ok(BatchEnd::Abandoned);
+            return Ok(None);
         }
         let on_error = |message: &RawMessage, error: &flows_core::ProcessError| {
             pipeline
@@ -234,7 +277,7 @@ async fn process_batch(
             .run(batch, &on_error, &still_owner, outputs, &context.metrics)
             .await
         {
-            Ok(()) => break,
+            Ok(processed) => return Ok(Some(processed)),
             Err(StageError::Message(error)) if attempt < pipeline.policy.retries => {
                 tracing::warn!(pipeline = %pipeline.name, %tp, attempt, %error, "message failed; retrying the batch");
                 context.metrics.add_function_retries(1);
@@ -255,19 +298,29 @@ async fn process_batch(
             Err(StageError::Fenced) => {
                 tracing::warn!(pipeline = %pipeline.name, %tp, "another instance owns these states now; dropping the batch");
                 context.metrics.add_conflicts_fenced(1);
-                return Ok(BatchEnd::Abandoned);
+                return Ok(None);
             }
         }
     }
+}
 
+/// Publishes `outputs` until every one is acknowledged, retrying transient failures;
+/// `false` if the batch was abandoned first.
+async fn publish(
+    context: &WorkerContext,
+    tp: &TopicPartition,
+    control: &PartitionControl,
+    outputs: &[EncodedRecord],
+) -> Result<bool, EngineError> {
+    let pipeline = &context.pipeline;
     let mut transient: u32 = 0;
     loop {
         if control.abandoned() {
             // States are written; the next owner replays the stored outputs.
-            return Ok(BatchEnd::Abandoned);
+            return Ok(false);
         }
         match context.producer.send_all(outputs).await {
-            Ok(()) => break,
+            Ok(()) => return Ok(true),
             Err(EngineError::Delivery { topic, source }) if !is_permanent(&source) => {
                 let delay = context.backoff.delay(transient);
                 tracing::warn!(pipeline = %pipeline.name, %tp, %topic, error = %source, retry_in = ?delay, "publishing failed; retrying");
@@ -281,23 +334,6 @@ async fn process_batch(
             }
         }
     }
-
-    let dead_letters = pipeline
-        .dead_letter_topic()
-        .map_or(0, |dlq| outputs.iter().filter(|r| *r.topic == *dlq).count());
-    if let Some(last) = batch.last() {
-        control
-            .next_offset
-            .store(last.offset + 1, Ordering::Release);
-    }
-    let metrics = &context.metrics;
-    metrics.add_published(outputs.len() as u64);
-    metrics.add_dead_lettered(dead_letters as u64);
-    metrics.add_committed(batch.len() as u64);
-    metrics.add_batches(1);
-    // Published: the records go now, the vector's room stays for the next batch.
-    outputs.clear();
-    Ok(BatchEnd::Completed)
 }
 
 /// Delivery errors that retrying cannot fix.

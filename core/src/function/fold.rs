@@ -163,7 +163,11 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
             Ok(None) => (message.topic_partition(), message.offset, false),
             Ok(Some(origin)) => (origin.topic_partition, origin.offset, true),
             Err(error) => {
-                plans.push((message.topic_partition(), message.offset, Plan::NoOrigin(error)));
+                plans.push((
+                    message.topic_partition(),
+                    message.offset,
+                    Plan::NoOrigin(error),
+                ));
                 continue;
             }
         };
@@ -243,7 +247,10 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
         let (kind, outputs, recorded) = match plan {
             Plan::Skip => (OutcomeKind::Skipped, Vec::new(), false),
             Plan::Duplicate => (OutcomeKind::Duplicate, Vec::new(), false),
-            Plan::Replay(outputs) => (OutcomeKind::Replayed, outputs, false),
+            Plan::Replay(mut outputs) => {
+                restore_input_payload(&mut outputs, message);
+                (OutcomeKind::Replayed, outputs, false)
+            }
             Plan::NoOrigin(error) => match on_error(message, &error) {
                 // Without an origin there is nothing to record it under: a replay
                 // dead-letters it again.
@@ -300,38 +307,89 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
     if let Some(content) = applied_content {
         write.content = Some(content);
     }
+    // Dead letters repeat their input's key and value: they are stored without them
+    // and restored from the input when replayed (and carried again as stored).
+    let stored_dead_letters: SmallVec<[(usize, Vec<EncodedRecord>); 1]> = outcomes
+        .iter()
+        .zip(messages)
+        .enumerate()
+        .filter(|(_, (o, _))| matches!(o.kind, OutcomeKind::DeadLettered | OutcomeKind::Replayed))
+        .map(|(index, (o, message))| (index, without_input_payload(&o.outputs, message)))
+        .collect();
     // Results of partitions with new messages are replaced by this batch's outputs,
     // replayed ones included; partitions with only replays keep theirs.
     for (tp, last) in changed {
-        let stored = |o: &&MessageOutcome| {
-            o.topic_partition == tp
+        let mut inputs: SmallVec<[(i64, &[EncodedRecord]); 4]> = SmallVec::new();
+        for (index, o) in outcomes.iter().enumerate() {
+            let stored = o.topic_partition == tp
                 && matches!(
                     o.kind,
                     OutcomeKind::Replayed | OutcomeKind::Applied | OutcomeKind::DeadLettered
-                )
-        };
+                );
+            if stored {
+                let outputs = stored_dead_letters
+                    .iter()
+                    .find(|(i, _)| *i == index)
+                    .map_or(o.outputs.as_slice(), |(_, stripped)| stripped.as_slice());
+                inputs.push((o.offset, outputs));
+            }
+        }
         if carried_any {
             // Copies may come out of order; results are stored by ascending offset.
-            let mut inputs: SmallVec<[(i64, &[EncodedRecord]); 4]> = outcomes
-                .iter()
-                .filter(stored)
-                .map(|o| (o.offset, o.outputs.as_slice()))
-                .collect();
             inputs.sort_unstable_by_key(|(offset, _)| *offset);
-            write.results.replace_partition(tp.clone(), inputs);
-        } else {
-            let inputs = outcomes
-                .iter()
-                .filter(stored)
-                .map(|o| (o.offset, o.outputs.as_slice()));
-            write.results.replace_partition(tp.clone(), inputs);
         }
+        write.results.replace_partition(tp.clone(), inputs);
         write.progress.record(tp, last);
     }
     Ok(FoldOutcome {
         write: Some(write),
         messages: outcomes,
     })
+}
+
+/// Header marking a stored output whose key and value are its input's, left out of the
+/// state and restored from the input on replay. Never published.
+pub const INPUT_PAYLOAD_HEADER: &str = "flows.stored.input-payload";
+
+/// `outputs` as stored: those repeating `input`'s key and value (dead letters) without
+/// them, marked with [`INPUT_PAYLOAD_HEADER`].
+fn without_input_payload(outputs: &[EncodedRecord], input: &RawMessage) -> Vec<EncodedRecord> {
+    outputs
+        .iter()
+        .map(|record| {
+            let repeats_input = record.key == input.key
+                && record.value == input.value
+                && (record.key.is_some() || record.value.is_some());
+            if !repeats_input {
+                return record.clone();
+            }
+            let mut stored = EncodedRecord {
+                key: None,
+                value: None,
+                ..record.clone()
+            };
+            stored.headers.append(INPUT_PAYLOAD_HEADER, None);
+            stored
+        })
+        .collect()
+}
+
+/// Restores the key and value of stored outputs marked by [`without_input_payload`]
+/// from `input`, the message being replayed: the outputs as first published.
+fn restore_input_payload(outputs: &mut [EncodedRecord], input: &RawMessage) {
+    for record in outputs {
+        if record.headers.first(INPUT_PAYLOAD_HEADER).is_some() {
+            record.headers = record
+                .headers
+                .iter()
+                .filter(|h| h.key != INPUT_PAYLOAD_HEADER)
+                .cloned()
+                .collect::<Vec<_>>()
+                .into();
+            record.key.clone_from(&input.key);
+            record.value.clone_from(&input.value);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -494,6 +552,17 @@ mod tests {
         );
         let state = out.write.clone().unwrap();
         assert_eq!(state.content.as_deref(), Some(&b"2"[..]));
+        // Stored without the input's key and value, which it repeats.
+        let stored = state
+            .results
+            .get(&bad.topic_partition(), 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (stored[0].key.as_ref(), stored[0].value.as_ref()),
+            (None, None)
+        );
+        assert!(stored[0].headers.first(INPUT_PAYLOAD_HEADER).is_some());
         let replay = fold(&f, state, &[&m0, &bad, &m2], abort).unwrap();
         assert_eq!(replay.messages[1].outputs, out.messages[1].outputs);
     }
@@ -538,12 +607,11 @@ mod tests {
             vec!["mid".into()]
         }
         fn persistence_id(&self, m: &RawMessage) -> Result<PersistenceId, ProcessError> {
-            Ok(PersistenceId::from_utf8(m.key.as_deref().unwrap_or_default())?)
+            Ok(PersistenceId::from_utf8(
+                m.key.as_deref().unwrap_or_default(),
+            )?)
         }
-        fn origin(
-            &self,
-            m: &RawMessage,
-        ) -> Result<Option<crate::function::Origin>, ProcessError> {
+        fn origin(&self, m: &RawMessage) -> Result<Option<crate::function::Origin>, ProcessError> {
             let (partition, offset) =
                 Self::source(m).ok_or_else(|| ProcessError::Origin("no src".into()))?;
             Ok(Some(crate::function::Origin {
@@ -578,8 +646,10 @@ mod tests {
     /// "words" partition `partition`.
     fn copy(offset: i64, partition: i32, source: i64, key: &str) -> RawMessage {
         let mut m = RawMessage::raw("mid", 0, offset, Some(key.as_bytes()), Some(key.as_bytes()));
-        m.headers.append("src-p", Some(partition.to_string().into_bytes()));
-        m.headers.append("src-o", Some(source.to_string().into_bytes()));
+        m.headers
+            .append("src-p", Some(partition.to_string().into_bytes()));
+        m.headers
+            .append("src-o", Some(source.to_string().into_bytes()));
         m
     }
 
@@ -593,7 +663,12 @@ mod tests {
         let f = Copies(counter());
         let src = TopicPartition::new("words", 3);
         // The re-key step published sources 0 and 1, crashed, and published them again.
-        let batch = [copy(0, 3, 0, "a"), copy(1, 3, 1, "a"), copy(2, 3, 0, "a"), copy(3, 3, 1, "a")];
+        let batch = [
+            copy(0, 3, 0, "a"),
+            copy(1, 3, 1, "a"),
+            copy(2, 3, 0, "a"),
+            copy(3, 3, 1, "a"),
+        ];
         let refs: Vec<&RawMessage> = batch.iter().collect();
         let first = fold(&f, fresh(), &refs, abort).unwrap();
         assert_eq!(kinds(&first), [Applied, Applied, Duplicate, Duplicate]);
@@ -619,7 +694,11 @@ mod tests {
 
         // More copies, with another duplicate: the last write applied (or replayed)
         // sources 0, 1 and 2, so they replay again; nothing is written.
-        let more = [copy(20, 3, 0, "a"), copy(21, 3, 2, "a"), copy(22, 3, 2, "a")];
+        let more = [
+            copy(20, 3, 0, "a"),
+            copy(21, 3, 2, "a"),
+            copy(22, 3, 2, "a"),
+        ];
         let refs: Vec<&RawMessage> = more.iter().collect();
         let third = fold(&f, state.clone(), &refs, abort).unwrap();
         assert_eq!(kinds(&third), [Replayed, Replayed, Duplicate]);
@@ -638,13 +717,24 @@ mod tests {
     fn copies_out_of_order_are_applied_not_lost() {
         use OutcomeKind::*;
         let f = Copies(counter());
-        let batch = [copy(0, 0, 7, "a"), copy(1, 0, 8, "a"), copy(2, 0, 5, "a"), copy(3, 1, 1, "a")];
+        let batch = [
+            copy(0, 0, 7, "a"),
+            copy(1, 0, 8, "a"),
+            copy(2, 0, 5, "a"),
+            copy(3, 1, 1, "a"),
+        ];
         let refs: Vec<&RawMessage> = batch.iter().collect();
         let out = fold(&f, fresh(), &refs, abort).unwrap();
         assert_eq!(kinds(&out), [Applied, Applied, Applied, Applied]);
         let state = out.write.unwrap();
-        assert_eq!(state.progress.get(&TopicPartition::new("words", 0)), Some(8));
-        assert_eq!(state.progress.get(&TopicPartition::new("words", 1)), Some(1));
+        assert_eq!(
+            state.progress.get(&TopicPartition::new("words", 0)),
+            Some(8)
+        );
+        assert_eq!(
+            state.progress.get(&TopicPartition::new("words", 1)),
+            Some(1)
+        );
         // Every one of them replays its own outputs.
         let replay = fold(&f, state, &[&batch[2], &batch[0]], abort).unwrap();
         assert_eq!(kinds(&replay), [Replayed, Replayed]);
@@ -699,17 +789,26 @@ mod tests {
         let mut step = 0;
         while committed[0] < sources[0].len() || committed[1] < sources[1].len() {
             // Once the planned steps are used up, no more crashes: the work ends.
-            let (pick, size, prefix) = rekey
-                .get(step)
-                .copied()
-                .unwrap_or((rekey[step % rekey.len()].0, 4, 0));
+            let (pick, size, prefix) =
+                rekey
+                    .get(step)
+                    .copied()
+                    .unwrap_or((rekey[step % rekey.len()].0, 4, 0));
             step += 1;
             let p = usize::from(pick % 2);
-            let p = if committed[p] < sources[p].len() { p } else { 1 - p };
+            let p = if committed[p] < sources[p].len() {
+                p
+            } else {
+                1 - p
+            };
             let end = (committed[p] + size.max(1)).min(sources[p].len());
             // prefix 0: everything delivered and committed; otherwise a crash after
             // `prefix` records were delivered (the batch is published again later).
-            let delivered = if prefix == 0 { end - committed[p] } else { prefix.min(end - committed[p]) };
+            let delivered = if prefix == 0 {
+                end - committed[p]
+            } else {
+                prefix.min(end - committed[p])
+            };
             for source in committed[p]..committed[p] + delivered {
                 let key = format!("w{}", sources[p][source]);
                 let offset = intermediate.len() as i64;
@@ -770,7 +869,10 @@ mod tests {
         let counts = store
             .into_iter()
             .map(|(id, s)| {
-                (id.to_string(), serde_json::from_slice(&s.content.unwrap()).unwrap())
+                (
+                    id.to_string(),
+                    serde_json::from_slice(&s.content.unwrap()).unwrap(),
+                )
             })
             .collect();
         (counts, published)

@@ -125,7 +125,9 @@ pub enum ProcessError {
     Origin(String),
     /// Applying the message would make its state larger than the store accepts; the
     /// state is left as it was.
-    #[error("state {id} would be {size} bytes with this message; the store accepts at most {max} bytes")]
+    #[error(
+        "state {id} would be {size} bytes with this message; the store accepts at most {max} bytes"
+    )]
     StateTooLarge {
         /// The state's id.
         id: PersistenceId,

@@ -230,7 +230,8 @@ impl<S> State<S> {
     }
 
     /// The size of [`encode_internal`](Self::encode_internal)'s blob, without encoding
-    /// it (stores check it against their size limit).
+    /// it (stores check it against their size limit, see
+    /// [`stored_size`](RawState::stored_size)).
     pub fn encoded_internal_len(&self) -> usize {
         wire::delimited_len(1, self.internal_v1_len())
     }
@@ -281,6 +282,12 @@ pub fn decode_internal(
 }
 
 impl RawState {
+    /// The bytes a store holds for this state, content and internal blob, as checked
+    /// against [`Capabilities::max_state_size`](crate::Capabilities::max_state_size).
+    pub fn stored_size(&self) -> usize {
+        self.encoded_internal_len() + self.content.as_ref().map_or(0, Vec::len)
+    }
+
     /// Rebuilds a state from what a backend stored. Backends call this so every backend
     /// decodes the same way.
     pub fn from_stored(
