@@ -57,6 +57,7 @@
 
 mod config;
 mod consumer;
+mod delivery;
 mod embedded;
 mod engine;
 mod error;
@@ -77,7 +78,7 @@ pub use join::{Join, intermediate_record};
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use pipeline::{MessageFailed, Pipeline};
 pub use policy::{ErrorPolicy, Fallback, dead_letter_record};
-pub use producer::OutputProducer;
+pub use producer::{DeliveryFailures, OutputProducer};
 pub use rdkafka;
 pub use state_cache::StateCacheLimits;
 pub use stateful::{

@@ -27,6 +27,8 @@ struct Counters {
     states_read: AtomicU64,
     state_cache_hits: AtomicU64,
     batches_split: AtomicU64,
+    unpublishable: AtomicU64,
+    stalled_partitions: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -65,6 +67,14 @@ pub struct MetricsSnapshot {
     /// Batches processed in parts because a state would otherwise have grown past the
     /// store's limit (a hot key's outputs kept for replay).
     pub batches_split: u64,
+    /// Outputs the broker or client refused for good (too large, no such partition, a
+    /// timestamp or policy the broker rejects): their inputs went through the error
+    /// policy.
+    pub unpublishable: u64,
+    /// Partitions waiting right now on something outside the engine: retrying a store
+    /// or broker failure, or still awaiting acknowledgements after a while (a gauge;
+    /// each stall is also logged, with its reason, as it goes on).
+    pub stalled_partitions: u64,
 }
 
 macro_rules! counter {
@@ -114,12 +124,39 @@ counter! {
     add_state_cache_hits => state_cache_hits,
     /// Adds batches processed in parts.
     add_batches_split => batches_split,
+    /// Adds outputs refused for good.
+    add_unpublishable => unpublishable,
+    /// Adds stalled partitions (a gauge: see `Stall`).
+    add_stalled_partitions => stalled_partitions,
 }
 
 impl Metrics {
     /// New counters, all zero.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Counts a partition as stalled until the returned guard is dropped.
+    pub(crate) fn stall(&self) -> Stall {
+        self.add_stalled_partitions(1);
+        Stall {
+            metrics: self.clone(),
+        }
+    }
+}
+
+/// A partition counted in [`MetricsSnapshot::stalled_partitions`] while this lives.
+#[derive(Debug)]
+pub(crate) struct Stall {
+    metrics: Metrics,
+}
+
+impl Drop for Stall {
+    fn drop(&mut self) {
+        self.metrics
+            .inner
+            .stalled_partitions
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -195,11 +232,25 @@ impl MetricsSnapshot {
                 "Batches processed in parts so that no state outgrew the store.",
                 self.batches_split,
             ),
+            (
+                "flows_unpublishable_total",
+                "Outputs refused for good by the broker or client.",
+                self.unpublishable,
+            ),
         ];
+        let gauges = [(
+            "flows_partitions_stalled",
+            "Partitions retrying a failure or awaiting acknowledgements for long.",
+            self.stalled_partitions,
+        )];
         let mut text = String::new();
-        for (name, help, value) in counters {
+        let kinds = counters
+            .iter()
+            .map(|c| (c, "counter"))
+            .chain(gauges.iter().map(|g| (g, "gauge")));
+        for ((name, help, value), kind) in kinds {
             text.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{pipeline=\"{label}\"}} {value}\n"
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{pipeline=\"{label}\"}} {value}\n"
             ));
         }
         text

@@ -21,13 +21,49 @@ use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::policy::{ErrorPolicy, Fallback};
 use crate::state_cache::{self, StateCache, StateCacheLimits};
-use crate::stateful::{BatchBuffers, BatchError, Reuse, apply_batch_cached};
+use crate::stateful::{
+    BatchBuffers, BatchError, Reuse, apply_batch_cached, replace_stored_outputs,
+};
 
 /// Decides what a failed message becomes (from the pipeline's [`ErrorPolicy`]).
 pub(crate) type OnError<'a> = dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync + 'a;
 
 /// Whether this instance still owns the partition being processed.
 pub(crate) type StillOwner<'a> = dyn Fn() -> bool + Send + Sync + 'a;
+
+/// The records a batch part publishes, each with the input message it came from (so
+/// that an output the broker refuses is charged to its input).
+#[derive(Debug, Default)]
+pub(crate) struct Outputs {
+    pub(crate) records: Vec<EncodedRecord>,
+    /// For each record, the index of its input message in the part.
+    pub(crate) inputs: Vec<u32>,
+}
+
+impl Outputs {
+    /// Appends `records`, the outputs of the part's message `input`.
+    pub(crate) fn extend(
+        &mut self,
+        input: usize,
+        records: impl IntoIterator<Item = EncodedRecord>,
+    ) {
+        let before = self.records.len();
+        self.records.extend(records);
+        let input = u32::try_from(input).unwrap_or(u32::MAX);
+        self.inputs.resize(self.records.len(), input);
+        debug_assert!(self.inputs.len() >= before);
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.records.clear();
+        self.inputs.clear();
+    }
+
+    pub(crate) fn reserve(&mut self, additional: usize) {
+        self.records.reserve(additional);
+        self.inputs.reserve(additional);
+    }
+}
 
 /// Why a stage could not turn a batch into outputs.
 #[derive(Debug)]
@@ -87,9 +123,21 @@ pub(crate) trait Stage: Send + Sync {
         batch: &[RawMessage],
         on_error: &OnError<'_>,
         still_owner: &StillOwner<'_>,
-        outputs: &mut Vec<EncodedRecord>,
+        outputs: &mut Outputs,
         metrics: &Metrics,
     ) -> Result<usize, StageError>;
+
+    /// Replaces what is stored for replay as the outputs of some messages of a part
+    /// already processed (`(message, its new outputs)`), for stages that store outputs:
+    /// outputs the broker refused for good are replaced by their dead letters, so that
+    /// a replay does not send them into the same refusal again.
+    async fn replace_outputs(
+        &self,
+        _replacements: &[(&RawMessage, Vec<EncodedRecord>)],
+        _still_owner: &StillOwner<'_>,
+    ) -> Result<(), StageError> {
+        Ok(())
+    }
 
     /// Replaces the cache of recently written states, for stages that keep one.
     fn set_state_cache(&self, _limits: StateCacheLimits) {}
@@ -143,14 +191,14 @@ impl<F: StatelessProcessor> Stage for StatelessStage<F> {
         batch: &[RawMessage],
         on_error: &OnError<'_>,
         _still_owner: &StillOwner<'_>,
-        outputs: &mut Vec<EncodedRecord>,
+        outputs: &mut Outputs,
         _metrics: &Metrics,
     ) -> Result<usize, StageError> {
         outputs.reserve(batch.len());
-        for message in batch {
+        for (index, message) in batch.iter().enumerate() {
             match self.0.process(message) {
-                Ok(records) => outputs.extend(records),
-                Err(error) => outputs.extend(handle_failure(message, error, on_error)?),
+                Ok(records) => outputs.extend(index, records),
+                Err(error) => outputs.extend(index, handle_failure(message, error, on_error)?),
             }
         }
         Ok(batch.len())
@@ -203,7 +251,7 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         batch: &[RawMessage],
         on_error: &OnError<'_>,
         still_owner: &StillOwner<'_>,
-        outputs: &mut Vec<EncodedRecord>,
+        outputs: &mut Outputs,
         metrics: &Metrics,
     ) -> Result<usize, StageError> {
         let cache = state_cache::lock(&self.cache)
@@ -234,6 +282,25 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         Ok(processed)
     }
 
+    async fn replace_outputs(
+        &self,
+        replacements: &[(&RawMessage, Vec<EncodedRecord>)],
+        still_owner: &StillOwner<'_>,
+    ) -> Result<(), StageError> {
+        let cache = state_cache::lock(&self.cache)
+            .is_enabled()
+            .then_some(&self.cache);
+        replace_stored_outputs(
+            &self.function,
+            &self.store,
+            cache,
+            replacements,
+            still_owner,
+        )
+        .await
+        .map_err(StageError::from)
+    }
+
     fn set_state_cache(&self, limits: StateCacheLimits) {
         let limits = Self::allowed(&self.store, limits);
         *state_cache::lock(&self.cache) = StateCache::new(limits);
@@ -260,12 +327,12 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
         batch: &[RawMessage],
         on_error: &OnError<'_>,
         _still_owner: &StillOwner<'_>,
-        outputs: &mut Vec<EncodedRecord>,
+        outputs: &mut Outputs,
         _metrics: &Metrics,
     ) -> Result<usize, StageError> {
         let schema = self.repository.schema();
         let mut changes = ChangeBatchBuilder::new();
-        for message in batch {
+        for (index, message) in batch.iter().enumerate() {
             // A row that does not fit the table fails its own message (policy), not the
             // whole batch's write.
             let checked = (self.mapper)(message).and_then(|rows| {
@@ -278,7 +345,7 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
             });
             match checked {
                 Ok(valid) => valid.into_iter().for_each(|change| changes.push(change)),
-                Err(error) => outputs.extend(handle_failure(message, error, on_error)?),
+                Err(error) => outputs.extend(index, handle_failure(message, error, on_error)?),
             }
         }
         // Upserts are idempotent and applied in offset order, so a replayed batch

@@ -8,7 +8,7 @@ use flows_core::EncodedRecord;
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message as _, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::Notify;
 
@@ -28,21 +28,23 @@ impl std::fmt::Debug for OutputProducer {
     }
 }
 
-/// The acknowledgements still awaited for one `send_all`, shared by its records: one
-/// counter per batch instead of a channel and a future per record.
+/// The acknowledgements still awaited for one batch of records, shared by its records:
+/// one counter per batch instead of a channel and a future per record.
 #[derive(Default)]
 struct PendingBatch {
     remaining: AtomicUsize,
-    /// The first delivery failure: its topic and error.
-    failure: Mutex<Option<(String, KafkaError)>>,
+    /// The records that failed: their index in the batch and the error.
+    failures: Mutex<Vec<(usize, KafkaError)>>,
     done: Notify,
 }
 
 impl PendingBatch {
-    fn acknowledge(&self, failure: Option<(String, KafkaError)>) {
+    fn acknowledge(&self, failure: Option<(usize, KafkaError)>) {
         if let Some(failure) = failure {
-            let mut first = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-            first.get_or_insert(failure);
+            self.failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(failure);
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             // A stored permit: the waiter cannot miss it, however late it starts waiting.
@@ -50,20 +52,22 @@ impl PendingBatch {
         }
     }
 
-    async fn wait(&self) -> Result<(), EngineError> {
+    /// Waits for every acknowledgement; the failures, by record index.
+    async fn wait(&self) -> Vec<(usize, KafkaError)> {
         while self.remaining.load(Ordering::Acquire) > 0 {
             self.done.notified().await;
         }
-        match self
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            Some((topic, source)) => Err(EngineError::Delivery { topic, source }),
-            None => Ok(()),
-        }
+        let mut failures =
+            std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()));
+        failures.sort_by_key(|(index, _)| *index);
+        failures
     }
+}
+
+/// One record's delivery: its batch and its place in it.
+struct Delivery {
+    batch: Arc<PendingBatch>,
+    index: usize,
 }
 
 /// Routes each delivery report (on the producer's polling thread) to its batch.
@@ -72,14 +76,29 @@ struct AcknowledgingContext;
 impl ClientContext for AcknowledgingContext {}
 
 impl ProducerContext for AcknowledgingContext {
-    type DeliveryOpaque = Arc<PendingBatch>;
+    type DeliveryOpaque = Box<Delivery>;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, batch: Arc<PendingBatch>) {
-        let failure = match result {
-            Ok(_) => None,
-            Err((error, message)) => Some((message.topic().to_owned(), error.clone())),
-        };
-        batch.acknowledge(failure);
+    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
+        let failure = result
+            .as_ref()
+            .err()
+            .map(|(error, _)| (delivery.index, error.clone()));
+        delivery.batch.acknowledge(failure);
+    }
+}
+
+/// Records of one [`OutputProducer::send_each`] that were not delivered.
+#[derive(Debug, Default)]
+pub struct DeliveryFailures {
+    /// Each failed record's index in the batch, with the client's or broker's error, in
+    /// index order.
+    pub failures: Vec<(usize, KafkaError)>,
+}
+
+impl DeliveryFailures {
+    /// Whether every record was delivered.
+    pub fn is_empty(&self) -> bool {
+        self.failures.is_empty()
     }
 }
 
@@ -100,16 +119,34 @@ impl OutputProducer {
     /// failure, if any; records may then have been delivered partially, which is why
     /// callers commit input offsets only after this returns `Ok`.
     pub async fn send_all(&self, records: &[EncodedRecord]) -> Result<(), EngineError> {
+        let failures = self.send_each(records).await;
+        match failures.failures.into_iter().next() {
+            None => Ok(()),
+            Some((index, source)) => Err(EngineError::Delivery {
+                topic: records[index].topic.to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Enqueues every record in order and waits for every acknowledgement; reports
+    /// each record that was not delivered, with its error (refused when enqueued, or by
+    /// the broker). The others are delivered, in order per partition.
+    pub async fn send_each(&self, records: &[EncodedRecord]) -> DeliveryFailures {
         if records.is_empty() {
-            return Ok(());
+            return DeliveryFailures::default();
         }
         let batch = Arc::new(PendingBatch {
             remaining: AtomicUsize::new(records.len()),
             ..PendingBatch::default()
         });
-        for record in records {
-            let mut base: BaseRecord<'_, [u8], [u8], Arc<PendingBatch>> =
-                BaseRecord::with_opaque_to(&record.topic, Arc::clone(&batch));
+        for (index, record) in records.iter().enumerate() {
+            let delivery = Box::new(Delivery {
+                batch: Arc::clone(&batch),
+                index,
+            });
+            let mut base: BaseRecord<'_, [u8], [u8], Box<Delivery>> =
+                BaseRecord::with_opaque_to(&record.topic, delivery);
             // Header lists are allocated by librdkafka: only build one when needed.
             if !record.headers.is_empty() {
                 let headers = record.headers.iter().fold(
@@ -143,16 +180,17 @@ impl OutputProducer {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
                     Err((error, _)) => {
-                        // Records already enqueued still report to `batch`; nobody waits.
-                        return Err(EngineError::Delivery {
-                            topic: record.topic.to_string(),
-                            source: error,
-                        });
+                        // Refused before it was queued (too large, no such partition):
+                        // it will not report; account for it here and go on.
+                        batch.acknowledge(Some((index, error)));
+                        break;
                     }
                 }
             }
         }
-        batch.wait().await
+        DeliveryFailures {
+            failures: batch.wait().await,
+        }
     }
 
     /// Waits up to `timeout` for every in-flight record to be delivered.

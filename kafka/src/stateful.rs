@@ -11,12 +11,15 @@ use foldhash::HashMap;
 use std::sync::Mutex;
 
 use flows_core::function::stateful::Applied;
-use flows_core::function::{ErrorAction, FoldError, Origin, StatefulProcessor, fold};
+use flows_core::function::{
+    ErrorAction, FoldError, Origin, StatefulProcessor, fold, replace_outputs,
+};
 use flows_core::{
     EncodedRecord, PersistenceId, ProcessError, RawMessage, RawState, RepositoryError,
     SingleStateRepository,
 };
 
+use crate::pipeline::Outputs;
 use crate::state_cache::{StateCache, lock};
 
 /// How many times a batch re-reads and re-folds the states whose write conflicted
@@ -107,7 +110,7 @@ where
     P: StatefulProcessor + ?Sized,
     R: SingleStateRepository + ?Sized,
 {
-    let mut outputs = Vec::new();
+    let mut outputs = Outputs::default();
     let mut buffers = BatchBuffers::default();
     let reuse = Reuse {
         cache: None,
@@ -123,7 +126,10 @@ where
         &mut outputs,
     )
     .await?;
-    Ok(BatchOutput { processed, outputs })
+    Ok(BatchOutput {
+        processed,
+        outputs: outputs.records,
+    })
 }
 
 /// Buffers of a stateful batch kept for the next one. Each is about as large as a
@@ -172,7 +178,7 @@ pub(crate) async fn apply_batch_cached<P, R>(
     on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
     still_owner: &(dyn Fn() -> bool + Send + Sync),
     reuse: Reuse<'_>,
-    outputs: &mut Vec<EncodedRecord>,
+    outputs: &mut Outputs,
 ) -> Result<usize, BatchError>
 where
     P: StatefulProcessor + ?Sized,
@@ -456,11 +462,81 @@ impl<P: StatefulProcessor + ?Sized> StatefulProcessor for Refuse<'_, P> {
 }
 
 /// Appends every message's outputs to `outputs`, in input order, emptying `per_message`.
-fn flatten_into(per_message: &mut Vec<Vec<EncodedRecord>>, outputs: &mut Vec<EncodedRecord>) {
+fn flatten_into(per_message: &mut Vec<Vec<EncodedRecord>>, outputs: &mut Outputs) {
     outputs.reserve(per_message.iter().map(Vec::len).sum());
     per_message
         .drain(..)
-        .for_each(|records| outputs.extend(records));
+        .enumerate()
+        .for_each(|(index, records)| outputs.extend(index, records));
+}
+
+/// Replaces the outputs stored for replay of each message of `replacements` (all
+/// applied by the last write of their state) with its new outputs, conditionally on
+/// the versions read, re-reading after a conflict. Messages without a state are
+/// skipped.
+pub(crate) async fn replace_stored_outputs<P, R>(
+    processor: &P,
+    store: &R,
+    cache: Option<&Mutex<StateCache>>,
+    replacements: &[(&RawMessage, Vec<EncodedRecord>)],
+    still_owner: &(dyn Fn() -> bool + Send + Sync),
+) -> Result<(), BatchError>
+where
+    P: StatefulProcessor + ?Sized,
+    R: SingleStateRepository + ?Sized,
+{
+    let mut targets = Vec::new();
+    for (message, outputs) in replacements {
+        let (Ok(id), Ok(origin)) = (processor.persistence_id(message), processor.origin(message))
+        else {
+            continue;
+        };
+        let (tp, offset) = match origin {
+            Some(origin) => (origin.topic_partition, origin.offset),
+            None => (message.topic_partition(), message.offset),
+        };
+        targets.push((id, tp, offset, *message, outputs));
+    }
+    if targets.is_empty() {
+        return Ok(());
+    }
+    let mut ids: Vec<PersistenceId> = targets.iter().map(|t| t.0.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    if let Some(cache) = cache {
+        // The states change here: the next batch reads them from the store.
+        let mut cache = lock(cache);
+        ids.iter().for_each(|id| drop(cache.take(id)));
+    }
+    for _ in 0..=MAX_CONFLICT_RETRIES {
+        let mut states = store.get_all(&ids).await?;
+        let mut changed = Vec::new();
+        for mut state in states.drain(..) {
+            let mut replaced = false;
+            let id = state.id.clone();
+            for (_, tp, offset, message, outputs) in targets.iter().filter(|t| t.0 == id) {
+                replaced |= replace_outputs(&mut state, tp, *offset, message, outputs).map_err(
+                    |source| FoldError::CorruptResults {
+                        id: state.id.clone(),
+                        source,
+                    },
+                )?;
+            }
+            if replaced {
+                changed.push(state);
+            }
+        }
+        if changed.is_empty() {
+            return Ok(());
+        }
+        match store.upsert_all(changed).await {
+            Ok(_) => return Ok(()),
+            Err(RepositoryError::Conflict { .. }) if still_owner() => continue,
+            Err(RepositoryError::Conflict { .. }) => return Err(BatchError::Fenced),
+            Err(other) => return Err(other.into()),
+        }
+    }
+    Err(BatchError::PersistentConflict { ids })
 }
 
 /// A batch's messages grouped by persistence id: one group per distinct id, in order of
@@ -733,9 +809,10 @@ mod tests {
             cache: Some(cache),
             buffers,
         };
-        let mut outputs = Vec::new();
+        let mut outputs = Outputs::default();
         apply_batch_cached(f, store, batch, on_error, &|| true, reuse, &mut outputs).await?;
-        Ok(outputs)
+        assert_eq!(outputs.inputs.len(), outputs.records.len());
+        Ok(outputs.records)
     }
 
     /// Another instance, without a cache, counts `times` more "a" (from partition 1) in

@@ -12,15 +12,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-use flows_core::{EncodedRecord, RawMessage, TopicPartition};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use flows_core::function::ErrorAction;
+use flows_core::{EncodedRecord, ProcessError, RawMessage, TopicPartition};
+use rdkafka::error::KafkaError;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{Backoff, BatchConfig};
+use crate::delivery::{DeliveryFailure, classify};
 use crate::error::EngineError;
 use crate::metrics::Metrics;
-use crate::pipeline::{Pipeline, StageError};
+use crate::pipeline::{MessageFailed, Outputs, Pipeline, StageError};
 use crate::producer::OutputProducer;
 
 /// Shared between a partition's worker and the consumer thread.
@@ -169,7 +171,7 @@ pub(crate) async fn run_partition(
 ) -> Result<(), EngineError> {
     let mut collected = Batch::new(&context.batch);
     // The outputs of one batch after another: kept, so no batch allocates it afresh.
-    let mut outputs = Vec::new();
+    let mut outputs = Outputs::default();
     loop {
         collected.clear();
         loop {
@@ -215,7 +217,7 @@ async fn process_batch(
     tp: &TopicPartition,
     control: &PartitionControl,
     batch: &[RawMessage],
-    outputs: &mut Vec<EncodedRecord>,
+    outputs: &mut Outputs,
 ) -> Result<BatchEnd, EngineError> {
     let mut rest = batch;
     while !rest.is_empty() {
@@ -224,24 +226,24 @@ async fn process_batch(
             None => return Ok(BatchEnd::Abandoned),
         };
         let part = &rest[..processed];
-        if !publish(context, tp, control, outputs).await? {
+        if !publish(context, tp, control, part, outputs).await? {
             return Ok(BatchEnd::Abandoned);
         }
         let pipeline = &context.pipeline;
-        let dead_letters = pipeline
-            .dead_letter_topic()
-            .map_or(0, |dlq| outputs.iter().filter(|r| *r.topic == *dlq).count());
+        let dead_letters = pipeline.dead_letter_topic().map_or(0, |dlq| {
+            outputs.records.iter().filter(|r| *r.topic == *dlq).count()
+        });
         if let Some(last) = part.last() {
             control
                 .next_offset
                 .store(last.offset + 1, Ordering::Release);
         }
         let metrics = &context.metrics;
-        metrics.add_published(outputs.len() as u64);
+        metrics.add_published(outputs.records.len() as u64);
         metrics.add_dead_lettered(dead_letters as u64);
         metrics.add_committed(part.len() as u64);
         metrics.add_batches(1);
-        // Published: the records go now, the vector's room stays for the next batch.
+        // Published: the records go now, the vectors' room stays for the next batch.
         outputs.clear();
         rest = &rest[processed..];
     }
@@ -256,17 +258,18 @@ async fn stage_part(
     tp: &TopicPartition,
     control: &PartitionControl,
     batch: &[RawMessage],
-    outputs: &mut Vec<EncodedRecord>,
+    outputs: &mut Outputs,
 ) -> Result<Option<usize>, EngineError> {
     let pipeline = &context.pipeline;
     let mut attempt: u32 = 0;
     let mut transient: u32 = 0;
+    let mut _stall = None;
     loop {
         outputs.clear();
         if control.abandoned() {
             return Ok(None);
         }
-        let on_error = |message: &RawMessage, error: &flows_core::ProcessError| {
+        let on_error = |message: &RawMessage, error: &ProcessError| {
             pipeline
                 .policy
                 .action(attempt, &pipeline.name, message, error)
@@ -292,6 +295,7 @@ async fn stage_part(
                 let delay = context.backoff.delay(transient);
                 tracing::warn!(pipeline = %pipeline.name, %tp, %error, retry_in = ?delay, "store unavailable; retrying the batch");
                 context.metrics.add_transient_retries(1);
+                _stall.get_or_insert_with(|| context.metrics.stall());
                 control.sleep(delay).await;
                 transient = transient.saturating_add(1);
             }
@@ -304,50 +308,233 @@ async fn stage_part(
     }
 }
 
-/// Publishes `outputs` until every one is acknowledged, retrying transient failures;
-/// `false` if the batch was abandoned first.
+/// How long a batch may wait for its acknowledgements before the wait is logged and
+/// its partition counted as stalled (and again at this interval while it lasts).
+const ACK_WAIT_WARNING: Duration = Duration::from_secs(10);
+
+/// Publishes the outputs of `part` until every one is acknowledged or, if the broker
+/// refused it for good, replaced by its input's dead letter (by policy); `false` if
+/// the batch was abandoned first.
+///
+/// Transient failures are retried with backoff, resending from the first failed record
+/// on (so each partition's records keep their order). A refused output charges its
+/// input: the error policy makes that input's dead letter (headers say which output
+/// failed and why) or stops; a stateful pipeline first replaces the input's outputs
+/// stored for replay with the dead letter, so a replay does not repeat the refusal.
+/// Configuration errors (no such topic, no permission) and an unusable producer stop.
 async fn publish(
     context: &WorkerContext,
     tp: &TopicPartition,
     control: &PartitionControl,
-    outputs: &[EncodedRecord],
+    part: &[RawMessage],
+    outputs: &mut Outputs,
 ) -> Result<bool, EngineError> {
     let pipeline = &context.pipeline;
+    // Records still to deliver, by index into `outputs`; records from `replacements_from`
+    // on are dead letters of refused outputs, which must not be refused in turn.
+    let mut pending: Vec<usize> = (0..outputs.records.len()).collect();
+    let replacements_from = outputs.records.len();
+    let mut all_refused: Vec<usize> = Vec::new();
     let mut transient: u32 = 0;
-    loop {
+    let mut _stall = None;
+    while !pending.is_empty() {
         if control.abandoned() {
             // States are written; the next owner replays the stored outputs.
             return Ok(false);
         }
-        match context.producer.send_all(outputs).await {
-            Ok(()) => return Ok(true),
-            Err(EngineError::Delivery { topic, source }) if !is_permanent(&source) => {
+        let failures = {
+            // All of them (the usual case), or copies of those left.
+            let copies: Vec<EncodedRecord>;
+            let records = if pending.len() == outputs.records.len() {
+                &outputs.records[..]
+            } else {
+                copies = pending
+                    .iter()
+                    .map(|&i| outputs.records[i].clone())
+                    .collect();
+                &copies[..]
+            };
+            let send = context.producer.send_each(records);
+            tokio::pin!(send);
+            loop {
+                match tokio::time::timeout(ACK_WAIT_WARNING, &mut send).await {
+                    Ok(failures) => break failures,
+                    Err(_) => {
+                        tracing::warn!(pipeline = %pipeline.name, %tp, records = records.len(), "still waiting for the broker to acknowledge outputs (is it reachable?)");
+                        _stall.get_or_insert_with(|| context.metrics.stall());
+                    }
+                }
+            }
+        };
+        if failures.is_empty() {
+            break;
+        }
+        let mut refused: Vec<(usize, KafkaError)> = Vec::new();
+        let mut first_transient: Option<usize> = None;
+        for (position, error) in failures.failures {
+            let index = pending[position];
+            let record = &outputs.records[index];
+            match classify(&error) {
+                DeliveryFailure::Transient => {
+                    first_transient.get_or_insert(position);
+                }
+                DeliveryFailure::Record if index < replacements_from => {
+                    refused.push((index, error))
+                }
+                DeliveryFailure::Record | DeliveryFailure::Fatal => {
+                    let what = if index >= replacements_from {
+                        "the dead letter of a refused output cannot be published either"
+                    } else {
+                        "outputs cannot be published (configuration or producer failure)"
+                    };
+                    tracing::error!(pipeline = %pipeline.name, %tp, topic = %record.topic, %error, "{what}; stopping the pipeline");
+                    return Err(EngineError::Delivery {
+                        topic: record.topic.to_string(),
+                        source: error,
+                    });
+                }
+            }
+        }
+        let mut next: Vec<usize> = match first_transient {
+            // From the first transient failure on, in order, except refused records.
+            Some(position) => pending[position..]
+                .iter()
+                .copied()
+                .filter(|i| !refused.iter().any(|(r, _)| r == i))
+                .collect(),
+            None => Vec::new(),
+        };
+        all_refused.extend(refused.iter().map(|(index, _)| *index));
+        if !refused.is_empty() {
+            let added = outputs.records.len();
+            if !dead_letter_refused(context, tp, control, part, outputs, &refused).await? {
+                return Ok(false);
+            }
+            next.extend(added..outputs.records.len());
+        }
+        if first_transient.is_some() {
+            let delay = context.backoff.delay(transient);
+            tracing::warn!(pipeline = %pipeline.name, %tp, records = next.len(), retry_in = ?delay, "publishing failed; retrying");
+            context.metrics.add_transient_retries(1);
+            _stall.get_or_insert_with(|| context.metrics.stall());
+            control.sleep(delay).await;
+            transient = transient.saturating_add(1);
+        }
+        pending = next;
+    }
+    // Refused records were never published: only the others count.
+    if !all_refused.is_empty() {
+        all_refused.sort_unstable();
+        let mut index = 0;
+        let mut keep = |_: &EncodedRecord| {
+            let kept = all_refused.binary_search(&index).is_err();
+            index += 1;
+            kept
+        };
+        outputs.records.retain(|r| keep(r));
+        outputs.inputs.clear();
+    }
+    Ok(true)
+}
+
+/// Hands each input of a `refused` output to the error policy: its dead letter is
+/// appended to `outputs` (after replacing the input's stored outputs, for stages that
+/// store them), or the pipeline stops. `false` if the batch was abandoned or fenced
+/// meanwhile.
+async fn dead_letter_refused(
+    context: &WorkerContext,
+    tp: &TopicPartition,
+    control: &PartitionControl,
+    part: &[RawMessage],
+    outputs: &mut Outputs,
+    refused: &[(usize, KafkaError)],
+) -> Result<bool, EngineError> {
+    let pipeline = &context.pipeline;
+    context.metrics.add_unpublishable(refused.len() as u64);
+    let was_refused = |index: usize| refused.iter().any(|(r, _)| *r == index);
+    // One dead letter per input, naming its first refused output.
+    let mut failed: Vec<(usize, ProcessError)> = Vec::new();
+    for (index, error) in refused {
+        let input = outputs.inputs[*index] as usize;
+        if failed.iter().any(|(i, _)| *i == input) {
+            continue;
+        }
+        let record = &outputs.records[*index];
+        tracing::warn!(pipeline = %pipeline.name, %tp, topic = %record.topic, %error, offset = part[input].offset, "an output was refused for good; its input goes through the error policy");
+        failed.push((
+            input,
+            ProcessError::Unpublishable {
+                topic: record.topic.to_string(),
+                reason: error.to_string(),
+            },
+        ));
+    }
+    let mut dead_letters: Vec<(usize, Vec<EncodedRecord>)> = Vec::new();
+    for (input, error) in failed {
+        let message = &part[input];
+        // No retries: the broker said no for good.
+        match pipeline
+            .policy
+            .action(pipeline.policy.retries, &pipeline.name, message, &error)
+        {
+            ErrorAction::DeadLetter(records) => dead_letters.push((input, records)),
+            ErrorAction::Abort => {
+                tracing::error!(pipeline = %pipeline.name, %tp, offset = message.offset, %error, "stopping the pipeline");
+                return Err(EngineError::Message(Box::new(MessageFailed {
+                    topic: message.topic.to_string(),
+                    partition: message.partition,
+                    offset: message.offset,
+                    source: error,
+                })));
+            }
+        }
+    }
+    // What a replay of each input re-emits from now on: its outputs that were not
+    // refused, then its dead letter.
+    let replacements: Vec<(&RawMessage, Vec<EncodedRecord>)> = dead_letters
+        .iter()
+        .map(|(input, dead_letter)| {
+            let kept = outputs
+                .records
+                .iter()
+                .zip(&outputs.inputs)
+                .enumerate()
+                .filter(|(i, (_, from))| **from as usize == *input && !was_refused(*i))
+                .map(|(_, (record, _))| record.clone());
+            (
+                &part[*input],
+                kept.chain(dead_letter.iter().cloned()).collect(),
+            )
+        })
+        .collect();
+    let mut transient: u32 = 0;
+    let still_owner = || control.owned();
+    loop {
+        if control.abandoned() {
+            return Ok(false);
+        }
+        match pipeline
+            .stage
+            .replace_outputs(&replacements, &still_owner)
+            .await
+        {
+            Ok(()) => break,
+            Err(StageError::Transient(error)) => {
                 let delay = context.backoff.delay(transient);
-                tracing::warn!(pipeline = %pipeline.name, %tp, %topic, error = %source, retry_in = ?delay, "publishing failed; retrying");
+                tracing::warn!(pipeline = %pipeline.name, %tp, %error, retry_in = ?delay, "store unavailable; retrying");
                 context.metrics.add_transient_retries(1);
                 control.sleep(delay).await;
                 transient = transient.saturating_add(1);
             }
-            Err(error) => {
-                tracing::error!(pipeline = %pipeline.name, %tp, %error, "stopping the pipeline");
-                return Err(error);
+            Err(StageError::Fenced) => {
+                context.metrics.add_conflicts_fenced(1);
+                return Ok(false);
             }
+            Err(StageError::Message(error)) | Err(StageError::Fatal(error)) => return Err(error),
         }
     }
-}
-
-/// Delivery errors that retrying cannot fix.
-fn is_permanent(error: &KafkaError) -> bool {
-    use RDKafkaErrorCode::*;
-    matches!(
-        error.rdkafka_error_code(),
-        Some(
-            MessageSizeTooLarge
-                | InvalidMessageSize
-                | TopicAuthorizationFailed
-                | ClusterAuthorizationFailed
-                | InvalidRecord
-                | InvalidTopic
-        )
-    )
+    for (input, records) in dead_letters {
+        outputs.extend(input, records);
+    }
+    Ok(true)
 }

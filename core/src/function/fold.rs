@@ -347,6 +347,36 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
     })
 }
 
+/// Replaces the outputs stored for replay of input `offset` of `tp` (applied by the
+/// state's last write from `tp`) with `outputs`, as if the fold had produced them:
+/// a replay of `input` then re-emits these. Whether the input was stored there.
+///
+/// The engine uses it when the broker refuses an output for good: the input's stored
+/// outputs become its dead letter, so a replay does not repeat the refusal.
+pub fn replace_outputs(
+    state: &mut RawState,
+    tp: &TopicPartition,
+    offset: i64,
+    input: &RawMessage,
+    outputs: &[EncodedRecord],
+) -> Result<bool, StateCodecError> {
+    let Some(results) = state.results.partition(tp) else {
+        return Ok(false);
+    };
+    let mut inputs = results.decode()?;
+    if !inputs.contains_key(&offset) {
+        return Ok(false);
+    }
+    inputs.insert(offset, without_input_payload(outputs, input));
+    state.results.replace_partition(
+        tp.clone(),
+        inputs
+            .iter()
+            .map(|(offset, outputs)| (*offset, outputs.as_slice())),
+    );
+    Ok(true)
+}
+
 /// Header marking a stored output whose key and value are its input's, left out of the
 /// state and restored from the input on replay. Never published.
 pub const INPUT_PAYLOAD_HEADER: &str = "flows.stored.input-payload";

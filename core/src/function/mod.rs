@@ -17,7 +17,10 @@ use crate::id::{InvalidPersistenceId, PersistenceId};
 use crate::repository::BoxError;
 use crate::topic::TopicFormatError;
 
-pub use fold::{ErrorAction, FoldError, FoldOutcome, MessageOutcome, OutcomeKind, fold};
+pub use fold::{
+    ErrorAction, FoldError, FoldOutcome, INPUT_PAYLOAD_HEADER, MessageOutcome, OutcomeKind, fold,
+    replace_outputs,
+};
 pub use stateful::{Origin, PersistenceIdFn, StatefulFunction, StatefulProcessor};
 pub use stateless::{StatelessFunction, StatelessProcessor};
 
@@ -123,6 +126,16 @@ pub enum ProcessError {
     /// message it is a copy of.
     #[error("no valid origin: {0}")]
     Origin(String),
+    /// An output of the message can never be published (the broker or client refused
+    /// it for good: too large, a partition that does not exist, a timestamp or policy
+    /// the broker rejects).
+    #[error("output to {topic} cannot be published: {reason}")]
+    Unpublishable {
+        /// The output's topic.
+        topic: String,
+        /// The producer's error.
+        reason: String,
+    },
     /// Applying the message would make its state larger than the store accepts; the
     /// state is left as it was.
     #[error(
@@ -150,6 +163,7 @@ impl ProcessError {
             ProcessError::Function(_) => "function",
             ProcessError::Origin(_) => "origin",
             ProcessError::StateTooLarge { .. } => "state-too-large",
+            ProcessError::Unpublishable { .. } => "unpublishable",
         }
     }
 }
