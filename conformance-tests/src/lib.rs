@@ -44,7 +44,7 @@ use std::sync::Arc;
 
 use flows_core::{Row, SingleStateRepository, UpsertRepository};
 
-pub use upsert::{ConformanceRow, one_value_of_each_type};
+pub use upsert::{ConformanceRow, one_value_of_each_type, refused_rows, rows_a_store_may_refuse};
 
 /// A boxed, sendable future.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -303,6 +303,7 @@ macro_rules! __upsert_suite {
                 delete_removes_rows_and_ignores_absent_keys: future,
                 row_batch_larger_than_native_limit: future,
                 hostile_text_round_trips_or_is_rejected: future,
+                refused_rows_are_isolated_and_the_rest_written: future,
                 row_tables_are_isolated: future,
                 rows_state_machine_matches_in_memory_model: property,
             );

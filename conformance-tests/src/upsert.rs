@@ -329,6 +329,103 @@ pub async fn hostile_text_round_trips_or_is_rejected(factory: RowFactory) {
     }
 }
 
+/// Rows a store may refuse, each named: text and JSON with NUL (PostgreSQL), a
+/// timestamp before 4713 BC (PostgreSQL), a 450 KB row (DynamoDB's 400 KB items), a
+/// 17 MB row (MongoDB's 16 MiB documents, and DynamoDB), an empty key text and an
+/// extreme float (which every store should hold).
+pub fn rows_a_store_may_refuse() -> Vec<(&'static str, ConformanceRow)> {
+    let row = |name: &str, change: &dyn Fn(&mut ConformanceRow)| {
+        let mut row = ConformanceRow::sample(name, 7, 7);
+        change(&mut row);
+        row
+    };
+    vec![
+        (
+            "nul-text",
+            row("nul-text", &|r| r.note = Some("a\0b".into())),
+        ),
+        (
+            "nul-json",
+            row("nul-json", &|r| {
+                r.doc = Some(serde_json::json!({"text": "a\u{0}b"}))
+            }),
+        ),
+        (
+            "ancient",
+            row("ancient", &|r| {
+                r.at = Utc
+                    .with_ymd_and_hms(-5000, 1, 1, 0, 0, 0)
+                    .single()
+                    .expect("a valid date")
+            }),
+        ),
+        (
+            "450-kb",
+            row("450-kb", &|r| r.payload = vec![7; 450 * 1024]),
+        ),
+        (
+            "17-mb",
+            row("17-mb", &|r| r.payload = vec![8; 17 * 1024 * 1024]),
+        ),
+        ("", row("", &|_| ())),
+        (
+            "extreme-float",
+            row("extreme-float", &|r| r.amount = -1e300),
+        ),
+    ]
+}
+
+/// The names of the rows of [`rows_a_store_may_refuse`] that `store` refuses, checking
+/// that [`write_isolating`](flows_core::row::write_isolating) wrote every other row of
+/// the batch (good rows around them included, read back exactly) and none it refused.
+pub async fn refused_rows(store: &RowStore) -> Vec<&'static str> {
+    use flows_core::row::{RowChangeRef, ValidChange, write_isolating};
+    let schema = store.schema().clone();
+    let mut rows: Vec<(&'static str, ConformanceRow)> = Vec::new();
+    for (i, awkward) in rows_a_store_may_refuse().into_iter().enumerate() {
+        rows.push(("good", ConformanceRow::sample("good", i as i64, i as i64)));
+        rows.push(awkward);
+    }
+    rows.push(("good", ConformanceRow::sample("good", 99, 99)));
+    let sources: Vec<Vec<ValidChange>> = rows
+        .iter()
+        .map(|(_, row)| {
+            vec![ValidChange::new(&schema, RowChangeRef::Upsert(row)).expect("fits the schema")]
+        })
+        .collect();
+    let refused = write_isolating(store.as_ref(), &sources)
+        .await
+        .expect("the store stays available");
+    let names: Vec<&'static str> = refused.iter().map(|(i, _)| rows[*i].0).collect();
+    assert!(!names.contains(&"good"), "good rows refused: {refused:?}");
+    for (_, error) in &refused {
+        assert!(error.is_rejection(), "a refusal is typed: {error}");
+    }
+    let keys: Vec<PrimaryKey> = rows.iter().map(|(_, row)| row.key()).collect();
+    let stored = read(store, &keys).await;
+    for (index, ((name, row), stored)) in rows.iter().zip(stored).enumerate() {
+        if refused.iter().any(|(i, _)| *i == index) {
+            assert_eq!(stored, None, "{name:?} was refused but written");
+        } else {
+            assert_eq!(
+                stored.as_ref(),
+                Some(row),
+                "{name:?} was accepted but differs"
+            );
+        }
+    }
+    names
+}
+
+/// Rows a store cannot hold are refused alone, typed, and the rest of their batch is
+/// written: what a materialising pipeline relies on to dead-letter exactly the messages
+/// whose rows were refused. (Each backend's own tests name which rows it refuses.)
+pub async fn refused_rows_are_isolated_and_the_rest_written(factory: RowFactory) {
+    let store = factory.create().await;
+    let refused = refused_rows(&store).await;
+    assert!(!refused.contains(&"extreme-float"), "{refused:?}");
+}
+
 /// Two stores from the factory (different tables) do not see each other's rows.
 pub async fn row_tables_are_isolated(factory: RowFactory) {
     let first = factory.create().await;

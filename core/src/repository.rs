@@ -68,6 +68,10 @@ pub enum RepositoryError {
     /// Retrying later is expected to succeed.
     #[error("store unavailable: {0}")]
     Unavailable(#[source] BoxError),
+    /// The store refused the data of a write: a value it cannot hold, a constraint its
+    /// table enforces. The same data is refused again; other data can be written.
+    #[error("the store refused the data: {0}")]
+    Rejected(#[source] BoxError),
     /// Any other error from the store.
     #[error("store error: {0}")]
     Backend(#[source] BoxError),
@@ -89,6 +93,13 @@ impl RepositoryError {
     /// needs a fresh read first.
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Unavailable(_))
+    }
+
+    /// Whether the store refused the data itself ([`Rejected`](Self::Rejected), or a
+    /// [`Row`](Self::Row) that does not fit the table or the store): writing other data
+    /// can succeed, writing the same data cannot.
+    pub fn is_rejection(&self) -> bool {
+        matches!(self, Self::Rejected(_) | Self::Row(_))
     }
 }
 

@@ -37,7 +37,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 
 use crate::id::{InvalidName, TableName};
 use crate::repository::{Capabilities, RepositoryError};
@@ -582,15 +582,18 @@ pub struct ValidChange {
 }
 
 impl ValidChange {
-    /// Checks `change` against `schema`.
+    /// Checks `change` against `schema`. Timestamps are cut to microseconds, the
+    /// precision every store keeps, so that two keys equal once stored are equal here
+    /// too (and the later change to them wins, as within any batch).
     pub fn new<T: Row>(
         schema: &TableSchema,
         change: RowChangeRef<'_, T>,
     ) -> Result<Self, RowError> {
         match change {
             RowChangeRef::Upsert(row) => {
-                let values = row.to_values();
+                let mut values = row.to_values();
                 schema.check_row(&values)?;
+                values.iter_mut().for_each(to_stored_precision);
                 Ok(Self {
                     key: schema.key_of(&values),
                     values: Some(values),
@@ -598,12 +601,28 @@ impl ValidChange {
             }
             RowChangeRef::Delete(key) => {
                 schema.check_key(key)?;
-                Ok(Self {
-                    key: key.clone(),
-                    values: None,
-                })
+                let mut key = key.clone();
+                key.0.iter_mut().for_each(to_stored_precision);
+                Ok(Self { key, values: None })
             }
         }
+    }
+
+    /// The primary key the change applies to.
+    pub fn key(&self) -> &PrimaryKey {
+        &self.key
+    }
+
+    /// The row's values in column order, for an upsert; `None` for a delete.
+    pub fn values(&self) -> Option<&[Value]> {
+        self.values.as_deref()
+    }
+}
+
+/// Cuts a timestamp to microseconds, the precision stores keep.
+fn to_stored_precision(value: &mut Value) {
+    if let Value::Timestamp(t) = value {
+        *t = t.trunc_subsecs(6);
     }
 }
 
@@ -675,6 +694,17 @@ pub trait UpsertRepository<T: Row>: Send + Sync {
     /// The table this repository writes.
     fn schema(&self) -> &TableSchema;
 
+    /// Checks one change against what this store can hold beyond the schema (text
+    /// with NUL in PostgreSQL, an empty Cassandra partition key, a DynamoDB item over
+    /// 400 KB, ...). An engine writing many messages' changes rejects such a change
+    /// alone, through its error policy, before writing the rest; `write` must still
+    /// refuse it (as [`RepositoryError::Row`] or [`RepositoryError::Rejected`]) if it
+    /// gets it. The default accepts everything.
+    fn check(&self, change: &ValidChange) -> Result<(), RowError> {
+        let _ = change;
+        Ok(())
+    }
+
     /// Applies a validated batch.
     async fn write(&self, batch: ChangeBatch) -> Result<(), RepositoryError>;
 
@@ -711,6 +741,10 @@ impl<T: Row, R: UpsertRepository<T> + ?Sized> UpsertRepository<T> for Arc<R> {
         (**self).schema()
     }
 
+    fn check(&self, change: &ValidChange) -> Result<(), RowError> {
+        (**self).check(change)
+    }
+
     async fn write(&self, batch: ChangeBatch) -> Result<(), RepositoryError> {
         (**self).write(batch).await
     }
@@ -718,6 +752,82 @@ impl<T: Row, R: UpsertRepository<T> + ?Sized> UpsertRepository<T> for Arc<R> {
     async fn get_all(&self, keys: &[PrimaryKey]) -> Result<Vec<Option<T>>, RepositoryError> {
         (**self).get_all(keys).await
     }
+}
+
+/// Writes the changes of many sources (messages, in order) so that what the store
+/// refuses is charged to the sources that produced it and the rest is written: each
+/// source's changes are first [checked](UpsertRepository::check); the others are
+/// written as one batch (compacted: the last change per key wins) and, if the store
+/// refuses it ([`RepositoryError::is_rejection`]), as two halves in order, down to
+/// single sources.
+///
+/// Returns the refused sources (by index into `sources`) with the store's reasons.
+/// Any other error (an unavailable store, say) is returned as is: part of the changes
+/// may have been written, and writing them all again is idempotent.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use flows_core::row::{RowChangeRef, ValidChange, write_isolating};
+/// use flows_core::{ColumnType, ColumnValue, MemoryUpsertRepository, Row, RowError, TableSchema, Value};
+/// # struct Item { id: i64 }
+/// # impl Row for Item {
+/// #     fn schema() -> TableSchema { TableSchema::builder("items").key("id", ColumnType::Int64).build().unwrap() }
+/// #     fn to_values(&self) -> Vec<Value> { vec![self.id.to_value()] }
+/// #     fn from_values(v: Vec<Value>) -> Result<Self, RowError> { Ok(Item { id: i64::from_column(v.into_iter().next(), "id")? }) }
+/// # }
+/// let table = MemoryUpsertRepository::<Item>::new();
+/// let schema = Item::schema();
+/// let sources: Vec<Vec<ValidChange>> = (0..3)
+///     .map(|id| vec![ValidChange::new(&schema, RowChangeRef::Upsert(&Item { id })).unwrap()])
+///     .collect();
+/// let refused = write_isolating(&table, &sources).await.unwrap();
+/// assert!(refused.is_empty());
+/// # }
+/// ```
+pub async fn write_isolating<T: Row, R: UpsertRepository<T> + ?Sized>(
+    repository: &R,
+    sources: &[Vec<ValidChange>],
+) -> Result<Vec<(usize, RepositoryError)>, RepositoryError> {
+    let mut refused: Vec<(usize, RepositoryError)> = Vec::new();
+    for (index, changes) in sources.iter().enumerate() {
+        if let Some(error) = changes.iter().find_map(|c| repository.check(c).err()) {
+            refused.push((index, RepositoryError::Row(error)));
+        }
+    }
+    let is_refused = |index: usize, refused: &[(usize, RepositoryError)]| {
+        refused.iter().any(|(i, _)| *i == index)
+    };
+    // Ranges of sources still to write, the next one last; a range is written whole or
+    // split in two, left before right, so changes keep their order.
+    let mut ranges = vec![(0, sources.len())];
+    while let Some((start, end)) = ranges.pop() {
+        let mut batch = ChangeBatchBuilder::new();
+        for (index, changes) in sources.iter().enumerate().take(end).skip(start) {
+            if !is_refused(index, &refused) {
+                changes.iter().cloned().for_each(|c| batch.push(c));
+            }
+        }
+        let batch = batch.build();
+        if batch.is_empty() {
+            continue;
+        }
+        match repository.write(batch).await {
+            Ok(()) => {}
+            Err(error) if error.is_rejection() => {
+                let live: Vec<usize> = (start..end).filter(|i| !is_refused(*i, &refused)).collect();
+                if let [only] = live[..] {
+                    refused.push((only, error));
+                } else {
+                    let middle = live[live.len() / 2];
+                    ranges.push((middle, end));
+                    ranges.push((start, middle));
+                }
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    refused.sort_by_key(|(index, _)| *index);
+    Ok(refused)
 }
 
 /// Rebuilds rows from the values a backend found, in request order.
@@ -856,5 +966,112 @@ mod tests {
             Err(Value::Int64(1 << 40))
         );
         assert!(i64::from_column(Some(Value::Text("x".into())), "n").is_err());
+    }
+
+    /// The in-memory table, refusing any row whose note is "bad" (as a database
+    /// constraint would: nothing of the refused batch is written), counting writes.
+    struct Picky {
+        inner: crate::MemoryUpsertRepository<Item>,
+        writes: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl UpsertRepository<Item> for Picky {
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+        fn schema(&self) -> &TableSchema {
+            self.inner.schema()
+        }
+        fn check(&self, change: &ValidChange) -> Result<(), RowError> {
+            match change.values().map(|v| &v[2]) {
+                Some(Value::Text(note)) if note == "unstorable" => Err(RowError::Invalid {
+                    column: "note".into(),
+                    message: "refused before writing".into(),
+                }),
+                _ => Ok(()),
+            }
+        }
+        async fn write(&self, batch: ChangeBatch) -> Result<(), RepositoryError> {
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if batch
+                .upserts
+                .iter()
+                .any(|row| row[2] == Value::Text("bad".into()))
+            {
+                return Err(RepositoryError::Rejected("a bad note".into()));
+            }
+            self.inner.write(batch).await
+        }
+        async fn get_all(&self, keys: &[PrimaryKey]) -> Result<Vec<Option<Item>>, RepositoryError> {
+            self.inner.get_all(keys).await
+        }
+    }
+
+    #[tokio::test]
+    async fn isolated_writes_charge_refusals_to_their_sources_and_keep_order() {
+        let table = Picky {
+            inner: crate::MemoryUpsertRepository::new(),
+            writes: Default::default(),
+        };
+        let schema = Item::schema();
+        let noted = |id: &str, qty: i64, note: &str| Item {
+            note: Some(note.into()),
+            ..item(id, qty)
+        };
+        // Sixteen sources; "x" is changed by several, in order, around the refused ones.
+        let mut rows: Vec<Item> = (0..16).map(|i| item(&format!("k{i}"), i)).collect();
+        rows[2] = item("x", 1);
+        rows[5] = noted("k5", 5, "bad");
+        rows[9] = item("x", 2);
+        rows[11] = noted("k11", 11, "unstorable");
+        rows[12] = noted("x", 3, "bad");
+        let sources: Vec<Vec<ValidChange>> = rows
+            .iter()
+            .map(|row| vec![ValidChange::new(&schema, RowChangeRef::Upsert(row)).unwrap()])
+            .collect();
+        let refused = write_isolating(&table, &sources).await.unwrap();
+        let indices: Vec<usize> = refused.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indices, [5, 11, 12]);
+        assert!(
+            matches!(refused[1].1, RepositoryError::Row(_)),
+            "checked first"
+        );
+        let keys: Vec<PrimaryKey> = ["x", "k4", "k5", "k6", "k15"]
+            .iter()
+            .map(|k| PrimaryKey::from((*k).to_owned()))
+            .collect();
+        let stored = table.get_all(&keys).await.unwrap();
+        assert_eq!(
+            stored,
+            [
+                Some(item("x", 2)),
+                Some(item("k4", 4)),
+                None,
+                Some(item("k6", 6)),
+                Some(item("k15", 15))
+            ],
+            "the rest is written, the last accepted change of x wins"
+        );
+        // Each refusal costs two writes per halving: at most 1 + 2 * 2 * log2(16).
+        let writes = table.writes.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(writes <= 17, "{writes} writes");
+    }
+
+    #[test]
+    fn timestamps_are_cut_to_what_stores_keep() {
+        let schema = TableSchema::builder("events")
+            .key("at", ColumnType::Timestamp)
+            .build()
+            .unwrap();
+        let at = |nanos: i64| Value::Timestamp(DateTime::from_timestamp_nanos(nanos));
+        let key = |nanos| PrimaryKey::new(vec![at(nanos)]);
+        let a =
+            ValidChange::new::<Item>(&schema, RowChangeRef::Delete(&key(1_000_000_500))).unwrap();
+        let b =
+            ValidChange::new::<Item>(&schema, RowChangeRef::Delete(&key(1_000_000_999))).unwrap();
+        assert_eq!(a.key(), b.key(), "equal once stored");
+        assert_eq!(a.key(), &key(1_000_000_000));
     }
 }

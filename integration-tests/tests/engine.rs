@@ -1083,6 +1083,82 @@ async fn materialise_into_postgres() {
     assert_eq!(rows, expected);
 }
 
+/// Rows PostgreSQL refuses (text with NUL, checked before writing; a line the table's
+/// own constraint refuses, on the server) cost only their messages: each is
+/// dead-lettered with the reason, and every other row of the batch is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn materialise_dead_letters_exactly_the_messages_whose_rows_postgresql_refuses() {
+    let url = std::env::var("FLOWS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/flows_test".into());
+    let store = flows::postgres::PostgresStore::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is required: {e}"));
+    let name = format!("guarded_seen_{}", rand::random::<u32>());
+    let table = Arc::new(
+        flows::postgres::PostgresUpsertRepository::<LastSeen>::with_table(store.clone(), &name)
+            .await
+            .unwrap(),
+    );
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE \"{name}\" ADD CONSTRAINT no_shouting CHECK (line <> upper(line))"
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
+
+    let kafka = cluster(&[("guarded", 1), ("guarded-dlq", 1)]);
+    let brokers = kafka.bootstrap_servers();
+    let lines = ["fine", "nul\0here", "calm", "LOUD", "quiet"];
+    let records: Vec<_> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| text_record("guarded", None, &format!("w{i}"), line))
+        .collect();
+    produce(&brokers, &records).await;
+    let pipeline = last_seen("guarded-seen", "guarded", Arc::clone(&table))
+        .on_error(ErrorPolicy::dead_letter("guarded-dlq"));
+    let running = Engine::new(test_config(&brokers)).start(&pipeline).unwrap();
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 5).await);
+    running.shutdown().await.unwrap();
+
+    let dead = read_topic(&brokers, "guarded-dlq", 2, WAIT);
+    let refused: Vec<(String, Option<String>)> = dead
+        .iter()
+        .map(|d| (d.key_str(), d.header(headers::ERROR_KIND)))
+        .collect();
+    assert_eq!(
+        refused,
+        [
+            ("w1".to_owned(), Some("rejected".to_owned())),
+            ("w3".to_owned(), Some("rejected".to_owned()))
+        ]
+    );
+    assert!(
+        dead[1]
+            .header(headers::ERROR_MESSAGE)
+            .unwrap()
+            .contains("no_shouting")
+    );
+    let keys: Vec<flows::PrimaryKey> = (0..5).map(|i| format!("w{i}").into()).collect();
+    let stored: Vec<Option<String>> = table
+        .get_all(&keys)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.map(|r| r.line))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            Some("fine".into()),
+            None,
+            Some("calm".into()),
+            None,
+            Some("quiet".into())
+        ]
+    );
+}
+
 /// The word count on a real store named by `url`, stopped halfway and restarted: the
 /// stored counts are exact and the outputs complete and in order (G1–G3 on that store).
 async fn word_count_on_store(url: &str, name: &str) {

@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use flows_core::function::{ErrorAction, StatefulProcessor, StatelessProcessor};
+use flows_core::row::write_isolating;
 use flows_core::{
-    ChangeBatchBuilder, EncodedRecord, FunctionError, Message, ProcessError, RawMessage,
-    RepositoryError, Row, RowChange, SingleStateRepository, Topic, UpsertRepository, ValidChange,
+    EncodedRecord, FunctionError, Message, ProcessError, RawMessage, RepositoryError, Row,
+    RowChange, SingleStateRepository, Topic, UpsertRepository, ValidChange,
 };
 
 use crate::error::EngineError;
@@ -331,10 +332,11 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
         _metrics: &Metrics,
     ) -> Result<usize, StageError> {
         let schema = self.repository.schema();
-        let mut changes = ChangeBatchBuilder::new();
+        // Each message's changes, checked against the table's schema: a row that does
+        // not fit fails its own message (policy), not the whole batch's write.
+        let mut sources: Vec<Vec<ValidChange>> = Vec::with_capacity(batch.len());
+        let mut from: Vec<usize> = Vec::with_capacity(batch.len());
         for (index, message) in batch.iter().enumerate() {
-            // A row that does not fit the table fails its own message (policy), not the
-            // whole batch's write.
             let checked = (self.mapper)(message).and_then(|rows| {
                 rows.iter()
                     .map(|change| {
@@ -344,15 +346,24 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
                     .collect::<Result<Vec<_>, _>>()
             });
             match checked {
-                Ok(valid) => valid.into_iter().for_each(|change| changes.push(change)),
+                Ok(valid) if valid.is_empty() => {}
+                Ok(valid) => {
+                    sources.push(valid);
+                    from.push(index);
+                }
                 Err(error) => outputs.extend(index, handle_failure(message, error, on_error)?),
             }
         }
-        // Upserts are idempotent and applied in offset order, so a replayed batch
-        // leaves the table as the first attempt did.
-        let changes = changes.build();
-        if !changes.is_empty() {
-            self.repository.write(changes).await?;
+        // One batched write; rows the store refuses are charged to their messages, the
+        // rest written (upserts are idempotent and applied in offset order, so a
+        // replayed batch leaves the table as the first attempt did).
+        let refused = write_isolating(&self.repository, &sources).await?;
+        for (source, error) in refused {
+            let index = from[source];
+            let message = &batch[index];
+            tracing::warn!(topic = %message.topic, partition = message.partition, offset = message.offset, %error, "the table refused a message's rows");
+            let error = ProcessError::Rejected(error.to_string());
+            outputs.extend(index, handle_failure(message, error, on_error)?);
         }
         Ok(batch.len())
     }

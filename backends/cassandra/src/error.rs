@@ -30,7 +30,24 @@ fn is_transient_attempt(error: &RequestAttemptError) -> bool {
     }
 }
 
+/// Whether the server refused the data of a request (an empty partition key, a value
+/// too large), as opposed to the request itself.
+fn is_data_refusal(error: &ExecutionError) -> bool {
+    let ExecutionError::LastAttemptError(RequestAttemptError::DbError(DbError::Invalid, message)) =
+        error
+    else {
+        return false;
+    };
+    let message = message.to_lowercase();
+    ["empty", "too large", "exceed", "length"]
+        .iter()
+        .any(|word| message.contains(word))
+}
+
 pub(crate) fn map_execution(error: ExecutionError) -> RepositoryError {
+    if is_data_refusal(&error) {
+        return RepositoryError::Rejected(Box::new(error));
+    }
     let transient = match &error {
         ExecutionError::ConnectionPoolError(_)
         | ExecutionError::RequestTimeout(_)
@@ -95,5 +112,13 @@ mod tests {
             RequestAttemptError::DbError(DbError::SyntaxError, "bad".into()),
         ));
         assert!(!syntax.is_transient());
+        let empty_key = map_execution(ExecutionError::LastAttemptError(
+            RequestAttemptError::DbError(DbError::Invalid, "Key may not be empty".into()),
+        ));
+        assert!(empty_key.is_rejection(), "{empty_key}");
+        let unknown_column = map_execution(ExecutionError::LastAttemptError(
+            RequestAttemptError::DbError(DbError::Invalid, "Undefined column name x".into()),
+        ));
+        assert!(!unknown_column.is_rejection(), "{unknown_column}");
     }
 }

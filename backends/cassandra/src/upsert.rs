@@ -9,7 +9,7 @@ use chrono::DateTime;
 use flows_core::row::{ChangeBatch, rows_in_request_order};
 use flows_core::{
     Capabilities, Column, ColumnType, PrimaryKey, RepositoryError, Row, RowError, TableName,
-    TableSchema, UpsertRepository, Value,
+    TableSchema, UpsertRepository, ValidChange, Value,
 };
 use futures::{StreamExt, TryStreamExt, stream};
 use scylla::statement::prepared::PreparedStatement;
@@ -231,6 +231,13 @@ impl<T: Row> UpsertRepository<T> for CassandraUpsertRepository<T> {
 
     fn schema(&self) -> &TableSchema {
         &self.schema
+    }
+
+    fn check(&self, change: &ValidChange) -> Result<(), RowError> {
+        match change.values() {
+            Some(values) => self.check_partition_key(self.schema.key_of(values).values()),
+            None => self.check_partition_key(change.key().values()),
+        }
     }
 
     /// Every upsert and delete is its own prepared statement, [`CONCURRENCY`] at a

@@ -90,3 +90,90 @@ mod conformance {
         ],
     );
 }
+
+/// What Cassandra refuses, refused alone: an empty partition key (checked before
+/// sending, so the kassandra imitation, which would take it, refuses it too).
+mod refusals {
+    use flows_core::row::{RowChangeRef, ValidChange, write_isolating};
+    use flows_core::{
+        ColumnType, ColumnValue, Row, RowError, TableSchema, UpsertRepository, Value,
+    };
+
+    use super::*;
+
+    #[tokio::test]
+    async fn cassandra_holds_every_awkward_row_with_a_composite_key() {
+        let table: flows_conformance::RowStore = std::sync::Arc::new(
+            CassandraUpsertRepository::<ConformanceRow>::with_table(
+                store().await,
+                &unique_table("refused"),
+            )
+            .await
+            .expect("row table"),
+        );
+        assert!(flows_conformance::refused_rows(&table).await.is_empty());
+    }
+
+    /// A row keyed by one text column.
+    #[derive(Debug, PartialEq)]
+    struct Tag {
+        name: String,
+        uses: i64,
+    }
+
+    impl Row for Tag {
+        fn schema() -> TableSchema {
+            TableSchema::builder("tags")
+                .key("name", ColumnType::Text)
+                .column("uses", ColumnType::Int64)
+                .build()
+                .expect("schema")
+        }
+        fn to_values(&self) -> Vec<Value> {
+            vec![self.name.to_value(), self.uses.to_value()]
+        }
+        fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
+            let mut v = values.into_iter();
+            Ok(Self {
+                name: ColumnValue::from_column(v.next(), "name")?,
+                uses: ColumnValue::from_column(v.next(), "uses")?,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_partition_key_is_refused_alone() {
+        let table =
+            CassandraUpsertRepository::<Tag>::with_table(store().await, &unique_table("tags"))
+                .await
+                .expect("row table");
+        let tags: Vec<Tag> = ["a", "", "b"]
+            .iter()
+            .map(|name| Tag {
+                name: (*name).to_owned(),
+                uses: 1,
+            })
+            .collect();
+        let schema = table.schema().clone();
+        let sources: Vec<Vec<ValidChange>> = tags
+            .iter()
+            .map(|tag| vec![ValidChange::new(&schema, RowChangeRef::Upsert(tag)).unwrap()])
+            .collect();
+        let refused = write_isolating(&table, &sources).await.expect("available");
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].0, 1);
+        assert!(
+            refused[0].1.to_string().contains("empty partition key"),
+            "{}",
+            refused[0].1
+        );
+        let stored = table
+            .get_all(&[
+                flows_core::PrimaryKey::from("a".to_owned()),
+                flows_core::PrimaryKey::from("b".to_owned()),
+            ])
+            .await
+            .unwrap();
+        assert!(stored.iter().all(Option::is_some), "{stored:?}");
+    }
+}

@@ -88,9 +88,21 @@ where
         RepositoryError::Unavailable(Box::new(wrapped))
     } else if wrapped.code.as_deref() == Some("ResourceNotFoundException") {
         RepositoryError::Configuration(wrapped.to_string())
+    } else if is_data_refusal(&wrapped) {
+        RepositoryError::Rejected(Box::new(wrapped))
     } else {
         RepositoryError::Backend(Box::new(wrapped))
     }
+}
+
+/// Whether a validation error is about the data (an item too large, an empty or
+/// out-of-range value) rather than the request or table (a key schema that does not
+/// match, which every write would meet).
+fn is_data_refusal(error: &DynamoDbError) -> bool {
+    error.code.as_deref() == Some("ValidationException")
+        && ["size", "empty", "number", "overflow", "underflow"]
+            .iter()
+            .any(|word| error.message.to_lowercase().contains(word))
 }
 
 /// A builder rejected a request (a required field was missing): a bug, not an outage.

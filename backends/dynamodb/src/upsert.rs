@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use flows_core::row::{ChangeBatch, rows_in_request_order};
 use flows_core::{
     Capabilities, Column, ColumnType, PrimaryKey, RepositoryError, Row, RowError, TableName,
-    TableSchema, UpsertRepository, Value,
+    TableSchema, UpsertRepository, ValidChange, Value,
 };
 
 use crate::MAX_STATE_SIZE;
@@ -171,6 +171,25 @@ fn row_item(schema: &TableSchema, values: &[Value]) -> Result<Item, RowError> {
     Ok(item)
 }
 
+/// DynamoDB's largest item: 400 KB of attribute names and values.
+const MAX_ITEM_SIZE: usize = 400 * 1024;
+
+/// An item's size as DynamoDB counts it: each attribute's name and value, in bytes (a
+/// number counts at most 21).
+fn item_size(item: &Item) -> usize {
+    item.iter()
+        .map(|(name, value)| {
+            name.len()
+                + match value {
+                    AttributeValue::S(s) => s.len(),
+                    AttributeValue::B(b) => b.as_ref().len(),
+                    AttributeValue::N(n) => n.len().min(21),
+                    _ => 1,
+                }
+        })
+        .sum()
+}
+
 /// The value of `column` in a stored item; absent (or `NULL`) attributes are null.
 fn read_value(column: &Column, item: &mut Item) -> Result<Value, RowError> {
     let invalid = |what: &str| RowError::Invalid {
@@ -223,6 +242,22 @@ impl<T: Row> UpsertRepository<T> for DynamoDbUpsertRepository<T> {
 
     fn schema(&self) -> &TableSchema {
         &self.schema
+    }
+
+    fn check(&self, change: &ValidChange) -> Result<(), RowError> {
+        let Some(values) = change.values() else {
+            return Ok(());
+        };
+        let size = item_size(&row_item(&self.schema, values)?);
+        if size > MAX_ITEM_SIZE {
+            return Err(RowError::Invalid {
+                column: self.schema.table().to_string(),
+                message: format!(
+                    "a row of {size} bytes exceeds DynamoDB's item limit ({MAX_ITEM_SIZE} bytes)"
+                ),
+            });
+        }
+        Ok(())
     }
 
     async fn write(&self, batch: ChangeBatch) -> Result<(), RepositoryError> {

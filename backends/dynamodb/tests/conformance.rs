@@ -72,3 +72,20 @@ mod conformance {
             .unwrap_or_else(|e| unreachable(e))
     });
 }
+
+/// What DynamoDB refuses, refused alone: rows over its 400 KB item limit.
+#[tokio::test]
+async fn dynamodb_refuses_rows_over_its_item_limit_alone() {
+    let table: flows_conformance::RowStore = std::sync::Arc::new(
+        DynamoDbUpsertRepository::<ConformanceRow>::with_table(
+            store().await,
+            &unique_table("refused"),
+        )
+        .await
+        .unwrap_or_else(|e| unreachable(e)),
+    );
+    assert_eq!(
+        flows_conformance::refused_rows(&table).await,
+        ["450-kb", "17-mb"]
+    );
+}

@@ -32,9 +32,34 @@ pub(crate) fn is_transient(error: &mongodb::error::Error) -> bool {
     }
 }
 
+/// Server error codes of data the server refuses: bad value (2), failed to parse (9),
+/// type mismatch (14), invalid length (16), document validation failure (121), a
+/// document or index key too large (10334, 17280, 17419), field names it cannot store
+/// (52, 56, 57).
+const REJECTION_CODES: &[i32] = &[2, 9, 14, 16, 52, 56, 57, 121, 10334, 17280, 17419];
+
+/// Whether the server refused the data of a write (the same data fails again).
+pub(crate) fn is_rejection(error: &mongodb::error::Error) -> bool {
+    match error.kind.as_ref() {
+        ErrorKind::Command(command) => REJECTION_CODES.contains(&command.code),
+        ErrorKind::Write(WriteFailure::WriteError(write)) => REJECTION_CODES.contains(&write.code),
+        ErrorKind::BulkWrite(bulk) => {
+            bulk.write_concern_errors.is_empty()
+                && !bulk.write_errors.is_empty()
+                && bulk
+                    .write_errors
+                    .values()
+                    .all(|e| REJECTION_CODES.contains(&e.code))
+        }
+        _ => false,
+    }
+}
+
 pub(crate) fn map_err(error: mongodb::error::Error) -> RepositoryError {
     if is_transient(&error) {
         RepositoryError::Unavailable(Box::new(error))
+    } else if is_rejection(&error) {
+        RepositoryError::Rejected(Box::new(error))
     } else {
         RepositoryError::Backend(Box::new(error))
     }

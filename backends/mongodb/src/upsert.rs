@@ -8,7 +8,7 @@ use chrono::DateTime;
 use flows_core::row::{ChangeBatch, rows_in_request_order};
 use flows_core::{
     Capabilities, Column, ColumnType, PrimaryKey, RepositoryError, Row, RowError, TableName,
-    TableSchema, UpsertRepository, Value,
+    TableSchema, UpsertRepository, ValidChange, Value,
 };
 use mongodb::Collection;
 use mongodb::bson::spec::BinarySubtype;
@@ -157,6 +157,9 @@ fn from_bson(column: &Column, value: Option<&Bson>) -> Result<Value, RepositoryE
     })
 }
 
+/// MongoDB's largest document (16 MiB), less room for the `_id` and its encoding.
+const MAX_DOCUMENT_SIZE: usize = 16 * 1024 * 1024 - 16 * 1024;
+
 #[async_trait]
 impl<T: Row> UpsertRepository<T> for MongoUpsertRepository<T> {
     fn capabilities(&self) -> Capabilities {
@@ -166,6 +169,35 @@ impl<T: Row> UpsertRepository<T> for MongoUpsertRepository<T> {
 
     fn schema(&self) -> &TableSchema {
         &self.schema
+    }
+
+    fn check(&self, change: &ValidChange) -> Result<(), RowError> {
+        let Some(values) = change.values() else {
+            return Ok(());
+        };
+        // A generous estimate of the document's BSON size (values plus a bound on
+        // names and type tags), against MongoDB's 16 MiB document limit.
+        let size: usize = values
+            .iter()
+            .map(|value| {
+                let data = match value {
+                    Value::Text(s) => s.len(),
+                    Value::Bytes(b) => b.len(),
+                    Value::Json(j) => j.to_string().len(),
+                    _ => 8,
+                };
+                data + 80
+            })
+            .sum();
+        if size > MAX_DOCUMENT_SIZE {
+            return Err(RowError::Invalid {
+                column: self.schema.table().to_string(),
+                message: format!(
+                    "a row of about {size} bytes exceeds MongoDB's document limit ({MAX_DOCUMENT_SIZE} bytes)"
+                ),
+            });
+        }
+        Ok(())
     }
 
     async fn write(&self, batch: ChangeBatch) -> Result<(), RepositoryError> {

@@ -71,3 +71,14 @@ mod conformance {
             .expect("row collection")
     });
 }
+
+/// What MongoDB refuses, refused alone: a row over the 16 MiB document limit.
+#[tokio::test]
+async fn mongodb_refuses_rows_over_its_document_limit_alone() {
+    let table: flows_conformance::RowStore = std::sync::Arc::new(
+        MongoUpsertRepository::<ConformanceRow>::with_table(store(true).await, &unique("refused"))
+            .await
+            .expect("row collection"),
+    );
+    assert_eq!(flows_conformance::refused_rows(&table).await, ["17-mb"]);
+}

@@ -5,11 +5,11 @@ use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use flows_core::row::{ChangeBatch, rows_in_request_order};
 use flows_core::{
     Capabilities, Column, ColumnType, PrimaryKey, RepositoryError, Row, RowError, TableName,
-    TableSchema, UpsertRepository, Value,
+    TableSchema, UpsertRepository, ValidChange, Value,
 };
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
 use sqlx::{AssertSqlSafe, Row as _};
@@ -141,20 +141,25 @@ impl Statements {
     }
 }
 
-/// PostgreSQL cannot store NUL in `text` or `jsonb` strings: reject before sending.
+/// What PostgreSQL cannot store, rejected before sending: NUL in `text` or `jsonb`
+/// strings, and timestamps before 4713 BC (PostgreSQL's earliest).
 fn check_storable(column: &Column, value: &Value) -> Result<(), RowError> {
-    let has_nul = match value {
-        Value::Text(s) => s.contains('\0'),
-        Value::Json(j) => j.to_string().contains("\\u0000"),
-        _ => false,
+    let invalid = |message: &str| RowError::Invalid {
+        column: column.name.to_string(),
+        message: message.into(),
     };
-    if has_nul {
-        return Err(RowError::Invalid {
-            column: column.name.to_string(),
-            message: "PostgreSQL text and JSON cannot contain the NUL character".into(),
-        });
+    match value {
+        Value::Text(s) if s.contains('\0') => {
+            Err(invalid("PostgreSQL text cannot contain the NUL character"))
+        }
+        Value::Json(j) if j.to_string().contains("\\u0000") => {
+            Err(invalid("PostgreSQL JSON cannot contain the NUL character"))
+        }
+        Value::Timestamp(t) if t.year() < -4712 => {
+            Err(invalid("PostgreSQL timestamps start in 4713 BC"))
+        }
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Binds column `index` of `rows` as one typed array.
@@ -324,6 +329,22 @@ impl<T: Row> UpsertRepository<T> for PostgresUpsertRepository<T> {
 
     fn schema(&self) -> &TableSchema {
         &self.schema
+    }
+
+    fn check(&self, change: &ValidChange) -> Result<(), RowError> {
+        match change.values() {
+            Some(values) => self
+                .schema
+                .columns()
+                .iter()
+                .zip(values)
+                .try_for_each(|(column, value)| check_storable(column, value)),
+            None => self
+                .schema
+                .key_columns()
+                .zip(change.key().values())
+                .try_for_each(|(column, value)| check_storable(column, value)),
+        }
     }
 
     async fn write(&self, batch: ChangeBatch) -> Result<(), RepositoryError> {

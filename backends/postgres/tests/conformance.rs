@@ -51,3 +51,119 @@ mod conformance {
             .expect("row table")
     });
 }
+
+/// What PostgreSQL refuses, refused alone: the rest of each batch is written.
+mod refusals {
+    use std::sync::Arc;
+
+    use chrono::{TimeZone, Utc};
+    use flows_conformance::RowStore;
+    use flows_core::row::{RowChangeRef, ValidChange, write_isolating};
+    use flows_core::{
+        ColumnType, ColumnValue, Row, RowError, TableSchema, UpsertRepository, Value,
+    };
+
+    use super::*;
+
+    async fn rows(prefix: &str) -> PostgresUpsertRepository<ConformanceRow> {
+        PostgresUpsertRepository::<ConformanceRow>::with_table(store().await, &unique_table(prefix))
+            .await
+            .expect("row table")
+    }
+
+    #[tokio::test]
+    async fn postgresql_refuses_nul_and_timestamps_before_4713_bc() {
+        let table: RowStore = Arc::new(rows("refused").await);
+        let refused = flows_conformance::refused_rows(&table).await;
+        assert_eq!(refused, ["nul-text", "nul-json", "ancient"]);
+    }
+
+    /// A constraint of the table (added by its owner, not by flows) refuses one row
+    /// on the server; the batch is split until that row alone is left.
+    #[tokio::test]
+    async fn a_table_constraint_refuses_one_row_and_the_rest_is_written() {
+        let table = rows("constrained").await;
+        let name = table.schema().table().to_string();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE \"{name}\" ADD CONSTRAINT score_not_negative CHECK (score >= 0)"
+        )))
+        .execute(store().await.pool())
+        .await
+        .expect("add the constraint");
+        let mut batch: Vec<ConformanceRow> = (0..20)
+            .map(|i| ConformanceRow::sample("t", i, i + 1))
+            .collect();
+        batch[13].score = Some(-1);
+        let schema = table.schema().clone();
+        let sources: Vec<Vec<ValidChange>> = batch
+            .iter()
+            .map(|row| vec![ValidChange::new(&schema, RowChangeRef::Upsert(row)).unwrap()])
+            .collect();
+        let refused = write_isolating(&table, &sources).await.expect("available");
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].0, 13);
+        assert!(
+            refused[0].1.to_string().contains("score_not_negative"),
+            "{}",
+            refused[0].1
+        );
+        let keys: Vec<_> = batch.iter().map(ConformanceRow::key).collect();
+        let stored = table.get_all(&keys).await.unwrap();
+        for (i, (row, stored)) in batch.iter().zip(stored).enumerate() {
+            let expected = (i != 13).then(|| row.clone());
+            assert_eq!(stored, expected, "row {i}");
+        }
+    }
+
+    /// An event keyed by its time.
+    #[derive(Debug, PartialEq)]
+    struct Event {
+        at: chrono::DateTime<Utc>,
+        n: i64,
+    }
+
+    impl Row for Event {
+        fn schema() -> TableSchema {
+            TableSchema::builder("events")
+                .key("at", ColumnType::Timestamp)
+                .column("n", ColumnType::Int64)
+                .build()
+                .unwrap()
+        }
+        fn to_values(&self) -> Vec<Value> {
+            vec![self.at.to_value(), self.n.to_value()]
+        }
+        fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
+            let mut v = values.into_iter();
+            Ok(Self {
+                at: ColumnValue::from_column(v.next(), "at")?,
+                n: ColumnValue::from_column(v.next(), "n")?,
+            })
+        }
+    }
+
+    /// Two times 500 ns apart are one key once stored (microseconds): in one batch the
+    /// later change wins, instead of PostgreSQL refusing an upsert that touches one row
+    /// twice.
+    #[tokio::test]
+    async fn keys_equal_once_stored_are_one_key_within_a_batch() {
+        let table =
+            PostgresUpsertRepository::<Event>::with_table(store().await, &unique_table("events"))
+                .await
+                .unwrap();
+        let at = Utc.timestamp_nanos(1_700_000_000_123_456_000);
+        let events = [
+            Event { at, n: 1 },
+            Event {
+                at: at + chrono::Duration::nanoseconds(500),
+                n: 2,
+            },
+        ];
+        table.upsert_all(&events).await.expect("one row");
+        let stored = table
+            .get_all(&[flows_core::PrimaryKey::from(at)])
+            .await
+            .unwrap();
+        assert_eq!(stored, [Some(Event { at, n: 2 })]);
+    }
+}

@@ -45,3 +45,68 @@ mod conformance {
         .expect("row table")
     });
 }
+
+/// What SQLite refuses, refused alone: the rest of each batch is written.
+mod refusals {
+    use std::sync::Arc;
+
+    use flows_conformance::RowStore;
+    use flows_core::UpsertRepository;
+    use flows_core::row::{RowChangeRef, ValidChange, write_isolating};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_holds_every_awkward_row() {
+        let table: RowStore = Arc::new(
+            SqliteUpsertRepository::<ConformanceRow>::with_table(
+                file_store().await,
+                &unique_table("refused"),
+            )
+            .await
+            .expect("row table"),
+        );
+        assert!(flows_conformance::refused_rows(&table).await.is_empty());
+    }
+
+    /// A rule of the database (here a trigger, as an application might add) refuses
+    /// one row; the batch is split until that row alone is left.
+    #[tokio::test]
+    async fn a_rule_of_the_database_refuses_one_row_and_the_rest_is_written() {
+        let store = file_store().await;
+        let table = SqliteUpsertRepository::<ConformanceRow>::with_table(
+            store.clone(),
+            &unique_table("guarded"),
+        )
+        .await
+        .expect("row table");
+        let name = table.schema().table().to_string();
+        for event in ["INSERT", "UPDATE"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE TRIGGER \"{name}_{event}\" BEFORE {event} ON \"{name}\" \
+                 WHEN NEW.score < 0 BEGIN SELECT RAISE(ABORT, 'score must not be negative'); END"
+            )))
+            .execute(store.pool())
+            .await
+            .expect("trigger");
+        }
+        let mut batch: Vec<ConformanceRow> = (0..20)
+            .map(|i| ConformanceRow::sample("t", i, i + 1))
+            .collect();
+        batch[5].score = Some(-1);
+        let schema = table.schema().clone();
+        let sources: Vec<Vec<ValidChange>> = batch
+            .iter()
+            .map(|row| vec![ValidChange::new(&schema, RowChangeRef::Upsert(row)).unwrap()])
+            .collect();
+        let refused = write_isolating(&table, &sources).await.expect("available");
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(refused[0].0, 5);
+        assert!(refused[0].1.is_rejection(), "{}", refused[0].1);
+        let keys: Vec<_> = batch.iter().map(ConformanceRow::key).collect();
+        let stored = table.get_all(&keys).await.unwrap();
+        for (i, (row, stored)) in batch.iter().zip(stored).enumerate() {
+            assert_eq!(stored, (i != 5).then(|| row.clone()), "row {i}");
+        }
+    }
+}

@@ -126,6 +126,10 @@ pub enum ProcessError {
     /// message it is a copy of.
     #[error("no valid origin: {0}")]
     Origin(String),
+    /// The store refused the rows the message maps to (a value it cannot hold, a
+    /// constraint of its table).
+    #[error("the table refused its rows: {0}")]
+    Rejected(String),
     /// An output of the message can never be published (the broker or client refused
     /// it for good: too large, a partition that does not exist, a timestamp or policy
     /// the broker rejects).
@@ -164,6 +168,7 @@ impl ProcessError {
             ProcessError::Origin(_) => "origin",
             ProcessError::StateTooLarge { .. } => "state-too-large",
             ProcessError::Unpublishable { .. } => "unpublishable",
+            ProcessError::Rejected(_) => "rejected",
         }
     }
 }
