@@ -52,8 +52,16 @@
 //!   write is rejected by the state's version check and its batch is dropped unpublished
 //!   and uncommitted.
 //! - **G6 no silent loss**: an unavailable store or broker is retried with
-//!   [`Backoff`] (logged, counted in [`Metrics`]); a failed message goes through the
-//!   [`ErrorPolicy`] (retries, then dead-letter topic or stop).
+//!   [`Backoff`] (logged, counted in [`Metrics`], the partition counted as stalled
+//!   while it waits); a failed message goes through the [`ErrorPolicy`] (retries, then
+//!   dead-letter topic or stop). So does a message that only the store or the broker
+//!   refuses: one that alone makes its state too large, one whose rows the table
+//!   refuses (found by splitting the batch), one whose output the broker refuses for
+//!   good. A hot key's batch is written in parts that fit the store ([`BatchOutput`]).
+//!
+//! Joins keep G1 and G2 across replays of their re-key step: each intermediate record
+//! carries its source coordinates (see [`join`]). Stateless and materialise pipelines
+//! keep no state: they are at least once (materialise with idempotent upserts).
 
 mod config;
 mod consumer;

@@ -128,7 +128,7 @@ mod refusals {
                 .key("at", ColumnType::Timestamp)
                 .column("n", ColumnType::Int64)
                 .build()
-                .unwrap()
+                .expect("schema")
         }
         fn to_values(&self) -> Vec<Value> {
             vec![self.at.to_value(), self.n.to_value()]

@@ -13,7 +13,7 @@ fn is_transient_code(code: &str) -> bool {
 /// or of the wrong type for a strict table (MISMATCH, 20).
 fn is_rejection_code(code: &str) -> bool {
     code.parse::<i32>()
-        .is_ok_and(|c| matches!(c & 0xff, 18 | 19 | 20))
+        .is_ok_and(|c| matches!(c & 0xff, 18..=20))
 }
 
 pub(crate) fn map_err(error: sqlx::Error) -> RepositoryError {

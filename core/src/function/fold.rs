@@ -839,8 +839,13 @@ mod tests {
             } else {
                 prefix.min(end - committed[p])
             };
-            for source in committed[p]..committed[p] + delivered {
-                let key = format!("w{}", sources[p][source]);
+            let copies = sources[p]
+                .iter()
+                .enumerate()
+                .skip(committed[p])
+                .take(delivered);
+            for (source, word) in copies {
+                let key = format!("w{word}");
                 let offset = intermediate.len() as i64;
                 intermediate.push(copy(offset, p as i32, source as i64, &key));
             }
