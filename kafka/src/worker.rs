@@ -370,13 +370,13 @@ async fn publish(
             break;
         }
         let mut refused: Vec<(usize, KafkaError)> = Vec::new();
-        let mut first_transient: Option<usize> = None;
+        let mut first_transient: Option<(usize, KafkaError)> = None;
         for (position, error) in failures.failures {
             let index = pending[position];
             let record = &outputs.records[index];
             match classify(&error) {
                 DeliveryFailure::Transient => {
-                    first_transient.get_or_insert(position);
+                    first_transient.get_or_insert((position, error));
                 }
                 DeliveryFailure::Record if index < replacements_from => {
                     refused.push((index, error))
@@ -395,9 +395,9 @@ async fn publish(
                 }
             }
         }
-        let mut next: Vec<usize> = match first_transient {
+        let mut next: Vec<usize> = match &first_transient {
             // From the first transient failure on, in order, except refused records.
-            Some(position) => pending[position..]
+            Some((position, _)) => pending[*position..]
                 .iter()
                 .copied()
                 .filter(|i| !refused.iter().any(|(r, _)| r == i))
@@ -412,9 +412,10 @@ async fn publish(
             }
             next.extend(added..outputs.records.len());
         }
-        if first_transient.is_some() {
+        if let Some((position, error)) = first_transient {
             let delay = context.backoff.delay(transient);
-            tracing::warn!(pipeline = %pipeline.name, %tp, records = next.len(), retry_in = ?delay, "publishing failed; retrying");
+            let topic = &outputs.records[pending[position]].topic;
+            tracing::warn!(pipeline = %pipeline.name, %tp, %topic, %error, records = next.len(), retry_in = ?delay, "publishing failed; retrying");
             context.metrics.add_transient_retries(1);
             _stall.get_or_insert_with(|| context.metrics.stall());
             control.sleep(delay).await;
