@@ -765,6 +765,12 @@ impl<T: Row, R: UpsertRepository<T> + ?Sized> UpsertRepository<T> for Arc<R> {
 /// Any other error (an unavailable store, say) is returned as is: part of the changes
 /// may have been written, and writing them all again is idempotent.
 ///
+/// On a store without atomic batches
+/// ([`Capabilities::atomic_batch_write`]), a refused batch may have written its other
+/// rows, a refused source's among them. Every key a source refused by the store
+/// touched is therefore written once more at the end with its last accepted change;
+/// a key only refused sources touched may keep what they wrote to it.
+///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// use flows_core::row::{RowChangeRef, ValidChange, write_isolating};
@@ -827,7 +833,43 @@ pub async fn write_isolating<T: Row, R: UpsertRepository<T> + ?Sized>(
         }
     }
     refused.sort_by_key(|(index, _)| *index);
+    let server_refused = refused
+        .iter()
+        .any(|(_, error)| !matches!(error, RepositoryError::Row(_)));
+    if server_refused && !repository.capabilities().atomic_batch_write {
+        restore_last_accepted(repository, sources, &refused).await?;
+    }
     Ok(refused)
+}
+
+/// Writes, for every key that a refused source changes, its last change by an
+/// accepted source: what the key must end with, whatever partial writes of refused
+/// batches left there.
+async fn restore_last_accepted<T: Row, R: UpsertRepository<T> + ?Sized>(
+    repository: &R,
+    sources: &[Vec<ValidChange>],
+    refused: &[(usize, RepositoryError)],
+) -> Result<(), RepositoryError> {
+    let is_refused = |index: usize| refused.iter().any(|(i, _)| *i == index);
+    let touched: std::collections::HashSet<&PrimaryKey> = refused
+        .iter()
+        .flat_map(|(index, _)| sources[*index].iter().map(ValidChange::key))
+        .collect();
+    let mut batch = ChangeBatchBuilder::new();
+    for (index, changes) in sources.iter().enumerate() {
+        if !is_refused(index) {
+            changes
+                .iter()
+                .filter(|c| touched.contains(c.key()))
+                .cloned()
+                .for_each(|c| batch.push(c));
+        }
+    }
+    let batch = batch.build();
+    if batch.is_empty() {
+        return Ok(());
+    }
+    repository.write(batch).await
 }
 
 /// Rebuilds rows from the values a backend found, in request order.
@@ -969,16 +1011,21 @@ mod tests {
     }
 
     /// The in-memory table, refusing any row whose note is "bad" (as a database
-    /// constraint would: nothing of the refused batch is written), counting writes.
+    /// constraint would: nothing of the refused batch is written, unless `partial`:
+    /// then, like a store without atomic batches, the other rows of a refused batch
+    /// are written), counting writes.
     struct Picky {
         inner: crate::MemoryUpsertRepository<Item>,
         writes: std::sync::atomic::AtomicUsize,
+        partial: bool,
     }
 
     #[async_trait]
     impl UpsertRepository<Item> for Picky {
         fn capabilities(&self) -> Capabilities {
-            self.inner.capabilities()
+            self.inner
+                .capabilities()
+                .with_atomic_batch_write(!self.partial)
         }
         fn schema(&self) -> &TableSchema {
             self.inner.schema()
@@ -995,11 +1042,15 @@ mod tests {
         async fn write(&self, batch: ChangeBatch) -> Result<(), RepositoryError> {
             self.writes
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if batch
-                .upserts
-                .iter()
-                .any(|row| row[2] == Value::Text("bad".into()))
-            {
+            let bad = |row: &Vec<Value>| row[2] == Value::Text("bad".into());
+            if batch.upserts.iter().any(bad) {
+                if self.partial {
+                    let accepted = ChangeBatch {
+                        upserts: batch.upserts.iter().filter(|r| !bad(r)).cloned().collect(),
+                        deletes: batch.deletes.clone(),
+                    };
+                    self.inner.write(accepted).await?;
+                }
                 return Err(RepositoryError::Rejected("a bad note".into()));
             }
             self.inner.write(batch).await
@@ -1014,6 +1065,7 @@ mod tests {
         let table = Picky {
             inner: crate::MemoryUpsertRepository::new(),
             writes: Default::default(),
+            partial: false,
         };
         let schema = Item::schema();
         let noted = |id: &str, qty: i64, note: &str| Item {
@@ -1057,6 +1109,46 @@ mod tests {
         // Each refusal costs two writes per halving: at most 1 + 2 * 2 * log2(16).
         let writes = table.writes.load(std::sync::atomic::Ordering::Relaxed);
         assert!(writes <= 17, "{writes} writes");
+    }
+
+    /// On a store that writes the accepted rows of a refused batch, the rows of a
+    /// refused message that were accepted stick, but every key keeps its last accepted
+    /// change: a refused message's change to a key does not outlive a later split.
+    #[tokio::test]
+    async fn without_atomic_batches_each_key_keeps_its_last_accepted_change() {
+        let table = Picky {
+            inner: crate::MemoryUpsertRepository::new(),
+            writes: Default::default(),
+            partial: true,
+        };
+        let schema = Item::schema();
+        let noted = |id: &str, qty: i64, note: &str| Item {
+            note: Some(note.into()),
+            ..item(id, qty)
+        };
+        let mut rows: Vec<Vec<Item>> = (0..8).map(|i| vec![item(&format!("k{i}"), i)]).collect();
+        rows[3] = vec![item("x", 1)];
+        // Refused: its change to x must not be what x ends with.
+        rows[5] = vec![item("x", 2), noted("k5", 5, "bad")];
+        let sources: Vec<Vec<ValidChange>> = rows
+            .iter()
+            .map(|changes| {
+                changes
+                    .iter()
+                    .map(|row| ValidChange::new(&schema, RowChangeRef::Upsert(row)).unwrap())
+                    .collect()
+            })
+            .collect();
+        let refused = write_isolating(&table, &sources).await.unwrap();
+        assert_eq!(refused.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [5]);
+        let stored = table
+            .get_all(&[
+                PrimaryKey::from("x".to_owned()),
+                PrimaryKey::from("k6".to_owned()),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(stored, [Some(item("x", 1)), Some(item("k6", 6))]);
     }
 
     #[test]

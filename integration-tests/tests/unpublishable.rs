@@ -179,8 +179,13 @@ async fn a_stateful_output_too_large_is_dead_lettered_and_never_replayed_into_th
     assert_eq!(counts["huge"], 2, "nothing applied twice");
 }
 
+/// A broker refuses a whole request batch for one bad record. The records of a refused
+/// batch are sent again one per batch, and only those refused alone are charged to
+/// their inputs: here the broker refuses the next three produce requests, the first of
+/// which holds the batch of 50 records; of the records then sent alone, the next two
+/// are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_the_broker_refuses_dead_letter_their_inputs() {
+async fn only_records_the_broker_refuses_alone_dead_letter_their_inputs() {
     let kafka = cluster(&[("words", 1), ("out", 1), ("dlq", 1)]);
     let brokers = kafka.bootstrap_servers();
     let copy = StatelessFunction::one_to_one(
@@ -192,20 +197,22 @@ async fn records_the_broker_refuses_dead_letter_their_inputs() {
     let words: Vec<String> = (0..50).map(|i| format!("w{i}")).collect();
     let refs: Vec<&str> = words.iter().map(String::as_str).collect();
     produce(&brokers, &inputs(&refs)).await;
-    // The broker's policy refuses the next produce request (whichever records it
-    // holds): they are refused for good, and their inputs dead-lettered.
     kafka.mock().request_errors(
         RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_POLICY_VIOLATION],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_POLICY_VIOLATION; 3],
     );
     let running = Engine::new(test_config(&brokers)).start(&pipeline).unwrap();
     assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 50).await);
     let metrics = running.metrics().snapshot();
     running.shutdown().await.unwrap();
 
-    assert!(metrics.unpublishable >= 1, "{metrics:?}");
     let out = read_topic(&brokers, "out", 0, WAIT);
     let dead = read_topic(&brokers, "dlq", 0, WAIT);
+    assert!(
+        (1..=2).contains(&dead.len()),
+        "only records refused alone are charged: {} dead letters",
+        dead.len()
+    );
     assert_eq!(dead.len() as u64, metrics.unpublishable);
     let mut all: Vec<String> = out.iter().chain(&dead).map(|r| r.value_str()).collect();
     all.sort();
@@ -219,6 +226,74 @@ async fn records_the_broker_refuses_dead_letter_their_inputs() {
         dead.iter()
             .all(|d| d.header(headers::ERROR_KIND).as_deref() == Some("unpublishable"))
     );
+}
+
+/// A refused output's dead letter replaces it among the outputs kept for replay; when
+/// that would make the state larger than the store accepts, the dead letter is
+/// published once without being kept, and the pipeline goes on (it used to stop on
+/// every restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_too_large_to_keep_beside_its_state_does_not_stop_the_pipeline() {
+    let kafka = cluster(&[("words", 1), ("counts", 1), ("dlq", 1)]);
+    let brokers = kafka.bootstrap_servers();
+    let count = || {
+        StatefulFunction::new(Json::<i64>::new()).one_to_one(
+            Topic::new("words", Utf8, Utf8),
+            Topic::new("counts", Utf8, Utf8),
+            PersistenceIdFn::key(),
+            |count: Option<&i64>, word| {
+                let count = count.copied().unwrap_or(0) + 1;
+                let record = Record::new(word.key, count.to_string());
+                Ok((
+                    count,
+                    if word.value == "astray" {
+                        record.with_partition(99)
+                    } else {
+                        record
+                    },
+                ))
+            },
+        )
+    };
+    // One message: one batch, whose state the test can measure beforehand.
+    let batch = vec![text_record("words", Some(0), "k", "astray")];
+    // The state's size once the message is applied, with its output kept.
+    let scratch = MemoryStateRepository::new();
+    let as_read: Vec<flows::RawMessage> = batch
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            flows::RawMessage::raw("words", 0, i as i64, r.key.as_deref(), r.value.as_deref())
+        })
+        .collect();
+    let abort =
+        |_: &flows::RawMessage, _: &flows::ProcessError| flows::function::ErrorAction::Abort;
+    flows::kafka::apply_batch(&count(), &scratch, &as_read, &abort)
+        .await
+        .unwrap();
+    let size =
+        flows::SingleStateRepository::get(&scratch, &flows::PersistenceId::new("k").unwrap())
+            .await
+            .unwrap()
+            .stored_size();
+
+    produce(&brokers, &batch).await;
+    let store = Arc::new(MemoryStateRepository::with_max_state_size(size + 40));
+    let pipeline = Pipeline::stateful("count", count(), Arc::clone(&store))
+        .on_error(ErrorPolicy::dead_letter("dlq"));
+    let running = Engine::new(test_config(&brokers)).start(&pipeline).unwrap();
+    assert!(
+        wait_until(WAIT, || running.metrics().snapshot().committed >= 1
+            || running.is_stopping())
+        .await
+    );
+    assert!(!running.is_stopping(), "the pipeline went on");
+    running.shutdown().await.unwrap();
+    let dead = read_topic(&brokers, "dlq", 1, WAIT);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].value_str(), "astray");
+    let counts = stored_counts(store.as_ref(), ["k".to_owned()]).await;
+    assert_eq!(counts["k"], 1, "applied once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,8 +24,9 @@ pub(crate) fn classify(error: &KafkaError) -> DeliveryFailure {
         return DeliveryFailure::Transient;
     };
     match code {
+        // (InvalidMessage, Kafka's CORRUPT_MESSAGE, is retriable: a damaged request.)
         MessageSizeTooLarge | InvalidMessageSize | MessageBatchTooLarge | InvalidRecord
-        | InvalidTimestamp | UnknownPartition | PolicyViolation | BadMessage | InvalidMessage => {
+        | InvalidTimestamp | UnknownPartition | PolicyViolation | BadMessage => {
             DeliveryFailure::Record
         }
         TopicAuthorizationFailed
@@ -52,6 +53,18 @@ pub(crate) fn classify(error: &KafkaError) -> DeliveryFailure {
     }
 }
 
+/// Whether a [`DeliveryFailure::Record`] error is the client's verdict on this record
+/// alone (a partition that does not exist, a malformed message). A broker's refusal
+/// (too large for the topic, an invalid timestamp, a policy violation) applies to a
+/// whole request batch, so it may name records that are fine.
+pub(crate) fn refused_alone(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(UnknownPartition | BadMessage)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +88,7 @@ mod tests {
             NetworkException,
             ThrottlingQuotaExceeded,
             KafkaStorageError,
+            InvalidMessage,
         ] {
             assert_eq!(of(code), DeliveryFailure::Transient, "{code:?}");
         }

@@ -28,9 +28,16 @@
 //! refuses for good (larger than the topic's `max.message.bytes`, say) goes through the
 //! re-key pipeline's error policy; with the stop policy, a later fix on the broker lets
 //! that record through after later ones of its state, which the stateful half would
-//! take for a copy: dead-letter it instead, and replay it from the dead-letter topic. Do not add
-//! partitions to the intermediate topic while a join runs: a state's messages would
-//! then be split between two partitions, as with any keyed Kafka topic.
+//! take for a copy: dead-letter it instead, and replay it from the dead-letter topic.
+//!
+//! Do not add partitions to the intermediate topic while a join runs: a state's
+//! messages would then be split between two partitions, as with any keyed Kafka topic.
+//!
+//! Upgrading from a version of flows whose intermediate records had no source partition
+//! and offset: let the stateful half drain the intermediate topic first, then upgrade
+//! both halves. Such records carry no origin, so the upgraded stateful half sends them
+//! through its error policy, and states keep the progress they recorded under the
+//! intermediate topic's offsets, which copies under source offsets would not match.
 
 use std::sync::Arc;
 

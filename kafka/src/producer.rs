@@ -1,7 +1,7 @@
 //! Publishing encoded outputs and awaiting their acknowledgements.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use flows_core::EncodedRecord;
@@ -20,6 +20,11 @@ use crate::error::EngineError;
 #[derive(Clone)]
 pub struct OutputProducer {
     producer: Arc<ThreadedProducer<AcknowledgingContext>>,
+    /// A producer that sends every record in a request batch of its own (created when
+    /// first needed): a broker refuses a whole batch for one bad record, so a record is
+    /// found to be refused for good only when sent alone.
+    alone: Arc<OnceLock<ThreadedProducer<AcknowledgingContext>>>,
+    properties: Arc<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for OutputProducer {
@@ -93,6 +98,9 @@ pub struct DeliveryFailures {
     /// Each failed record's index in the batch, with the client's or broker's error, in
     /// index order.
     pub failures: Vec<(usize, KafkaError)>,
+    /// The indices of the failed records the client refused before queueing them (too
+    /// large, no such partition): refused on their own, not with a batch of others.
+    pub not_queued: Vec<usize>,
 }
 
 impl DeliveryFailures {
@@ -105,13 +113,44 @@ impl DeliveryFailures {
 impl OutputProducer {
     /// A producer with the engine's tuned properties.
     pub fn new(config: &KafkaConfig) -> Result<Self, EngineError> {
+        let properties = config.producer_properties();
+        Ok(Self {
+            producer: Arc::new(Self::create(&properties)?),
+            alone: Arc::new(OnceLock::new()),
+            properties: Arc::new(properties),
+        })
+    }
+
+    fn create(
+        properties: &[(String, String)],
+    ) -> Result<ThreadedProducer<AcknowledgingContext>, EngineError> {
         let mut client = ClientConfig::new();
-        for (key, value) in config.producer_properties() {
+        for (key, value) in properties {
             client.set(key, value);
         }
-        Ok(Self {
-            producer: Arc::new(client.create_with_context(AcknowledgingContext)?),
-        })
+        Ok(client.create_with_context(AcknowledgingContext)?)
+    }
+
+    /// Like [`send_each`](Self::send_each), but every record travels in a request batch
+    /// of its own, so that a broker refusing a batch refuses exactly the record it
+    /// names. Slow: for isolating refused records, not for the normal path.
+    pub async fn send_each_alone(
+        &self,
+        records: &[EncodedRecord],
+    ) -> Result<DeliveryFailures, EngineError> {
+        if self.alone.get().is_none() {
+            let mut properties = (*self.properties).clone();
+            properties.push(("batch.num.messages".into(), "1".into()));
+            properties.push(("linger.ms".into(), "0".into()));
+            // Another worker may have created it meanwhile; either one will do.
+            let _ = self.alone.set(Self::create(&properties)?);
+        }
+        let Some(alone) = self.alone.get() else {
+            return Err(EngineError::Internal(
+                "the one-record producer is missing".into(),
+            ));
+        };
+        Ok(send_with(alone, records).await)
     }
 
     /// Enqueues every record in order, then waits for all acknowledgements. A full local
@@ -133,68 +172,79 @@ impl OutputProducer {
     /// each record that was not delivered, with its error (refused when enqueued, or by
     /// the broker). The others are delivered, in order per partition.
     pub async fn send_each(&self, records: &[EncodedRecord]) -> DeliveryFailures {
-        if records.is_empty() {
-            return DeliveryFailures::default();
-        }
-        let batch = Arc::new(PendingBatch {
-            remaining: AtomicUsize::new(records.len()),
-            ..PendingBatch::default()
-        });
-        for (index, record) in records.iter().enumerate() {
-            let delivery = Box::new(Delivery {
-                batch: Arc::clone(&batch),
-                index,
-            });
-            let mut base: BaseRecord<'_, [u8], [u8], Box<Delivery>> =
-                BaseRecord::with_opaque_to(&record.topic, delivery);
-            // Header lists are allocated by librdkafka: only build one when needed.
-            if !record.headers.is_empty() {
-                let headers = record.headers.iter().fold(
-                    OwnedHeaders::new_with_capacity(record.headers.len()),
-                    |headers, h| {
-                        headers.insert(Header {
-                            key: &h.key,
-                            value: h.value.as_deref(),
-                        })
-                    },
-                );
-                base = base.headers(headers);
-            }
-            if let Some(key) = &record.key {
-                base = base.key(key.as_slice());
-            }
-            if let Some(value) = &record.value {
-                base = base.payload(value.as_slice());
-            }
-            if let Some(partition) = record.partition {
-                base = base.partition(partition);
-            }
-            if let Some(timestamp) = record.timestamp {
-                base = base.timestamp(timestamp);
-            }
-            loop {
-                match self.producer.send(base) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                        base = returned;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((error, _)) => {
-                        // Refused before it was queued (too large, no such partition):
-                        // it will not report; account for it here and go on.
-                        batch.acknowledge(Some((index, error)));
-                        break;
-                    }
-                }
-            }
-        }
-        DeliveryFailures {
-            failures: batch.wait().await,
-        }
+        send_with(&self.producer, records).await
     }
 
     /// Waits up to `timeout` for every in-flight record to be delivered.
     pub fn flush(&self, timeout: Duration) -> Result<(), EngineError> {
         Ok(self.producer.flush(timeout)?)
+    }
+}
+
+/// Enqueues `records` on `producer` in order and waits for every acknowledgement.
+async fn send_with(
+    producer: &ThreadedProducer<AcknowledgingContext>,
+    records: &[EncodedRecord],
+) -> DeliveryFailures {
+    if records.is_empty() {
+        return DeliveryFailures::default();
+    }
+    let batch = Arc::new(PendingBatch {
+        remaining: AtomicUsize::new(records.len()),
+        ..PendingBatch::default()
+    });
+    let mut not_queued = Vec::new();
+    for (index, record) in records.iter().enumerate() {
+        let delivery = Box::new(Delivery {
+            batch: Arc::clone(&batch),
+            index,
+        });
+        let mut base: BaseRecord<'_, [u8], [u8], Box<Delivery>> =
+            BaseRecord::with_opaque_to(&record.topic, delivery);
+        // Header lists are allocated by librdkafka: only build one when needed.
+        if !record.headers.is_empty() {
+            let headers = record.headers.iter().fold(
+                OwnedHeaders::new_with_capacity(record.headers.len()),
+                |headers, h| {
+                    headers.insert(Header {
+                        key: &h.key,
+                        value: h.value.as_deref(),
+                    })
+                },
+            );
+            base = base.headers(headers);
+        }
+        if let Some(key) = &record.key {
+            base = base.key(key.as_slice());
+        }
+        if let Some(value) = &record.value {
+            base = base.payload(value.as_slice());
+        }
+        if let Some(partition) = record.partition {
+            base = base.partition(partition);
+        }
+        if let Some(timestamp) = record.timestamp {
+            base = base.timestamp(timestamp);
+        }
+        loop {
+            match producer.send(base) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    base = returned;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((error, _)) => {
+                    // Refused before it was queued (too large, no such partition):
+                    // it will not report; account for it here and go on.
+                    not_queued.push(index);
+                    batch.acknowledge(Some((index, error)));
+                    break;
+                }
+            }
+        }
+    }
+    DeliveryFailures {
+        failures: batch.wait().await,
+        not_queued,
     }
 }

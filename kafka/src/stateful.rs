@@ -508,19 +508,26 @@ where
         let mut cache = lock(cache);
         ids.iter().for_each(|id| drop(cache.take(id)));
     }
+    let max_state_size = store.capabilities().max_state_size;
     for _ in 0..=MAX_CONFLICT_RETRIES {
         let mut states = store.get_all(&ids).await?;
         let mut changed = Vec::new();
         for mut state in states.drain(..) {
             let mut replaced = false;
             let id = state.id.clone();
+            let corrupt = |source| FoldError::CorruptResults {
+                id: id.clone(),
+                source,
+            };
             for (_, tp, offset, message, outputs) in targets.iter().filter(|t| t.0 == id) {
-                replaced |= replace_outputs(&mut state, tp, *offset, message, outputs).map_err(
-                    |source| FoldError::CorruptResults {
-                        id: state.id.clone(),
-                        source,
-                    },
-                )?;
+                replaced |=
+                    replace_outputs(&mut state, tp, *offset, message, outputs).map_err(corrupt)?;
+                if state.stored_size() > max_state_size {
+                    // The dead letter does not fit beside the state: keep nothing for
+                    // this input (it stays applied), publish its dead letter once.
+                    tracing::warn!(%id, size = state.stored_size(), max = max_state_size, "a dead letter too large to keep for replay is published once");
+                    replace_outputs(&mut state, tp, *offset, message, &[]).map_err(corrupt)?;
+                }
             }
             if replaced {
                 changed.push(state);

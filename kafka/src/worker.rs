@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::{Backoff, BatchConfig};
-use crate::delivery::{DeliveryFailure, classify};
+use crate::delivery::{DeliveryFailure, classify, refused_alone};
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pipeline::{MessageFailed, Outputs, Pipeline, StageError};
@@ -317,11 +317,14 @@ const ACK_WAIT_WARNING: Duration = Duration::from_secs(10);
 /// the batch was abandoned first.
 ///
 /// Transient failures are retried with backoff, resending from the first failed record
-/// on (so each partition's records keep their order). A refused output charges its
-/// input: the error policy makes that input's dead letter (headers say which output
-/// failed and why) or stops; a stateful pipeline first replaces the input's outputs
-/// stored for replay with the dead letter, so a replay does not repeat the refusal.
-/// Configuration errors (no such topic, no permission) and an unusable producer stop.
+/// on (so each partition's records keep their order). A broker refuses a whole request
+/// batch for one bad record, so records refused in a batch are sent again one per
+/// batch, in order, and only those refused alone are charged to their inputs: the error
+/// policy makes each such input's dead letter (headers say which output failed and
+/// why) or stops; a stateful pipeline first replaces the input's outputs stored for
+/// replay with what was published and the dead letter, so a replay does not repeat the
+/// refusal. Configuration errors (no such topic, no permission) and an unusable
+/// producer stop.
 async fn publish(
     context: &WorkerContext,
     tp: &TopicPartition,
@@ -334,7 +337,9 @@ async fn publish(
     // on are dead letters of refused outputs, which must not be refused in turn.
     let mut pending: Vec<usize> = (0..outputs.records.len()).collect();
     let replacements_from = outputs.records.len();
-    let mut all_refused: Vec<usize> = Vec::new();
+    let mut refusals = Refusals::default();
+    // Whether records go one per request batch (after a refusal).
+    let mut alone = false;
     let mut transient: u32 = 0;
     let mut _stall = None;
     while !pending.is_empty() {
@@ -354,11 +359,18 @@ async fn publish(
                     .collect();
                 &copies[..]
             };
-            let send = context.producer.send_each(records);
+            let producer = &context.producer;
+            let send = async {
+                if alone {
+                    producer.send_each_alone(records).await
+                } else {
+                    Ok(producer.send_each(records).await)
+                }
+            };
             tokio::pin!(send);
             loop {
                 match tokio::time::timeout(ACK_WAIT_WARNING, &mut send).await {
-                    Ok(failures) => break failures,
+                    Ok(failures) => break failures?,
                     Err(_) => {
                         tracing::warn!(pipeline = %pipeline.name, %tp, records = records.len(), "still waiting for the broker to acknowledge outputs (is it reachable?)");
                         _stall.get_or_insert_with(|| context.metrics.stall());
@@ -370,13 +382,27 @@ async fn publish(
             break;
         }
         let mut refused: Vec<(usize, KafkaError)> = Vec::new();
+        let mut isolate = false;
+        // The first failure to send again from, and the first transient error.
+        let mut resend_from: Option<usize> = None;
         let mut first_transient: Option<(usize, KafkaError)> = None;
         for (position, error) in failures.failures {
             let index = pending[position];
             let record = &outputs.records[index];
+            // Refused before it was queued, or by the client: on its own, no other
+            // record with it.
+            let on_its_own =
+                alone || failures.not_queued.contains(&position) || refused_alone(&error);
             match classify(&error) {
                 DeliveryFailure::Transient => {
+                    resend_from.get_or_insert(position);
                     first_transient.get_or_insert((position, error));
+                }
+                DeliveryFailure::Record if !on_its_own => {
+                    // Perhaps only refused with the rest of its batch: send it alone.
+                    resend_from.get_or_insert(position);
+                    isolate = true;
+                    tracing::info!(pipeline = %pipeline.name, %tp, topic = %record.topic, %error, "a batch of outputs was refused; sending its records one by one to find the refused ones");
                 }
                 DeliveryFailure::Record if index < replacements_from => {
                     refused.push((index, error))
@@ -395,19 +421,21 @@ async fn publish(
                 }
             }
         }
-        let mut next: Vec<usize> = match &first_transient {
-            // From the first transient failure on, in order, except refused records.
-            Some((position, _)) => pending[*position..]
+        alone |= isolate;
+        let mut next: Vec<usize> = match resend_from {
+            // From the first failure on, in order, except records refused for good.
+            Some(position) => pending[position..]
                 .iter()
                 .copied()
                 .filter(|i| !refused.iter().any(|(r, _)| r == i))
                 .collect(),
             None => Vec::new(),
         };
-        all_refused.extend(refused.iter().map(|(index, _)| *index));
         if !refused.is_empty() {
             let added = outputs.records.len();
-            if !dead_letter_refused(context, tp, control, part, outputs, &refused).await? {
+            if !dead_letter_refused(context, tp, control, part, outputs, &mut refusals, refused)
+                .await?
+            {
                 return Ok(false);
             }
             next.extend(added..outputs.records.len());
@@ -424,61 +452,81 @@ async fn publish(
         pending = next;
     }
     // Refused records were never published: only the others count.
-    if !all_refused.is_empty() {
-        all_refused.sort_unstable();
+    if !refusals.records.is_empty() {
         let mut index = 0;
-        let mut keep = |_: &EncodedRecord| {
-            let kept = all_refused.binary_search(&index).is_err();
+        let refused = &refusals.records;
+        outputs.records.retain(|_| {
+            let kept = !refused.contains(&index);
             index += 1;
             kept
-        };
-        outputs.records.retain(|r| keep(r));
+        });
         outputs.inputs.clear();
     }
     Ok(true)
 }
 
-/// Hands each input of a `refused` output to the error policy: its dead letter is
-/// appended to `outputs` (after replacing the input's stored outputs, for stages that
-/// store them), or the pipeline stops. `false` if the batch was abandoned or fenced
-/// meanwhile.
+/// The refusals of one part's publication, over all its rounds.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// Records refused for good, by index into the part's outputs.
+    records: Vec<usize>,
+    /// Inputs that got their dead letter (one each, however many outputs were refused).
+    dead_lettered: Vec<usize>,
+}
+
+/// What a replay of `input` re-emits once some of its outputs were refused: its
+/// outputs that were not refused (dead letters appended for it included), in order.
+fn stored_after_refusals(outputs: &Outputs, input: usize, refused: &[usize]) -> Vec<EncodedRecord> {
+    outputs
+        .records
+        .iter()
+        .zip(&outputs.inputs)
+        .enumerate()
+        .filter(|(i, (_, from))| **from as usize == input && !refused.contains(i))
+        .map(|(_, (record, _))| record.clone())
+        .collect()
+}
+
+/// Hands each input of a `refused` output that has no dead letter yet to the error
+/// policy: its dead letter is appended to `outputs`, or the pipeline stops. Then every
+/// input concerned gets its stored outputs replaced (for stages that store them) by
+/// what was published for it and its dead letter. `false` if the batch was abandoned
+/// or fenced meanwhile.
 async fn dead_letter_refused(
     context: &WorkerContext,
     tp: &TopicPartition,
     control: &PartitionControl,
     part: &[RawMessage],
     outputs: &mut Outputs,
-    refused: &[(usize, KafkaError)],
+    refusals: &mut Refusals,
+    refused: Vec<(usize, KafkaError)>,
 ) -> Result<bool, EngineError> {
     let pipeline = &context.pipeline;
     context.metrics.add_unpublishable(refused.len() as u64);
-    let was_refused = |index: usize| refused.iter().any(|(r, _)| *r == index);
-    // One dead letter per input, naming its first refused output.
-    let mut failed: Vec<(usize, ProcessError)> = Vec::new();
+    let mut concerned: Vec<usize> = Vec::new();
     for (index, error) in refused {
-        let input = outputs.inputs[*index] as usize;
-        if failed.iter().any(|(i, _)| *i == input) {
+        refusals.records.push(index);
+        let input = outputs.inputs[index] as usize;
+        if !concerned.contains(&input) {
+            concerned.push(input);
+        }
+        if refusals.dead_lettered.contains(&input) {
             continue;
         }
-        let record = &outputs.records[*index];
-        tracing::warn!(pipeline = %pipeline.name, %tp, topic = %record.topic, %error, offset = part[input].offset, "an output was refused for good; its input goes through the error policy");
-        failed.push((
-            input,
-            ProcessError::Unpublishable {
-                topic: record.topic.to_string(),
-                reason: error.to_string(),
-            },
-        ));
-    }
-    let mut dead_letters: Vec<(usize, Vec<EncodedRecord>)> = Vec::new();
-    for (input, error) in failed {
+        refusals.dead_lettered.push(input);
         let message = &part[input];
+        let record = &outputs.records[index];
+        tracing::warn!(pipeline = %pipeline.name, %tp, topic = %record.topic, %error, offset = message.offset, "an output was refused for good; its input goes through the error policy");
+        let error = ProcessError::Unpublishable {
+            topic: record.topic.to_string(),
+            reason: error.to_string(),
+        };
         // No retries: the broker said no for good.
         match pipeline
             .policy
             .action(pipeline.policy.retries, &pipeline.name, message, &error)
         {
-            ErrorAction::DeadLetter(records) => dead_letters.push((input, records)),
+            ErrorAction::DeadLetter(records) => outputs.extend(input, records),
             ErrorAction::Abort => {
                 tracing::error!(pipeline = %pipeline.name, %tp, offset = message.offset, %error, "stopping the pipeline");
                 return Err(EngineError::Message(Box::new(MessageFailed {
@@ -490,21 +538,12 @@ async fn dead_letter_refused(
             }
         }
     }
-    // What a replay of each input re-emits from now on: its outputs that were not
-    // refused, then its dead letter.
-    let replacements: Vec<(&RawMessage, Vec<EncodedRecord>)> = dead_letters
+    let replacements: Vec<(&RawMessage, Vec<EncodedRecord>)> = concerned
         .iter()
-        .map(|(input, dead_letter)| {
-            let kept = outputs
-                .records
-                .iter()
-                .zip(&outputs.inputs)
-                .enumerate()
-                .filter(|(i, (_, from))| **from as usize == *input && !was_refused(*i))
-                .map(|(_, (record, _))| record.clone());
+        .map(|&input| {
             (
-                &part[*input],
-                kept.chain(dead_letter.iter().cloned()).collect(),
+                &part[input],
+                stored_after_refusals(outputs, input, &refusals.records),
             )
         })
         .collect();
@@ -519,7 +558,7 @@ async fn dead_letter_refused(
             .replace_outputs(&replacements, &still_owner)
             .await
         {
-            Ok(()) => break,
+            Ok(()) => return Ok(true),
             Err(StageError::Transient(error)) => {
                 let delay = context.backoff.delay(transient);
                 tracing::warn!(pipeline = %pipeline.name, %tp, %error, retry_in = ?delay, "store unavailable; retrying");
@@ -534,8 +573,49 @@ async fn dead_letter_refused(
             Err(StageError::Message(error)) | Err(StageError::Fatal(error)) => return Err(error),
         }
     }
-    for (input, records) in dead_letters {
-        outputs.extend(input, records);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(value: &str) -> EncodedRecord {
+        EncodedRecord {
+            topic: "out".into(),
+            partition: None,
+            key: None,
+            value: Some(value.as_bytes().to_vec()),
+            headers: flows_core::Headers::new(),
+            timestamp: None,
+        }
     }
-    Ok(true)
+
+    /// Input 0's outputs r1 and r2 are refused in two rounds of one publication, and
+    /// its dead letter was appended after the first: a replay re-emits what was
+    /// published for it and the dead letter, never a refused record.
+    #[test]
+    fn what_a_replay_re_emits_leaves_out_every_refused_output() {
+        let mut outputs = Outputs::default();
+        outputs.extend(0, [record("r1"), record("r2"), record("r3")]);
+        outputs.extend(1, [record("other")]);
+        outputs.extend(0, [record("dead letter")]);
+        let values = |records: Vec<EncodedRecord>| -> Vec<String> {
+            records
+                .iter()
+                .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into())
+                .collect()
+        };
+        assert_eq!(
+            values(stored_after_refusals(&outputs, 0, &[0])),
+            ["r2", "r3", "dead letter"]
+        );
+        assert_eq!(
+            values(stored_after_refusals(&outputs, 0, &[0, 1])),
+            ["r3", "dead letter"]
+        );
+        assert_eq!(
+            values(stored_after_refusals(&outputs, 1, &[0, 1])),
+            ["other"]
+        );
+    }
 }
