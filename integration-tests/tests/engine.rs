@@ -1298,3 +1298,157 @@ async fn a_hot_key_does_not_outgrow_dynamodb() {
         });
     a_hot_key_on(store).await;
 }
+
+/// A failed offset commit is sent again: with no new input and no restart, the group's
+/// offsets reach the end of what was processed although the broker refused commits for
+/// a while; the failures are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_offset_commit_is_retried() {
+    let kafka = cluster(&[("words", 1), ("counts", 1)]);
+    let brokers = kafka.bootstrap_servers();
+    let input = words(100, 10, 13);
+    produce(&brokers, &word_records("words", &input)).await;
+    kafka.mock().request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 3],
+    );
+    let store = Arc::new(MemoryStateRepository::new());
+    let running = Engine::new(test_config(&brokers))
+        .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
+        .unwrap();
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 100).await);
+    let committed = wait_until(WAIT, || {
+        committed_offset(&brokers, "count", "words") == Some(100)
+    })
+    .await;
+    let metrics = running.metrics().snapshot();
+    running.shutdown().await.unwrap();
+    assert!(committed, "the refused commit was sent again: {metrics:?}");
+    assert!(metrics.commit_failures >= 1, "{metrics:?}");
+}
+
+/// A shutdown commits synchronously whatever completed and is not confirmed, even when
+/// the last asynchronous commits failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_commits_what_failed_commits_left_behind() {
+    let kafka = cluster(&[("words", 1), ("counts", 1)]);
+    let brokers = kafka.bootstrap_servers();
+    let input = words(100, 10, 14);
+    produce(&brokers, &word_records("words", &input)).await;
+    // Every asynchronous commit fails while the pipeline runs.
+    kafka.mock().request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OFFSET_METADATA_TOO_LARGE; 1_000],
+    );
+    let store = Arc::new(MemoryStateRepository::new());
+    let running = Engine::new(test_config(&brokers))
+        .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
+        .unwrap();
+    assert!(wait_until(WAIT, || running.metrics().snapshot().commit_failures >= 2).await);
+    assert!(running.metrics().snapshot().committed >= 100);
+    assert_eq!(committed_offset(&brokers, "count", "words"), None);
+    kafka
+        .mock()
+        .clear_request_errors(RDKafkaApiKey::OffsetCommit);
+    running.shutdown().await.unwrap();
+    assert_eq!(
+        committed_offset(&brokers, "count", "words"),
+        Some(100),
+        "the shutdown committed what the failed commits had not"
+    );
+}
+
+/// Revoking many stuck partitions abandons them all at once: a shutdown with 50
+/// partitions stuck in their store writes takes one drain timeout and one grace, not
+/// one per partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_stuck_partitions_are_abandoned_together() {
+    const PARTITIONS: i32 = 50;
+    let kafka = cluster(&[("words", PARTITIONS), ("counts", PARTITIONS)]);
+    let brokers = kafka.bootstrap_servers();
+    let store = Arc::new(FaultyStore::new(MemoryStateRepository::new()));
+    store.hold_writes();
+    let records: Vec<_> = (0..PARTITIONS)
+        .map(|p| text_record("words", Some(p), &format!("w{p}"), "x"))
+        .collect();
+    produce(&brokers, &records).await;
+    let mut config = test_config(&brokers);
+    config.drain_timeout = Duration::from_secs(1);
+    let running = Engine::new(config)
+        .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
+        .unwrap();
+    assert!(
+        wait_until(WAIT, || store.held() >= PARTITIONS as u64).await,
+        "every partition is stuck writing ({} held)",
+        store.held()
+    );
+    let started = std::time::Instant::now();
+    running.shutdown().await.unwrap();
+    let took = started.elapsed();
+    // One drain timeout (1 s) and one abandon grace (5 s), with room for a slow
+    // machine; one per partition would be over 250 s.
+    assert!(took < Duration::from_secs(20), "the shutdown took {took:?}");
+    assert_eq!(committed_offset(&brokers, "count", "words"), None);
+}
+
+/// An abandoned batch's outputs never land after the next owner's. Instance A's
+/// producer holds its records for 20 s (`linger.ms`), so when B joins and takes a
+/// partition, A's batch is still unacknowledged when its drain timeout ends. B goes on
+/// with newer input for the same keys; A's records must not land after B's: the last
+/// output per key equals the stored count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_batchs_outputs_never_land_after_the_next_owners() {
+    let kafka = cluster(&[("words", 2), ("counts", 2)]);
+    let brokers = kafka.bootstrap_servers();
+    let store = Arc::new(MemoryStateRepository::new());
+    let pipeline = Pipeline::stateful("count", counter(), Arc::clone(&store));
+    let linger = Duration::from_secs(20);
+    let mut slow = test_config(&brokers).producer_property("linger.ms", "20000");
+    slow.drain_timeout = Duration::from_secs(1);
+    // Each partition's input in one batch: the states are written before any ack.
+    slow.batch = flows::kafka::BatchConfig {
+        max_messages: 10_000,
+        max_delay: Duration::from_millis(500),
+        ..slow.batch
+    };
+    let first = words(200, 20, 15);
+    produce(&brokers, &word_records("words", &first)).await;
+    let a = Engine::new(slow).start(&pipeline).unwrap();
+    let first_tally = tally(first.iter().map(String::as_str));
+    assert!(
+        wait_until(WAIT, || all_counted(&store, &first_tally)).await,
+        "A wrote its states"
+    );
+    let sent = std::time::Instant::now();
+    assert_eq!(a.metrics().snapshot().published, 0, "A's outputs linger");
+
+    // B joins and takes a partition while A's batch is unacknowledged, then finds
+    // newer input for the same keys waiting.
+    let b = Engine::new(test_config(&brokers)).start(&pipeline).unwrap();
+    let second = words(200, 20, 16);
+    produce(&brokers, &word_records("words", &second)).await;
+    let all: Vec<&str> = first.iter().chain(&second).map(String::as_str).collect();
+    let expected = tally(all.iter().copied());
+    assert!(wait_until(WAIT, || all_counted(&store, &expected)).await);
+    // Whatever A still holds lands by now.
+    tokio::time::sleep((linger + Duration::from_secs(3)).saturating_sub(sent.elapsed())).await;
+    let b_committed = b.metrics().snapshot().committed;
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    assert!(b_committed > 0, "B took a partition");
+
+    let stored = stored_counts(store.as_ref(), expected.keys().cloned()).await;
+    assert_eq!(stored, expected, "stored counts");
+    let outputs = read_topic(&brokers, "counts", all.len(), WAIT);
+    let mut last: HashMap<String, String> = HashMap::new();
+    for record in &outputs {
+        last.insert(record.key_str(), record.value_str());
+    }
+    for (word, count) in &expected {
+        assert_eq!(
+            last.get(word).map(String::as_str),
+            Some(count.to_string().as_str()),
+            "the last output of {word} is its stored count"
+        );
+    }
+}

@@ -19,7 +19,6 @@ use std::time::Duration;
 use flows_core::{Headers, RawMessage, TopicPartition};
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
@@ -30,12 +29,18 @@ use crate::worker::{Batch, PartitionControl, PartitionInput, WorkerContext, run_
 
 /// How long `poll` blocks; also the latency of stop requests and commits.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
-/// How often completed offsets are committed (asynchronously) while running.
+/// How often completed offsets are committed while running.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 /// How often a running pipeline logs its counters.
 const PROGRESS_LOG_INTERVAL: Duration = Duration::from_secs(30);
-/// How long to wait for an abandoned worker to notice before moving on.
+/// How long to wait for abandoned workers to notice before aborting them.
 const ABANDON_GRACE: Duration = Duration::from_secs(5);
+/// How much longer than the producer's `message.timeout.ms` an abandoned batch's
+/// outputs are waited for: librdkafka reports every record by then.
+const SETTLE_MARGIN: Duration = Duration::from_secs(5);
+/// Attempts of a synchronous commit (revoke, shutdown), and the first wait between them.
+const SYNC_COMMIT_ATTEMPTS: u32 = 4;
+const SYNC_COMMIT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// The consumer type of the engine.
 pub(crate) type EngineConsumer = BaseConsumer<EngineContext>;
@@ -43,7 +48,8 @@ pub(crate) type EngineConsumer = BaseConsumer<EngineContext>;
 struct Slot {
     control: Arc<PartitionControl>,
     task: JoinHandle<()>,
-    committed: i64,
+    /// The offset the broker confirmed as committed (-1: none yet).
+    confirmed: i64,
 }
 
 /// State shared by the consumer thread, its rebalance callbacks and the handle.
@@ -54,6 +60,9 @@ pub(crate) struct Shared {
     pub(crate) stop: AtomicBool,
     fatal: Mutex<Option<EngineError>>,
     slots: Mutex<HashMap<TopicPartition, Slot>>,
+    /// Held by every commit: a commit round in flight when partitions are revoked lands
+    /// before the revoke's own commit, never after the next owner's.
+    commit_lock: Mutex<()>,
     /// The consumer, for splitting partition queues inside rebalance callbacks.
     consumer: OnceLock<Weak<EngineConsumer>>,
 }
@@ -71,6 +80,7 @@ impl Shared {
             stop: AtomicBool::new(false),
             fatal: Mutex::new(None),
             slots: Mutex::new(HashMap::new()),
+            commit_lock: Mutex::new(()),
             consumer: OnceLock::new(),
         }
     }
@@ -129,33 +139,80 @@ impl Shared {
         Ok(Slot {
             control,
             task,
-            committed: -1,
+            confirmed: -1,
         })
     }
 
-    /// Commits the offsets of completed batches not committed yet.
-    fn commit_completed(&self, consumer: &EngineConsumer, mode: CommitMode) {
+    /// Commits the offsets of completed batches not confirmed yet, synchronously (on
+    /// the commit thread), so that a failed commit is known and sent again next round.
+    /// librdkafka reports the outcome of a manual asynchronous commit to no callback,
+    /// so a fire-and-forget commit that failed would leave the group's offsets behind
+    /// until a later batch, and a shutdown would never know.
+    fn commit_completed(&self, consumer: &EngineConsumer) {
+        let _serial = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut list = TopicPartitionList::new();
-        let mut slots = self.slots();
-        for (tp, slot) in slots.iter_mut() {
+        let mut sent: Vec<(TopicPartition, i64)> = Vec::new();
+        for (tp, slot) in self.slots().iter() {
             if let Some(next) = slot.control.next_offset()
-                && next > slot.committed
+                && next > slot.confirmed
                 && list
                     .add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next))
                     .is_ok()
             {
-                slot.committed = next;
+                sent.push((tp.clone(), next));
             }
         }
-        drop(slots);
-        commit(consumer, &list, mode);
+        if sent.is_empty() {
+            return;
+        }
+        match consumer.commit(&list, CommitMode::Sync) {
+            Ok(()) => {
+                let mut slots = self.slots();
+                for (tp, next) in sent {
+                    if let Some(slot) = slots.get_mut(&tp) {
+                        slot.confirmed = slot.confirmed.max(next);
+                    }
+                }
+            }
+            Err(error) => {
+                self.worker.metrics.add_commit_failures(1);
+                tracing::warn!(pipeline = %self.worker.pipeline.name, %error, partitions = sent.len(), "offset commit failed; retrying it");
+            }
+        }
     }
 
-    /// Stops the workers of `partitions`: they start no new batch, the one in flight
-    /// finishes within the drain timeout or is abandoned; then their offsets are
-    /// committed synchronously, before the partitions are released.
+    /// Commits `list` synchronously, retrying a failure a few times: revoke and
+    /// shutdown must leave the group's offsets where processing got to, or the next
+    /// owner replays (harmlessly, but needlessly) what was done.
+    fn commit_sync(&self, consumer: &EngineConsumer, list: &TopicPartitionList) {
+        if list.count() == 0 {
+            return;
+        }
+        let _serial = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let name = &self.worker.pipeline.name;
+        for attempt in 0..SYNC_COMMIT_ATTEMPTS {
+            match consumer.commit(list, CommitMode::Sync) {
+                Ok(()) => return,
+                Err(error) => {
+                    self.worker.metrics.add_commit_failures(1);
+                    tracing::warn!(pipeline = %name, %error, attempt, "offset commit failed");
+                    std::thread::sleep(SYNC_COMMIT_BACKOFF * (1 << attempt));
+                }
+            }
+        }
+        tracing::warn!(pipeline = %name, "offsets not committed; the next owner replays from the last committed ones (the states' progress makes that harmless)");
+    }
+
+    /// Stops the workers of `partitions`: they start no new batch, and the batches in
+    /// flight get one common `drain_timeout` to finish. Those that do not are abandoned
+    /// all at once: each stops at its next step, or is aborted after one common grace,
+    /// except a batch whose outputs are in the producer's hands, which is waited for
+    /// until they are settled (acknowledged or failed, within the producer's
+    /// `message.timeout.ms`), so that none of them can land after the next owner's
+    /// outputs. Then whatever completed and is not confirmed committed is committed
+    /// synchronously, before the partitions are released.
     fn release(&self, consumer: &EngineConsumer, partitions: &[TopicPartition]) {
-        let released: Vec<(TopicPartition, Slot)> = {
+        let mut released: Vec<(TopicPartition, Slot)> = {
             let mut slots = self.slots();
             partitions
                 .iter()
@@ -165,31 +222,70 @@ impl Shared {
         for (_, slot) in &released {
             slot.control.release();
         }
-        let deadline = tokio::time::Instant::now() + self.drain_timeout;
-        let mut list = TopicPartitionList::new();
-        for (tp, mut slot) in released {
-            let finished = self.runtime.block_on(async {
-                tokio::time::timeout_at(deadline, &mut slot.task)
-                    .await
-                    .is_ok()
-            });
-            if !finished {
-                tracing::warn!(pipeline = %self.worker.pipeline.name, %tp, "in-flight batch did not finish in time; abandoning it");
+        let name = &self.worker.pipeline.name;
+        let drain_deadline = tokio::time::Instant::now() + self.drain_timeout;
+        self.wait_for_tasks(&mut released, drain_deadline);
+        let stuck: Vec<&TopicPartition> = released
+            .iter()
+            .filter(|(_, slot)| !slot.task.is_finished())
+            .map(|(tp, _)| tp)
+            .collect();
+        if !stuck.is_empty() {
+            tracing::warn!(pipeline = %name, partitions = %list_partitions(&stuck), "in-flight batches did not finish in time; abandoning them");
+            for (_, slot) in &released {
                 slot.control.abandon();
-                let _ = self
-                    .runtime
-                    .block_on(async { tokio::time::timeout(ABANDON_GRACE, &mut slot.task).await });
+            }
+            self.wait_for_tasks(&mut released, tokio::time::Instant::now() + ABANDON_GRACE);
+            // A batch whose outputs are queued in the producer is waited for until they
+            // are settled; aborting it would leave them to land later.
+            let settling: Vec<&TopicPartition> = released
+                .iter()
+                .filter(|(_, slot)| !slot.task.is_finished() && slot.control.sending())
+                .map(|(tp, _)| tp)
+                .collect();
+            if !settling.is_empty() {
+                let settle = self.worker.producer.delivery_timeout();
+                tracing::warn!(pipeline = %name, partitions = %list_partitions(&settling), timeout = ?settle, "waiting for the outputs of abandoned batches to be settled");
+                let deadline = tokio::time::Instant::now()
+                    + settle.map_or(self.drain_timeout, |t| t + SETTLE_MARGIN);
+                self.wait_for_tasks(&mut released, deadline);
+            }
+            for (tp, slot) in &mut released {
+                if slot.task.is_finished() {
+                    continue;
+                }
+                if slot.control.sending() {
+                    tracing::warn!(pipeline = %name, %tp, "outputs of an abandoned batch are still unsettled; they may land after the next owner's");
+                }
                 slot.task.abort();
                 // Wait for the abort, so that the partition's queue is dropped.
                 let _ = self.runtime.block_on(&mut slot.task);
             }
+        }
+        let mut list = TopicPartitionList::new();
+        for (tp, slot) in &released {
             if let Some(next) = slot.control.next_offset()
-                && next > slot.committed
+                && next > slot.confirmed
             {
                 let _ = list.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next));
             }
         }
-        commit(consumer, &list, CommitMode::Sync);
+        self.commit_sync(consumer, &list);
+    }
+
+    /// Waits until every task of `released` finished or `deadline` passed.
+    fn wait_for_tasks(
+        &self,
+        released: &mut [(TopicPartition, Slot)],
+        deadline: tokio::time::Instant,
+    ) {
+        self.runtime.block_on(async {
+            for (_, slot) in released.iter_mut() {
+                if !slot.task.is_finished() {
+                    let _ = tokio::time::timeout_at(deadline, &mut slot.task).await;
+                }
+            }
+        });
     }
 
     /// Stops the pipeline if a worker ended while its partition is still assigned: that
@@ -235,17 +331,6 @@ impl PartitionInput for QueueInput {
     }
 }
 
-fn commit(consumer: &EngineConsumer, list: &TopicPartitionList, mode: CommitMode) {
-    if list.count() == 0 {
-        return;
-    }
-    if let Err(error) = consumer.commit(list, mode) {
-        // Not fatal: the batch is done; an uncommitted offset only means a replay,
-        // which the state's progress makes harmless.
-        tracing::warn!(%error, "offset commit failed; the next owner will replay from the last committed offset");
-    }
-}
-
 /// The consumer's context: turns rebalance callbacks into worker starts and stops.
 pub(crate) struct EngineContext {
     pub(crate) shared: Arc<Shared>,
@@ -285,12 +370,6 @@ impl ConsumerContext for EngineContext {
             }
         }
     }
-
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(error) = result {
-            tracing::warn!(pipeline = %self.shared.worker.pipeline.name, %error, "offset commit failed");
-        }
-    }
 }
 
 fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
@@ -300,7 +379,7 @@ fn partitions_of(list: &TopicPartitionList) -> Vec<TopicPartition> {
         .collect()
 }
 
-fn list_partitions(partitions: &[TopicPartition]) -> String {
+fn list_partitions<T: std::fmt::Display>(partitions: &[T]) -> String {
     let names: Vec<String> = partitions.iter().map(ToString::to_string).collect();
     names.join(", ")
 }
@@ -351,12 +430,41 @@ fn to_raw(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> RawMessage {
     }
 }
 
+/// Starts the thread that commits completed offsets every [`COMMIT_INTERVAL`] until
+/// the pipeline stops. Commits are synchronous, to know their outcome, and on a thread
+/// of their own so that a slow coordinator delays neither rebalances nor stop requests.
+fn start_committer(
+    consumer: Arc<EngineConsumer>,
+    shared: Arc<Shared>,
+) -> Option<std::thread::JoinHandle<()>> {
+    let name = shared.worker.pipeline.name.clone();
+    let shared_on_error = Arc::clone(&shared);
+    let spawned = std::thread::Builder::new()
+        .name(format!("flows-commit-{name}"))
+        .spawn(move || {
+            while !shared.stop.load(Ordering::Acquire) {
+                std::thread::sleep(COMMIT_INTERVAL);
+                shared.commit_completed(&consumer);
+            }
+        });
+    match spawned {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            shared_on_error.fail(EngineError::Internal(format!(
+                "cannot start the commit thread of {name}: {error}"
+            )));
+            None
+        }
+    }
+}
+
 /// The consumer thread's body: serve events and commit completed offsets until
 /// stopped; then release every partition (finishing in-flight batches) and close.
 pub(crate) fn poll_loop(
     consumer: Arc<EngineConsumer>,
     shared: Arc<Shared>,
 ) -> Result<(), EngineError> {
+    let committer = start_committer(Arc::clone(&consumer), Arc::clone(&shared));
     let mut last_commit = std::time::Instant::now();
     let mut last_progress_log = std::time::Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
@@ -379,7 +487,6 @@ pub(crate) fn poll_loop(
         }
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             shared.check_workers();
-            shared.commit_completed(&consumer, CommitMode::Async);
             last_commit = std::time::Instant::now();
         }
         if last_progress_log.elapsed() >= PROGRESS_LOG_INTERVAL {
@@ -399,6 +506,11 @@ pub(crate) fn poll_loop(
         }
     }
     tracing::info!(pipeline = %shared.worker.pipeline.name, "stopping: finishing in-flight batches");
+    if let Some(committer) = committer
+        && committer.join().is_err()
+    {
+        tracing::warn!(pipeline = %shared.worker.pipeline.name, "the commit thread panicked");
+    }
     let owned = shared.owned_partitions();
     shared.release(&consumer, &owned);
     consumer.unsubscribe();

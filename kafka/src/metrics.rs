@@ -29,6 +29,7 @@ struct Counters {
     batches_split: AtomicU64,
     unpublishable: AtomicU64,
     stalled_partitions: AtomicU64,
+    commit_failures: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -75,6 +76,10 @@ pub struct MetricsSnapshot {
     /// or broker failure, or still awaiting acknowledgements after a while (a gauge;
     /// each stall is also logged, with its reason, as it goes on).
     pub stalled_partitions: u64,
+    /// Offset commits the broker refused or did not answer; each is retried (the next
+    /// commit carries the same or a later offset), and revoke and shutdown commit what
+    /// is outstanding synchronously.
+    pub commit_failures: u64,
 }
 
 macro_rules! counter {
@@ -128,6 +133,8 @@ counter! {
     add_unpublishable => unpublishable,
     /// Adds stalled partitions (a gauge: see `Stall`).
     add_stalled_partitions => stalled_partitions,
+    /// Adds failed offset commits.
+    add_commit_failures => commit_failures,
 }
 
 impl Metrics {
@@ -236,6 +243,11 @@ impl MetricsSnapshot {
                 "flows_unpublishable_total",
                 "Outputs refused for good by the broker or client.",
                 self.unpublishable,
+            ),
+            (
+                "flows_commit_failures_total",
+                "Offset commits that failed (and were retried).",
+                self.commit_failures,
             ),
         ];
         let gauges = [(

@@ -175,6 +175,20 @@ impl OutputProducer {
         send_with(&self.producer, records).await
     }
 
+    /// How long librdkafka may take to settle a record (deliver it or report its
+    /// failure): `message.timeout.ms` (alias `delivery.timeout.ms`); `None` when it is 0,
+    /// which means forever.
+    pub fn delivery_timeout(&self) -> Option<Duration> {
+        let millis = self
+            .properties
+            .iter()
+            .rev()
+            .find(|(key, _)| key == "message.timeout.ms" || key == "delivery.timeout.ms")
+            .map_or(Some(300_000), |(_, value)| value.trim().parse::<u64>().ok())
+            .unwrap_or(300_000);
+        (millis > 0).then(|| Duration::from_millis(millis))
+    }
+
     /// Waits up to `timeout` for every in-flight record to be delivered.
     pub fn flush(&self, timeout: Duration) -> Result<(), EngineError> {
         Ok(self.producer.flush(timeout)?)

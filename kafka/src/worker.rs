@@ -37,6 +37,9 @@ pub(crate) struct PartitionControl {
     input_ready: Notify,
     /// Offset after the last completed batch, or -1.
     next_offset: AtomicI64,
+    /// Set while outputs are in the producer's hands: such a batch is not aborted when
+    /// abandoned, but waited for until they are settled.
+    sending: AtomicBool,
 }
 
 impl PartitionControl {
@@ -47,7 +50,23 @@ impl PartitionControl {
             notify: Notify::new(),
             input_ready: Notify::new(),
             next_offset: AtomicI64::new(-1),
+            sending: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the worker is waiting for the broker to settle outputs it sent.
+    pub(crate) fn sending(&self) -> bool {
+        self.sending.load(Ordering::SeqCst)
+    }
+
+    /// Marks outputs as in the producer's hands until the guard is dropped; `None` if
+    /// the batch was abandoned (then nothing may be sent). Checked after the flag is
+    /// set, and [`abandon`](Self::abandon) sets its flag before reading this one, so
+    /// either the worker sees the abandon or the releaser sees the sending.
+    fn start_sending(&self) -> Option<Sending<'_>> {
+        self.sending.store(true, Ordering::SeqCst);
+        let guard = Sending(self);
+        (!self.abandoned()).then_some(guard)
     }
 
     pub(crate) fn owned(&self) -> bool {
@@ -71,11 +90,11 @@ impl PartitionControl {
     }
 
     pub(crate) fn abandoned(&self) -> bool {
-        self.abandoned.load(Ordering::Acquire)
+        self.abandoned.load(Ordering::SeqCst)
     }
 
     pub(crate) fn abandon(&self) {
-        self.abandoned.store(true, Ordering::Release);
+        self.abandoned.store(true, Ordering::SeqCst);
         self.notify.notify_waiters();
     }
 
@@ -97,6 +116,15 @@ impl PartitionControl {
             _ = tokio::time::sleep(duration) => {}
             _ = notified => {}
         }
+    }
+}
+
+/// Outputs in the producer's hands (see [`PartitionControl::start_sending`]).
+struct Sending<'a>(&'a PartitionControl);
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        self.0.sending.store(false, Ordering::SeqCst);
     }
 }
 
@@ -343,11 +371,11 @@ async fn publish(
     let mut transient: u32 = 0;
     let mut _stall = None;
     while !pending.is_empty() {
-        if control.abandoned() {
-            // States are written; the next owner replays the stored outputs.
-            return Ok(false);
-        }
         let failures = {
+            // States are written; if abandoned, the next owner replays the stored outputs.
+            let Some(_sending) = control.start_sending() else {
+                return Ok(false);
+            };
             // All of them (the usual case), or copies of those left.
             let copies: Vec<EncodedRecord>;
             let records = if pending.len() == outputs.records.len() {
