@@ -167,13 +167,16 @@ pub fn read_topic(brokers: &str, topic: &str, at_least: usize, timeout: Duration
     records.into_values().collect()
 }
 
-/// The target directory of the running test (`target/<profile>`).
+/// The target directory of the running test or binary (`target/<profile>`): tests run
+/// from `target/<profile>/deps`, binaries from `target/<profile>`.
 fn profile_dir() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps")
-        .to_path_buf()
+    let dir = exe.parent().expect("the executable's directory");
+    match dir.file_name() {
+        Some(name) if name == "deps" => dir.parent().expect("target/<profile>"),
+        _ => dir,
+    }
+    .to_path_buf()
 }
 
 /// The binary `name` of this crate (`src/bin`), which `cargo test` builds.

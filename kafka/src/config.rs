@@ -31,7 +31,9 @@ impl Default for BatchConfig {
 }
 
 /// Where and how the engine talks to Kafka.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// Its `Debug` output shows secret properties (see [`is_secret_property`]) as `***`.
+#[derive(Clone, PartialEq, Eq)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
     pub brokers: String,
@@ -48,6 +50,15 @@ pub struct KafkaConfig {
     /// is neither published nor committed; its messages are processed again by the next
     /// owner, replaying any stored outputs.
     pub drain_timeout: Duration,
+    /// This worker's stable identity in its consumer groups (`group.instance.id`,
+    /// default none): static membership. A worker restarted under the same identity
+    /// within `session.timeout.ms` gets its partitions back at once, without a
+    /// rebalance and without waiting for its old session to expire; the price is that
+    /// a worker that leaves for good (or is not restarted) holds its partitions idle
+    /// until that session timeout, and a clean shutdown does not hand them over either.
+    /// Give every worker of a deployment its own identity (e.g. the pod name of a
+    /// StatefulSet), and set `session.timeout.ms` to cover a restart.
+    pub instance_id: Option<String>,
     /// Extra librdkafka consumer properties, applied after the defaults.
     pub consumer_overrides: Vec<(String, String)>,
     /// Extra librdkafka producer properties, applied after the defaults.
@@ -63,6 +74,7 @@ impl KafkaConfig {
             batch: BatchConfig::default(),
             backoff: Backoff::default(),
             drain_timeout: Duration::from_secs(30),
+            instance_id: None,
             consumer_overrides: Vec::new(),
             producer_overrides: Vec::new(),
         }
@@ -74,6 +86,7 @@ impl KafkaConfig {
     /// |---|---|
     /// | `FLOWS_BROKERS` | `bootstrap.servers` |
     /// | `FLOWS_GROUP_PREFIX` | consumer group prefix |
+    /// | `FLOWS_INSTANCE_ID` | static group membership ([`instance_id`](Self::instance_id)) |
     /// | `FLOWS_BATCH_MAX_MESSAGES`, `FLOWS_BATCH_MAX_BYTES`, `FLOWS_BATCH_MAX_DELAY_MS` | batching |
     /// | `FLOWS_CONSUMER_PROPERTIES`, `FLOWS_PRODUCER_PROPERTIES` | `key=value,key=value` librdkafka overrides |
     pub fn from_env() -> Result<Option<Self>, crate::EngineError> {
@@ -85,6 +98,7 @@ impl KafkaConfig {
         if let Some(prefix) = var("FLOWS_GROUP_PREFIX") {
             config.group_prefix = prefix;
         }
+        config.instance_id = var("FLOWS_INSTANCE_ID").map(|id| id.trim().to_owned());
         let number = |name: &str, value: String| {
             value.trim().parse::<u64>().map_err(|_| {
                 crate::EngineError::Configuration(format!(
@@ -107,14 +121,7 @@ impl KafkaConfig {
             ("FLOWS_PRODUCER_PROPERTIES", &mut config.producer_overrides),
         ] {
             if let Some(list) = var(name) {
-                for pair in list.split(',').filter(|p| !p.trim().is_empty()) {
-                    let (key, value) = pair.split_once('=').ok_or_else(|| {
-                        crate::EngineError::Configuration(format!(
-                            "{name}: expected key=value, got {pair:?}"
-                        ))
-                    })?;
-                    target.push((key.trim().to_owned(), value.trim().to_owned()));
-                }
+                target.extend(parse_properties(name, &list)?);
             }
         }
         Ok(Some(config))
@@ -123,6 +130,13 @@ impl KafkaConfig {
     /// Sets the consumer group prefix.
     pub fn group_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.group_prefix = prefix.into();
+        self
+    }
+
+    /// Makes this worker a static group member under `id` (see
+    /// [`instance_id`](Self::instance_id)).
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
         self
     }
 
@@ -191,7 +205,12 @@ impl KafkaConfig {
             ("fetch.max.bytes", "131072"),
             ("message.max.bytes", "131072"),
         ];
-        merge(&defaults, &self.consumer_overrides)
+        let mut properties = merge(&defaults, &[]);
+        if let Some(id) = &self.instance_id {
+            properties.push(("group.instance.id".into(), id.clone()));
+        }
+        merge_into(&mut properties, &self.consumer_overrides);
+        properties
     }
 
     /// Producer properties: idempotent (no duplicates from internal retries, order kept
@@ -209,8 +228,125 @@ impl KafkaConfig {
             ("queue.buffering.max.kbytes", "131072"),
             ("compression.type", "lz4"),
             ("message.timeout.ms", "300000"),
+            // Java's partitioner (murmur2 of the key; keyless records spread randomly):
+            // a key lands on the same partition as from Java producers and Kafka
+            // Streams, so co-partitioned topics stay co-partitioned whoever writes them.
+            // librdkafka's own default (CRC32) would scatter the same keys elsewhere.
+            ("partitioner", "murmur2_random"),
         ];
         merge(&defaults, &self.producer_overrides)
+    }
+}
+
+/// Parses `key=value,key=value` from the variable `name`. A malformed item may hold a
+/// secret, so the error names its position, not its text.
+fn parse_properties(name: &str, list: &str) -> Result<Vec<(String, String)>, crate::EngineError> {
+    list.split(',')
+        .enumerate()
+        .filter(|(_, pair)| !pair.trim().is_empty())
+        .map(|(index, pair)| {
+            let (key, value) = pair.split_once('=').ok_or_else(|| {
+                crate::EngineError::Configuration(format!(
+                    "{name}: expected key=value pairs separated by commas; item {} is not one",
+                    index + 1
+                ))
+            })?;
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        })
+        .collect()
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &redact_url_credentials(&self.brokers))
+            .field("group_prefix", &self.group_prefix)
+            .field("batch", &self.batch)
+            .field("backoff", &self.backoff)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("instance_id", &self.instance_id)
+            .field("consumer_overrides", &Redacted(&self.consumer_overrides))
+            .field("producer_overrides", &Redacted(&self.producer_overrides))
+            .finish()
+    }
+}
+
+/// Properties shown with their secret values as `***`.
+struct Redacted<'a>(&'a [(String, String)]);
+
+impl std::fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(key, value)| {
+                let shown = if is_secret_property(key) {
+                    "***".to_owned()
+                } else {
+                    redact_url_credentials(value)
+                };
+                (key, shown)
+            }))
+            .finish()
+    }
+}
+
+/// Whether the librdkafka property `key` holds a secret (a password, a private key, an
+/// OAuth secret or token), which the engine never shows in `Debug` output, logs or
+/// errors.
+pub fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "token", "sasl.oauthbearer.config"]
+        .iter()
+        .any(|word| key.contains(word))
+        || (key.starts_with("ssl.key") && !key.ends_with(".location"))
+        || key.starts_with("ssl_key")
+}
+
+/// `text` with the credentials of any URL in it (`scheme://user:password@host`)
+/// replaced by `***`.
+pub(crate) fn redact_url_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("://") {
+        let (before, after) = rest.split_at(start + 3);
+        out.push_str(before);
+        let authority_end = after
+            .find(['/', ' ', ',', '"', '\''])
+            .unwrap_or(after.len());
+        match after[..authority_end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                rest = &after[at..];
+            }
+            None => rest = after,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `text` with every secret value of `properties` replaced by `***`, and URL
+/// credentials too: for errors of librdkafka, which may quote a value it rejects.
+pub(crate) fn redact(text: &str, properties: &[(String, String)]) -> String {
+    let mut text = redact_url_credentials(text);
+    for (key, value) in properties {
+        if is_secret_property(key) && !value.is_empty() {
+            text = text.replace(value.as_str(), "***");
+        }
+    }
+    text
+}
+
+/// The error of creating a client with `properties`, with their secrets redacted.
+pub(crate) fn client_error(
+    error: rdkafka::error::KafkaError,
+    properties: &[(String, String)],
+) -> crate::EngineError {
+    let text = error.to_string();
+    let redacted = redact(&text, properties);
+    if redacted == text {
+        crate::EngineError::Kafka(error)
+    } else {
+        crate::EngineError::Configuration(redacted)
     }
 }
 
@@ -246,13 +382,18 @@ fn merge(defaults: &[(&str, &str)], overrides: &[(String, String)]) -> Vec<(Stri
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
+    merge_into(&mut properties, overrides);
+    properties
+}
+
+/// Applies `overrides` to `properties`: replaces a key's value, or adds the key.
+fn merge_into(properties: &mut Vec<(String, String)>, overrides: &[(String, String)]) {
     for (key, value) in overrides {
         match properties.iter_mut().find(|(k, _)| k == key) {
             Some(entry) => entry.1 = value.clone(),
             None => properties.push((key.clone(), value.clone())),
         }
     }
-    properties
 }
 
 #[cfg(test)]
@@ -343,6 +484,61 @@ mod tests {
         assert!(number("max.partition.fetch.bytes") <= number("fetch.max.bytes"));
         // librdkafka's default of 1,000 ms stalls a partition whose queue was full.
         assert!(number("fetch.queue.backoff.ms") <= Some(50));
+    }
+
+    #[test]
+    fn debug_output_and_errors_never_show_secrets() {
+        let config = KafkaConfig::new("b:9092")
+            .consumer_property("sasl.password", "hunter2")
+            .consumer_property("sasl.username", "alice")
+            .producer_property("ssl.key.password", "pem-pass")
+            .producer_property("ssl.keystore.password", "store-pass")
+            .producer_property("sasl.oauthbearer.client.secret", "oauth-secret")
+            .producer_property("sasl.oauthbearer.token.endpoint.url", "https://u:tok@idp/x");
+        let shown = format!("{config:?}");
+        for secret in ["hunter2", "pem-pass", "store-pass", "oauth-secret", "tok@"] {
+            assert!(!shown.contains(secret), "{secret} shown in {shown}");
+        }
+        assert!(shown.contains("alice"), "non-secrets stay visible: {shown}");
+        assert!(!is_secret_property("ssl.key.location"));
+        assert!(is_secret_property("ssl.key.pem"));
+
+        let error = rdkafka::error::KafkaError::ClientCreation(
+            "Invalid value \"hunter2\" for configuration property \"sasl.password\"".into(),
+        );
+        let text = client_error(error, &config.consumer_properties("g")).to_string();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("sasl.password"), "{text}");
+        assert_eq!(
+            redact_url_credentials("postgres://user:pw@db:5432/x and mongodb://h/y"),
+            "postgres://***@db:5432/x and mongodb://h/y"
+        );
+    }
+
+    #[test]
+    fn a_malformed_property_list_does_not_echo_its_values() {
+        let name = "FLOWS_CONSUMER_PROPERTIES";
+        let list = "client.id=a,sasl.password:hunter2";
+        let error = parse_properties(name, list).map(|_| ()).unwrap_err();
+        let text = error.to_string();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("item 2"), "{text}");
+    }
+
+    #[test]
+    fn an_instance_id_makes_a_static_member() {
+        let dynamic = KafkaConfig::new("b").consumer_properties("g");
+        assert_eq!(get(&dynamic, "group.instance.id"), None);
+        let fixed = KafkaConfig::new("b")
+            .instance_id("worker-3")
+            .consumer_properties("g");
+        assert_eq!(get(&fixed, "group.instance.id"), Some("worker-3"));
+    }
+
+    #[test]
+    fn keys_are_partitioned_as_java_clients_do() {
+        let properties = KafkaConfig::new("b").producer_properties();
+        assert_eq!(get(&properties, "partitioner"), Some("murmur2_random"));
     }
 
     #[test]

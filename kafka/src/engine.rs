@@ -7,7 +7,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::oneshot;
 
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, client_error};
 use crate::consumer::{EngineContext, Shared, poll_loop};
 use crate::error::EngineError;
 use crate::metrics::Metrics;
@@ -58,16 +58,19 @@ impl Engine {
         let shared = Arc::new(Shared::new(worker, runtime, self.config.drain_timeout));
 
         let mut client = ClientConfig::new();
-        for (key, value) in self
+        let properties = self
             .config
-            .consumer_properties(&self.config.group_id(&pipeline.name))
-        {
+            .consumer_properties(&self.config.group_id(&pipeline.name));
+        for (key, value) in &properties {
             client.set(key, value);
         }
-        let consumer: Arc<BaseConsumer<EngineContext>> =
-            Arc::new(client.create_with_context(EngineContext {
-                shared: Arc::clone(&shared),
-            })?);
+        let consumer: Arc<BaseConsumer<EngineContext>> = Arc::new(
+            client
+                .create_with_context(EngineContext {
+                    shared: Arc::clone(&shared),
+                })
+                .map_err(|e| client_error(e, &properties))?,
+        );
         shared.set_consumer(&consumer);
         let topics = pipeline.input_topics();
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();

@@ -78,7 +78,7 @@ mod state_cache;
 mod stateful;
 mod worker;
 
-pub use config::{Backoff, BatchConfig, KafkaConfig};
+pub use config::{Backoff, BatchConfig, KafkaConfig, is_secret_property};
 pub use embedded::EmbeddedKafka;
 pub use engine::{Engine, RunningPipeline, select, select_from_env, shutdown_signal};
 pub use error::EngineError;

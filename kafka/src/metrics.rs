@@ -30,6 +30,7 @@ struct Counters {
     unpublishable: AtomicU64,
     stalled_partitions: AtomicU64,
     commit_failures: AtomicU64,
+    state_conflicts: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -65,8 +66,9 @@ pub struct MetricsSnapshot {
     /// instead of reading them: with `states_read`, how well
     /// [`StateCacheLimits`](crate::StateCacheLimits) fit the hot keys.
     pub state_cache_hits: u64,
-    /// Batches processed in parts because a state would otherwise have grown past the
-    /// store's limit (a hot key's outputs kept for replay).
+    /// Batches processed in parts: a state would otherwise have grown past the store's
+    /// limit (a hot key's outputs kept for replay), or another writer of the same
+    /// states kept the parts small (see `state_conflicts`).
     pub batches_split: u64,
     /// Outputs the broker or client refused for good (too large, no such partition, a
     /// timestamp or policy the broker rejects): their inputs went through the error
@@ -80,6 +82,10 @@ pub struct MetricsSnapshot {
     /// commit carries the same or a later offset), and revoke and shutdown commit what
     /// is outstanding synchronously.
     pub commit_failures: u64,
+    /// State writes that conflicted with another writer of the same states (another
+    /// partition writing the same ids, or a former owner): each retries the first half
+    /// of its batch, down to one message, so every writer makes progress.
+    pub state_conflicts: u64,
 }
 
 macro_rules! counter {
@@ -135,6 +141,8 @@ counter! {
     add_stalled_partitions => stalled_partitions,
     /// Adds failed offset commits.
     add_commit_failures => commit_failures,
+    /// Adds conflicting state writes.
+    add_state_conflicts => state_conflicts,
 }
 
 impl Metrics {
@@ -236,7 +244,7 @@ impl MetricsSnapshot {
             ),
             (
                 "flows_batches_split_total",
-                "Batches processed in parts so that no state outgrew the store.",
+                "Batches processed in parts (a state outgrowing the store, or write conflicts).",
                 self.batches_split,
             ),
             (
@@ -248,6 +256,11 @@ impl MetricsSnapshot {
                 "flows_commit_failures_total",
                 "Offset commits that failed (and were retried).",
                 self.commit_failures,
+            ),
+            (
+                "flows_state_conflicts_total",
+                "State writes that conflicted with another writer (retried).",
+                self.state_conflicts,
             ),
         ];
         let gauges = [(

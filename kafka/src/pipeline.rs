@@ -273,6 +273,7 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         .await;
         metrics.add_state_cache_hits(buffers.reads.cached);
         metrics.add_states_read(buffers.reads.stored);
+        metrics.add_state_conflicts(buffers.reads.conflicts);
         self.buffers().push(buffers);
         let processed = result?;
         if processed < batch.len() {

@@ -12,7 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::Notify;
 
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, client_error};
 use crate::error::EngineError;
 
 /// Sends batches of [`EncodedRecord`]s and resolves once the broker acknowledged all of
@@ -128,7 +128,9 @@ impl OutputProducer {
         for (key, value) in properties {
             client.set(key, value);
         }
-        Ok(client.create_with_context(AcknowledgingContext)?)
+        client
+            .create_with_context(AcknowledgingContext)
+            .map_err(|e| client_error(e, properties))
     }
 
     /// Like [`send_each`](Self::send_each), but every record travels in a request batch

@@ -26,6 +26,10 @@ use crate::state_cache::{StateCache, lock};
 /// before giving up (a conflict means another writer changed the state in between).
 pub const MAX_CONFLICT_RETRIES: usize = 8;
 
+/// A part limit after conflicts (see `BatchBuffers::part_limit`) that has doubled up to
+/// this many messages no longer limits.
+const MAX_PART_LIMIT: usize = 1 << 20;
+
 /// Why a stateful batch failed. Nothing of a failed batch may be published or committed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -150,6 +154,11 @@ pub(crate) struct BatchBuffers {
     writes: Vec<RawState>,
     /// Where the last batch's states came from.
     pub(crate) reads: StateReads,
+    /// After write conflicts: how many messages to process at most, the size that last
+    /// got through; doubled after every batch written without a conflict until it no
+    /// longer limits. Batches keep small while another writer contends for their
+    /// states, instead of growing back and conflicting again.
+    part_limit: Option<usize>,
 }
 
 /// Where a batch's states came from, over all its attempts.
@@ -159,6 +168,8 @@ pub(crate) struct StateReads {
     pub(crate) cached: u64,
     /// Read from the store.
     pub(crate) stored: u64,
+    /// Writes that conflicted with another writer's.
+    pub(crate) conflicts: u64,
 }
 
 /// What a batch may reuse: the pipeline's cache of recently written states, and
@@ -192,11 +203,16 @@ where
         slots,
         writes,
         reads,
+        part_limit,
     } = reuse.buffers;
     *reads = StateReads::default();
     let max_state_size = store.capabilities().max_state_size;
-    // Shortened when a state would outgrow the store (see `Oversized`).
-    let mut messages = messages;
+    // Shortened when a state would outgrow the store (see `Oversized`) or after a
+    // write conflict.
+    let mut messages = match *part_limit {
+        Some(limit) if limit < messages.len() => &messages[..limit.max(1)],
+        _ => messages,
+    };
     let mut refuse_first: Option<TooLarge> = None;
     let mut probe = false;
     let mut first_read = true;
@@ -316,24 +332,58 @@ where
                     per_message[index] = records;
                 }
                 flatten_into(per_message, outputs);
+                *part_limit = if reads.conflicts > 0 {
+                    Some(messages.len())
+                } else {
+                    part_limit
+                        .map(|l| l.saturating_mul(2))
+                        .filter(|&l| l < MAX_PART_LIMIT)
+                };
                 return Ok(messages.len());
             }
             Err(RepositoryError::Conflict { ids }) => {
-                tracing::debug!(
-                    conflicts = ids.len(),
-                    "state write conflicted; re-reading the batch"
-                );
                 if !still_owner() {
                     return Err(BatchError::Fenced);
                 }
-                conflicts += 1;
-                if conflicts > MAX_CONFLICT_RETRIES {
-                    return Err(BatchError::PersistentConflict { ids });
+                reads.conflicts += 1;
+                // Another partition writes some of these states too (ids computed from
+                // values, or several topics into one state). Retrying the whole batch
+                // would re-read and re-fold all of it, and a writer slower than its
+                // rival could conflict forever: halve it instead, down to one message,
+                // so the window between read and write shrinks to the rival's, and the
+                // rest follows in the next part. Only one message conflicting again
+                // and again counts against the limit.
+                if messages.len() > 1 {
+                    tracing::debug!(
+                        conflicts = ids.len(),
+                        messages = messages.len(),
+                        "state write conflicted; retrying the first half of the batch"
+                    );
+                    messages = &messages[..messages.len() / 2];
+                    regroup = true;
+                } else {
+                    conflicts += 1;
+                    if conflicts > MAX_CONFLICT_RETRIES {
+                        return Err(BatchError::PersistentConflict { ids });
+                    }
                 }
+                // Out of step with the rival, which may be retrying too.
+                tokio::time::sleep(conflict_pause(reads.conflicts)).await;
             }
             Err(other) => return Err(other.into()),
         }
     }
+}
+
+/// A short pause before retrying after the `n`th conflict: up to a millisecond per
+/// conflict (at most 20 ms), spread by the clock's nanoseconds, so two writers of one
+/// state do not retry in lockstep.
+fn conflict_pause(n: u64) -> std::time::Duration {
+    let spread = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    let max_micros = n.min(20) * 1_000;
+    std::time::Duration::from_micros(spread % max_micros.max(1))
 }
 
 /// What to do about states that a fold made larger than the store accepts.
@@ -673,8 +723,8 @@ async fn read_states<R: SingleStateRepository + ?Sized>(
         // `get_all` answers in request order, one state per id.
         *states = store.get_all(ids).await?;
         return Ok(StateReads {
-            cached: 0,
             stored: ids.len() as u64,
+            ..StateReads::default()
         });
     };
     slots.clear();
@@ -691,6 +741,7 @@ async fn read_states<R: SingleStateRepository + ?Sized>(
     let reads = StateReads {
         cached: (ids.len() - missing.len()) as u64,
         stored: missing.len() as u64,
+        ..StateReads::default()
     };
     let mut read = if missing.is_empty() {
         Vec::new()
@@ -812,14 +863,22 @@ mod tests {
         batch: &[RawMessage],
         on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
     ) -> Result<Vec<EncodedRecord>, BatchError> {
-        let reuse = Reuse {
-            cache: Some(cache),
-            buffers,
-        };
-        let mut outputs = Outputs::default();
-        apply_batch_cached(f, store, batch, on_error, &|| true, reuse, &mut outputs).await?;
-        assert_eq!(outputs.inputs.len(), outputs.records.len());
-        Ok(outputs.records)
+        // In parts, as the worker does when a batch is split.
+        let mut rest = batch;
+        let mut records = Vec::new();
+        while !rest.is_empty() {
+            let reuse = Reuse {
+                cache: Some(cache),
+                buffers: &mut *buffers,
+            };
+            let mut outputs = Outputs::default();
+            let processed =
+                apply_batch_cached(f, store, rest, on_error, &|| true, reuse, &mut outputs).await?;
+            assert_eq!(outputs.inputs.len(), outputs.records.len());
+            records.extend(outputs.records);
+            rest = &rest[processed.clamp(1, rest.len())..];
+        }
+        Ok(records)
     }
 
     /// Another instance, without a cache, counts `times` more "a" (from partition 1) in
@@ -941,6 +1000,76 @@ mod tests {
             [-1, 3, 1],
             "one set of outputs, input order"
         );
+    }
+
+    /// A conflict halves the batch; the size that got through limits the next batches,
+    /// doubling back after every batch written without a conflict.
+    #[tokio::test]
+    async fn a_conflict_halves_the_batch_and_the_parts_grow_back() {
+        let (f, store) = (counter(), Spy::default());
+        let cache = Mutex::new(StateCache::new(StateCacheLimits::default()));
+        let mut buffers = BatchBuffers::default();
+        run_with(
+            &f,
+            &store,
+            &cache,
+            &mut buffers,
+            &words(0, &["a"]),
+            &dead_letter,
+        )
+        .await
+        .expect("first");
+        count_a_elsewhere(&f, &store, 1).await;
+        let batch = words(1, &["a", "b", "c", "d", "e", "f", "g", "h"]);
+        let mut outputs = Outputs::default();
+        let reuse = Reuse {
+            cache: Some(&cache),
+            buffers: &mut buffers,
+        };
+        let processed = apply_batch_cached(
+            &f,
+            &store,
+            &batch,
+            &dead_letter,
+            &|| true,
+            reuse,
+            &mut outputs,
+        )
+        .await
+        .expect("first part");
+        assert_eq!(processed, 4, "the conflicting batch was halved");
+        assert_eq!(buffers.reads.conflicts, 1);
+        assert_eq!(counts(&outputs.records), [3, 1, 1, 1]);
+        let mut parts = Vec::new();
+        let mut rest = &batch[processed..];
+        let more = words(
+            9,
+            &["i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s", "t"],
+        );
+        for part in [rest, &more[..]] {
+            rest = part;
+            while !rest.is_empty() {
+                let reuse = Reuse {
+                    cache: Some(&cache),
+                    buffers: &mut buffers,
+                };
+                let mut outputs = Outputs::default();
+                let processed = apply_batch_cached(
+                    &f,
+                    &store,
+                    rest,
+                    &dead_letter,
+                    &|| true,
+                    reuse,
+                    &mut outputs,
+                )
+                .await
+                .expect("part");
+                parts.push(processed);
+                rest = &rest[processed..];
+            }
+        }
+        assert_eq!(parts, [4, 8, 4], "4 fit, then 8 (doubled), then the rest");
     }
 
     #[tokio::test]

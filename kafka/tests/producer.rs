@@ -27,6 +27,16 @@ fn record(topic: &str, i: usize) -> EncodedRecord {
 
 /// Reads every record of `topic` (3 partitions) back as `EncodedRecord`s, per partition.
 fn read_back(brokers: &str, topic: &str, expected: usize) -> Vec<EncodedRecord> {
+    read_partitions(brokers, topic, 3, expected)
+}
+
+/// Reads every record of `topic`'s `partitions` back as `EncodedRecord`s.
+fn read_partitions(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+) -> Vec<EncodedRecord> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "verify")
@@ -34,7 +44,7 @@ fn read_back(brokers: &str, topic: &str, expected: usize) -> Vec<EncodedRecord> 
         .create()
         .expect("consumer");
     let mut assignment = TopicPartitionList::new();
-    for partition in 0..3 {
+    for partition in 0..partitions {
         assignment
             .add_partition_offset(topic, partition, Offset::Beginning)
             .expect("partition");
@@ -166,4 +176,62 @@ async fn one_rejected_record_fails_its_whole_batch_and_the_next_batch_is_indepen
     // The failure belonged to that batch only.
     let next: Vec<_> = (0..300).map(|i| record("mixed", i)).collect();
     producer.send_all(&next).await.expect("next batch");
+}
+
+/// Keys land where Java producers and Kafka Streams put them: murmur2 of the key, made
+/// positive, modulo the partition count. The hashes are the Java client's own test
+/// vectors (`org.apache.kafka.common.utils.UtilsTest.testMurmur2`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_land_on_the_partitions_java_clients_choose() {
+    const JAVA_MURMUR2: [(&str, i32); 6] = [
+        ("21", -973_932_308),
+        ("foobar", -790_332_482),
+        ("a-little-bit-long-string", -985_981_536),
+        ("a-little-bit-longer-string", -1_486_304_829),
+        (
+            "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+            -58_897_971,
+        ),
+        ("abc", 479_470_107),
+    ];
+    let kafka = EmbeddedKafka::start(1).expect("mock cluster");
+    let brokers = kafka.bootstrap_servers();
+    let producer = OutputProducer::new(&KafkaConfig::new(&brokers)).expect("producer");
+    for partitions in [7, 12, 31] {
+        let topic = format!("keyed-{partitions}");
+        kafka.create_topic(&topic, partitions, 1).expect("topic");
+        let records: Vec<EncodedRecord> = JAVA_MURMUR2
+            .iter()
+            .map(|(key, _)| EncodedRecord {
+                topic: topic.as_str().into(),
+                partition: None,
+                key: Some(key.as_bytes().to_vec()),
+                value: Some(b"v".to_vec()),
+                headers: Headers::new(),
+                timestamp: None,
+            })
+            .collect();
+        producer.send_all(&records).await.expect("acknowledged");
+        let reader_brokers = brokers.clone();
+        let reader_topic = topic.clone();
+        let received = tokio::task::spawn_blocking(move || {
+            read_partitions(
+                &reader_brokers,
+                &reader_topic,
+                partitions,
+                JAVA_MURMUR2.len(),
+            )
+        })
+        .await
+        .expect("reader");
+        assert_eq!(received.len(), JAVA_MURMUR2.len());
+        for (key, hash) in JAVA_MURMUR2 {
+            let java = (hash & 0x7fff_ffff) % partitions;
+            let landed = received
+                .iter()
+                .find(|r| r.key.as_deref() == Some(key.as_bytes()))
+                .and_then(|r| r.partition);
+            assert_eq!(landed, Some(java), "{key:?} over {partitions} partitions");
+        }
+    }
 }

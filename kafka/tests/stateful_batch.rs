@@ -165,9 +165,11 @@ async fn a_conflicting_writer_is_re_read_and_nothing_is_lost() {
         rival: Mutex::new(Some(words(7, 100, &["a"]).remove(0))),
     };
     let f = counter();
-    let out = apply_whole(&f, &store, &words(0, 0, &["a", "b", "a"]), &abort)
+    let (out, parts) = apply_in_parts(&f, &store, &words(0, 0, &["a", "b", "a"]), &abort)
         .await
         .unwrap();
+    // The conflict halved the batch: the first "a" alone, then the rest.
+    assert_eq!(parts, 2);
     // The rival's message counted first, so ours see 2 and 3; b was re-applied after the
     // rolled-back attempt and still counts once.
     assert_eq!(

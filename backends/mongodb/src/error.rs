@@ -4,11 +4,14 @@ use flows_core::RepositoryError;
 use mongodb::error::{ErrorKind, RETRYABLE_WRITE_ERROR, TRANSIENT_TRANSACTION_ERROR, WriteFailure};
 
 /// Server error codes after which the same operation can succeed later: write conflict
-/// between transactions (112), primary stepped down or unreachable (91, 189, 10107,
-/// 13435, 13436, 11600, 11602), host unreachable or not found (6, 7), network timeout
-/// (89), exceeded time limit (50), lock timeout (24).
+/// between transactions (112), primary stepped down, shutting down or unreachable (91,
+/// 189, 10107, 13435, 13436, 11600, 11602), host unreachable or not found (6, 7),
+/// network timeout and socket errors (89, 9001), exceeded time limit (50, 262), lock
+/// timeout or busy (24, 46), interrupted (11601), majority read concern not available
+/// yet (134), write concern timeout (64), no such transaction after a failover (251).
 const TRANSIENT_CODES: &[i32] = &[
-    6, 7, 24, 50, 89, 91, 112, 189, 10107, 11600, 11602, 13435, 13436,
+    6, 7, 24, 46, 50, 64, 89, 91, 112, 134, 189, 251, 262, 9001, 10107, 11600, 11601, 11602, 13435,
+    13436,
 ];
 
 /// Duplicate key: an insert found the document already there.
@@ -28,6 +31,17 @@ pub(crate) fn is_transient(error: &mongodb::error::Error) -> bool {
         | ErrorKind::DnsResolve { .. } => true,
         ErrorKind::Command(command) => TRANSIENT_CODES.contains(&command.code),
         ErrorKind::Write(WriteFailure::WriteError(write)) => TRANSIENT_CODES.contains(&write.code),
+        ErrorKind::Write(WriteFailure::WriteConcernError(concern)) => {
+            TRANSIENT_CODES.contains(&concern.code)
+        }
+        ErrorKind::BulkWrite(bulk) => {
+            bulk.write_errors.is_empty()
+                && !bulk.write_concern_errors.is_empty()
+                && bulk
+                    .write_concern_errors
+                    .iter()
+                    .all(|e| TRANSIENT_CODES.contains(&e.code))
+        }
         _ => false,
     }
 }

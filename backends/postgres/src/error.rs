@@ -12,15 +12,32 @@ fn is_rejection_sqlstate(code: &str) -> bool {
         .any(|class| code.starts_with(class))
 }
 
-/// SQLSTATEs after which the same operation can succeed later: connection exceptions
-/// (class 08), operator intervention (57P01-57P03: shutdown, crash, starting up),
-/// too many connections, serialization failure and deadlock (the transaction was rolled
-/// back, nothing was written).
+/// SQLSTATEs after which the same operation can succeed later, so the engine waits
+/// them out with backoff: connection exceptions (class 08); insufficient resources
+/// (class 53: too many connections, out of memory, disk full); operator intervention
+/// (57P01-57P03, 57P05: shutdown, crash, starting up, idle session timeout) and a
+/// cancelled statement (57014: statement timeout); a read-only transaction (25006: a
+/// standby after a failover, or `default_transaction_read_only`); an idle-in-transaction
+/// timeout (25P03); a lock not available (55P03: lock timeout); serialization failure,
+/// deadlock and an unknown statement completion (40001, 40P01, 40003: the transaction
+/// was rolled back); an I/O error of the server (58030).
 fn is_transient_sqlstate(code: &str) -> bool {
     code.starts_with("08")
+        || code.starts_with("53")
         || matches!(
             code,
-            "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+            "57P01"
+                | "57P02"
+                | "57P03"
+                | "57P05"
+                | "57014"
+                | "25006"
+                | "25P03"
+                | "55P03"
+                | "40001"
+                | "40P01"
+                | "40003"
+                | "58030"
         )
 }
 
@@ -48,10 +65,14 @@ mod tests {
 
     #[test]
     fn connection_and_concurrency_failures_are_transient() {
-        for code in ["08006", "08001", "57P01", "40001", "40P01", "53300"] {
+        for code in [
+            "08006", "08001", "57P01", "57P02", "57P03", "57014", "25006", "55P03", "40001",
+            "40P01", "53300", "53100", "53200",
+        ] {
             assert!(is_transient_sqlstate(code), "{code}");
         }
-        for code in ["23505", "42P01", "22021"] {
+        // Configuration (no such table, no permission) and data errors stop.
+        for code in ["23505", "42P01", "42501", "22021", "28P01", "3D000"] {
             assert!(!is_transient_sqlstate(code), "{code}");
         }
         for code in [
