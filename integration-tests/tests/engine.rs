@@ -687,11 +687,15 @@ async fn two_instances_in_one_group_share_partitions_without_regressions() {
 
     // A second instance joins mid-stream: partitions move while batches are in flight.
     let second = engine.start(&pipeline).unwrap();
+    assert!(
+        wait_until(WAIT, || second.metrics().snapshot().assigned_partitions > 0).await,
+        "the second instance got partitions"
+    );
     let batch_b = words(3_000, 50, 9);
     produce(&brokers, &word_records("words", &batch_b)).await;
     assert!(
         wait_until(WAIT, || second.metrics().snapshot().committed > 0).await,
-        "the second instance got partitions"
+        "the second instance processed its share"
     );
     // The first leaves mid-stream: its partitions move to the second.
     first.shutdown().await.unwrap();
@@ -1430,12 +1434,14 @@ async fn an_abandoned_batchs_outputs_never_land_after_the_next_owners() {
     let all: Vec<&str> = first.iter().chain(&second).map(String::as_str).collect();
     let expected = tally(all.iter().copied());
     assert!(wait_until(WAIT, || all_counted(&store, &expected)).await);
+    assert!(
+        wait_until(WAIT, || b.metrics().snapshot().committed > 0).await,
+        "B took a partition"
+    );
     // Whatever A still holds lands by now.
     tokio::time::sleep((linger + Duration::from_secs(3)).saturating_sub(sent.elapsed())).await;
-    let b_committed = b.metrics().snapshot().committed;
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
-    assert!(b_committed > 0, "B took a partition");
 
     let stored = stored_counts(store.as_ref(), expected.keys().cloned()).await;
     assert_eq!(stored, expected, "stored counts");

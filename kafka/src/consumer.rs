@@ -19,6 +19,7 @@ use std::time::Duration;
 use flows_core::{Headers, RawMessage, TopicPartition};
 use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
@@ -41,6 +42,22 @@ const SETTLE_MARGIN: Duration = Duration::from_secs(5);
 /// Attempts of a synchronous commit (revoke, shutdown), and the first wait between them.
 const SYNC_COMMIT_ATTEMPTS: u32 = 4;
 const SYNC_COMMIT_BACKOFF: Duration = Duration::from_millis(100);
+/// First and longest wait of the commit thread after a failed commit (or until the
+/// next rebalance, if sooner).
+const COMMIT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+const COMMIT_RETRY_MAX: Duration = Duration::from_secs(10);
+/// How long the commit thread waits for a rebalance to end after a commit refused
+/// because of it (the rebalance callback commits the partitions that move).
+const COMMIT_RETRY_AFTER_REBALANCE: Duration = Duration::from_secs(30);
+
+/// Whether a commit failed because the group is rebalancing (the member must rejoin).
+fn is_rebalance_error(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode::*;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RebalanceInProgress | IllegalGeneration | UnknownMemberId)
+    )
+}
 
 /// The consumer type of the engine.
 pub(crate) type EngineConsumer = BaseConsumer<EngineContext>;
@@ -63,6 +80,10 @@ pub(crate) struct Shared {
     /// Held by every commit: a commit round in flight when partitions are revoked lands
     /// before the revoke's own commit, never after the next owner's.
     commit_lock: Mutex<()>,
+    /// Set while a rebalance callback runs: the commit thread then leaves commits to it.
+    rebalancing: AtomicBool,
+    /// Rebalance callbacks so far: a failed commit is retried after the next one.
+    rebalance_events: std::sync::atomic::AtomicU64,
     /// The consumer, for splitting partition queues inside rebalance callbacks.
     consumer: OnceLock<Weak<EngineConsumer>>,
 }
@@ -81,6 +102,8 @@ impl Shared {
             fatal: Mutex::new(None),
             slots: Mutex::new(HashMap::new()),
             commit_lock: Mutex::new(()),
+            rebalancing: AtomicBool::new(false),
+            rebalance_events: std::sync::atomic::AtomicU64::new(0),
             consumer: OnceLock::new(),
         }
     }
@@ -148,7 +171,7 @@ impl Shared {
     /// librdkafka reports the outcome of a manual asynchronous commit to no callback,
     /// so a fire-and-forget commit that failed would leave the group's offsets behind
     /// until a later batch, and a shutdown would never know.
-    fn commit_completed(&self, consumer: &EngineConsumer) {
+    fn commit_completed(&self, consumer: &EngineConsumer) -> KafkaResult<()> {
         let _serial = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut list = TopicPartitionList::new();
         let mut sent: Vec<(TopicPartition, i64)> = Vec::new();
@@ -163,7 +186,7 @@ impl Shared {
             }
         }
         if sent.is_empty() {
-            return;
+            return Ok(());
         }
         match consumer.commit(&list, CommitMode::Sync) {
             Ok(()) => {
@@ -173,10 +196,12 @@ impl Shared {
                         slot.confirmed = slot.confirmed.max(next);
                     }
                 }
+                Ok(())
             }
             Err(error) => {
                 self.worker.metrics.add_commit_failures(1);
                 tracing::warn!(pipeline = %self.worker.pipeline.name, %error, partitions = sent.len(), "offset commit failed; retrying it");
+                Err(error)
             }
         }
     }
@@ -342,6 +367,9 @@ impl ConsumerContext for EngineContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let shared = &self.shared;
         let name = &shared.worker.pipeline.name;
+        shared.rebalancing.store(true, Ordering::Release);
+        shared.rebalance_events.fetch_add(1, Ordering::AcqRel);
+        let _done = RebalanceDone(shared);
         match rebalance {
             Rebalance::Revoke(list) => {
                 shared.worker.metrics.add_rebalances(1);
@@ -369,6 +397,17 @@ impl ConsumerContext for EngineContext {
                 tracing::warn!(pipeline = %name, %error, "rebalance error");
             }
         }
+        let assigned = shared.slots().len() as u64;
+        shared.worker.metrics.set_assigned_partitions(assigned);
+    }
+}
+
+/// Clears [`Shared::rebalancing`] when a rebalance callback ends.
+struct RebalanceDone<'a>(&'a Shared);
+
+impl Drop for RebalanceDone<'_> {
+    fn drop(&mut self) {
+        self.0.rebalancing.store(false, Ordering::Release);
     }
 }
 
@@ -442,9 +481,39 @@ fn start_committer(
     let spawned = std::thread::Builder::new()
         .name(format!("flows-commit-{name}"))
         .spawn(move || {
+            // After a failed commit: the rebalance count then, and until when to wait
+            // for it to change. A commit sent while the group rebalances is held until
+            // the rebalance ends, and librdkafka holds the rebalance until outstanding
+            // commits end: retrying at once would stretch every rebalance.
+            let mut paused: Option<(u64, std::time::Instant)> = None;
+            let mut failures: u32 = 0;
             while !shared.stop.load(Ordering::Acquire) {
                 std::thread::sleep(COMMIT_INTERVAL);
-                shared.commit_completed(&consumer);
+                if shared.rebalancing.load(Ordering::Acquire) {
+                    continue;
+                }
+                let events = shared.rebalance_events.load(Ordering::Acquire);
+                if let Some((at, until)) = paused {
+                    if at == events && std::time::Instant::now() < until {
+                        continue;
+                    }
+                    paused = None;
+                }
+                match shared.commit_completed(&consumer) {
+                    Ok(()) => failures = 0,
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        // The group is rebalancing: its callback commits what matters.
+                        let wait = if is_rebalance_error(&error) {
+                            COMMIT_RETRY_AFTER_REBALANCE
+                        } else {
+                            COMMIT_RETRY_BACKOFF
+                                .saturating_mul(1 << (failures - 1).min(4))
+                                .min(COMMIT_RETRY_MAX)
+                        };
+                        paused = Some((events, std::time::Instant::now() + wait));
+                    }
+                }
             }
         });
     match spawned {
@@ -506,13 +575,16 @@ pub(crate) fn poll_loop(
         }
     }
     tracing::info!(pipeline = %shared.worker.pipeline.name, "stopping: finishing in-flight batches");
+    // Release first: the workers stop at once, and the commit thread, which sees the
+    // stop, commits nothing of the released partitions after their final commit.
+    let owned = shared.owned_partitions();
+    shared.release(&consumer, &owned);
+    shared.worker.metrics.set_assigned_partitions(0);
     if let Some(committer) = committer
         && committer.join().is_err()
     {
         tracing::warn!(pipeline = %shared.worker.pipeline.name, "the commit thread panicked");
     }
-    let owned = shared.owned_partitions();
-    shared.release(&consumer, &owned);
     consumer.unsubscribe();
     close(consumer, &shared.worker.pipeline.name);
     match shared.take_fatal() {

@@ -31,6 +31,7 @@ struct Counters {
     stalled_partitions: AtomicU64,
     commit_failures: AtomicU64,
     state_conflicts: AtomicU64,
+    assigned_partitions: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -86,13 +87,15 @@ pub struct MetricsSnapshot {
     /// partition writing the same ids, or a former owner): each retries the first half
     /// of its batch, down to one message, so every writer makes progress.
     pub state_conflicts: u64,
+    /// Partitions assigned to this pipeline right now (a gauge).
+    pub assigned_partitions: u64,
 }
 
 macro_rules! counter {
-    ($(#[$doc:meta] $name:ident => $field:ident),* $(,)?) => {
+    ($($(#[$attr:meta])* $name:ident => $field:ident),* $(,)?) => {
         impl Metrics {
             $(
-                #[$doc]
+                $(#[$attr])*
                 pub(crate) fn $name(&self, n: u64) {
                     self.inner.$field.fetch_add(n, Ordering::Relaxed);
                 }
@@ -143,12 +146,20 @@ counter! {
     add_commit_failures => commit_failures,
     /// Adds conflicting state writes.
     add_state_conflicts => state_conflicts,
+    /// Adds assigned partitions (a gauge, normally set: see `set_assigned_partitions`).
+    #[allow(dead_code)]
+    add_assigned_partitions => assigned_partitions,
 }
 
 impl Metrics {
     /// New counters, all zero.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sets the number of partitions assigned right now.
+    pub(crate) fn set_assigned_partitions(&self, n: u64) {
+        self.inner.assigned_partitions.store(n, Ordering::Relaxed);
     }
 
     /// Counts a partition as stalled until the returned guard is dropped.
@@ -263,11 +274,18 @@ impl MetricsSnapshot {
                 self.state_conflicts,
             ),
         ];
-        let gauges = [(
-            "flows_partitions_stalled",
-            "Partitions retrying a failure or awaiting acknowledgements for long.",
-            self.stalled_partitions,
-        )];
+        let gauges = [
+            (
+                "flows_partitions_stalled",
+                "Partitions retrying a failure or awaiting acknowledgements for long.",
+                self.stalled_partitions,
+            ),
+            (
+                "flows_partitions_assigned",
+                "Partitions assigned to this pipeline.",
+                self.assigned_partitions,
+            ),
+        ];
         let mut text = String::new();
         let kinds = counters
             .iter()
