@@ -12,6 +12,11 @@
 //! `word_counts`), until SIGINT or SIGTERM. See `KafkaConfig::from_env` for the other
 //! `FLOWS_*` settings.
 //!
+//! With `FLOWS_HTTP_ADDR` (e.g. `127.0.0.1:8081`) it runs until SIGINT or SIGTERM with
+//! its HTTP face, on the embedded default or a real cluster: `POST /words` with a text
+//! counts its words, `GET /state/word-count/{word}` shows a count, `/metrics`,
+//! `/topology?format=mermaid` and `/health/ready` show the rest.
+//!
 //! The pipeline itself, `common::word_count`, is in `examples/common/mod.rs`: the
 //! materialise example runs it too.
 
@@ -21,14 +26,31 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use flows::function::StatelessFunction;
+use flows::http::{HttpServer, IngestRoute};
 use flows::kafka::Pipeline;
-use flows::{Json, PersistenceId, Topic, Utf8};
+use flows::{Json, PersistenceId, Record, Topic, Utf8};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let setup = common::Setup::new(&[("words", 4), ("word-counts", 4), ("words-dead-letter", 1)])?;
     let table = std::env::var("FLOWS_STATE_TABLE").unwrap_or_else(|_| "word_counts".into());
     let store = flows::open_state_store(&setup.store_url, &table).await?;
+    // `POST /words` with a text: one message per word, keyed by the word.
+    let ingest = IngestRoute::explode("words", Utf8, Topic::new("words", Utf8, Utf8), |text| {
+        Ok(common::words_of(&text.body)
+            .into_iter()
+            .map(|word| Record::new(word.clone(), word))
+            .collect())
+    });
+    if let Some((server, addr)) = HttpServer::new().ingest(ingest).from_env()? {
+        println!(
+            "http://{addr}: POST /words, GET /state/word-count/{{word}}, /metrics, /topology?format=mermaid"
+        );
+        let pipelines = flows::kafka::select_from_env(&[common::word_count(store)])?;
+        let engine = flows::kafka::Engine::new(setup.config.clone());
+        server.run_until_signal(addr, &engine, &pipelines).await?;
+        return Ok(());
+    }
     if !setup.is_embedded() {
         setup.run(&[common::word_count(store)], |_| false).await?;
         return Ok(());

@@ -10,6 +10,7 @@
 //! | `sqlite` *(default)* | [`sqlite`] | SQLite, embedded |
 //! | `postgres` | [`postgres`] | PostgreSQL, the reference backend |
 //! | `kafka` *(default)* | [`kafka`] | the engine on Kafka (rdkafka + tokio) |
+//! | `http` | [`http`] | the worker's HTTP face: health probes, metrics, topology, ingest routes |
 //!
 //! [`open_state_store`] and [`open_upsert_repository`] pick a backend from a URL
 //! scheme, so one program runs against any store by configuration alone.
@@ -51,6 +52,10 @@ pub use flows_sqlite as sqlite;
 #[cfg(feature = "kafka")]
 #[doc(inline)]
 pub use flows_kafka as kafka;
+
+#[cfg(feature = "http")]
+#[doc(inline)]
+pub use flows_http as http;
 
 use std::sync::Arc;
 

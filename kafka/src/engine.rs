@@ -86,10 +86,22 @@ impl Engine {
                 let _ = done_tx.send(result);
             })
             .map_err(|e| EngineError::Internal(format!("cannot start consumer thread: {e}")))?;
+        let handle = PipelineHandle {
+            name: pipeline.name.clone(),
+            group: self.config.group_id(&pipeline.name),
+            kind: pipeline.kind(),
+            inputs: topics,
+            dead_letter: pipeline.dead_letter().map(str::to_owned),
+            batch: self.config.batch.clone(),
+            metrics: metrics.clone(),
+            shared: Arc::clone(&shared),
+            stage: Arc::clone(&pipeline.stage),
+        };
         Ok(RunningPipeline {
             name: pipeline.name.clone(),
             shared,
             metrics,
+            handle,
             done: Some(done_rx),
         })
     }
@@ -154,11 +166,87 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// What an observer sees of a running pipeline (see [`RunningPipeline::handle`]).
+#[derive(Clone)]
+pub struct PipelineHandle {
+    name: String,
+    group: String,
+    kind: &'static str,
+    inputs: Vec<String>,
+    dead_letter: Option<String>,
+    batch: crate::BatchConfig,
+    metrics: Metrics,
+    shared: Arc<Shared>,
+    stage: Arc<dyn crate::pipeline::Stage>,
+}
+
+impl std::fmt::Debug for PipelineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipelineHandle")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("group", &self.group)
+            .finish()
+    }
+}
+
+impl PipelineHandle {
+    /// The pipeline's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// `stateless`, `stateful` or `materialise`.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// The topics it reads, sorted.
+    pub fn input_topics(&self) -> &[String] {
+        &self.inputs
+    }
+
+    /// The dead-letter topic of its error policy, if any.
+    pub fn dead_letter_topic(&self) -> Option<&str> {
+        self.dead_letter.as_deref()
+    }
+
+    /// Its batch limits.
+    pub fn batch(&self) -> &crate::BatchConfig {
+        &self.batch
+    }
+
+    /// Live counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Whether a stop was requested or the pipeline failed.
+    pub fn is_stopping(&self) -> bool {
+        self.shared.stop.load(Ordering::Acquire)
+    }
+
+    /// The state of `id` as the store holds it now (one read, never a scan); `None`
+    /// when the pipeline keeps no state (stateless, materialise).
+    pub async fn read_state(
+        &self,
+        id: &flows_core::PersistenceId,
+    ) -> Option<Result<flows_core::RawState, flows_core::RepositoryError>> {
+        self.stage.read_state(id).await
+    }
+}
+
 /// A pipeline running in the background. Dropping it requests a stop without waiting.
 pub struct RunningPipeline {
     name: String,
     shared: Arc<Shared>,
     metrics: Metrics,
+    handle: PipelineHandle,
     done: Option<oneshot::Receiver<Result<(), EngineError>>>,
 }
 
@@ -180,6 +268,12 @@ impl RunningPipeline {
     /// Live counters.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// A cheap, cloneable view of this pipeline for observers (the HTTP face, a
+    /// supervisor): what it is, its counters and whether it is stopping.
+    pub fn handle(&self) -> PipelineHandle {
+        self.handle.clone()
     }
 
     /// Requests a graceful stop: in-flight batches finish (within the drain timeout),

@@ -80,10 +80,12 @@ mod worker;
 
 pub use config::{Backoff, BatchConfig, KafkaConfig, is_secret_property};
 pub use embedded::EmbeddedKafka;
-pub use engine::{Engine, RunningPipeline, select, select_from_env, shutdown_signal};
+pub use engine::{
+    Engine, PipelineHandle, RunningPipeline, select, select_from_env, shutdown_signal,
+};
 pub use error::EngineError;
 pub use join::{Join, intermediate_record};
-pub use metrics::{Metrics, MetricsSnapshot};
+pub use metrics::{Metrics, MetricsSnapshot, escape_label, render_prometheus};
 pub use pipeline::{MessageFailed, Pipeline};
 pub use policy::{ErrorPolicy, Fallback, dead_letter_record};
 pub use producer::{DeliveryFailures, OutputProducer};

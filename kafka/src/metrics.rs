@@ -195,7 +195,11 @@ impl MetricsSnapshot {
     /// assert!(text.contains("flows_messages_committed_total{pipeline=\"word-count\"} 0"));
     /// ```
     pub fn to_prometheus(&self, pipeline: &str) -> String {
-        let label = pipeline.replace('\\', "\\\\").replace('"', "\\\"");
+        render_prometheus(&[(pipeline, *self)])
+    }
+
+    /// Every metric: name, help text, type and value.
+    fn families(&self) -> Vec<(&'static str, &'static str, &'static str, u64)> {
         let counters = [
             (
                 "flows_messages_consumed_total",
@@ -286,16 +290,50 @@ impl MetricsSnapshot {
                 self.assigned_partitions,
             ),
         ];
-        let mut text = String::new();
-        let kinds = counters
-            .iter()
-            .map(|c| (c, "counter"))
-            .chain(gauges.iter().map(|g| (g, "gauge")));
-        for ((name, help, value), kind) in kinds {
-            text.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{pipeline=\"{label}\"}} {value}\n"
-            ));
-        }
-        text
+        counters
+            .into_iter()
+            .map(|(name, help, value)| (name, help, "counter", value))
+            .chain(
+                gauges
+                    .into_iter()
+                    .map(|(name, help, value)| (name, help, "gauge", value)),
+            )
+            .collect()
     }
+}
+
+/// The counters of several pipelines in the Prometheus text exposition format: one
+/// family per metric, one sample per pipeline, labelled `pipeline`.
+///
+/// ```
+/// use flows_kafka::{MetricsSnapshot, render_prometheus};
+/// let text = render_prometheus(&[("a", MetricsSnapshot::default()), ("b", MetricsSnapshot::default())]);
+/// assert_eq!(text.matches("# TYPE flows_batches_total counter").count(), 1);
+/// assert!(text.contains("flows_batches_total{pipeline=\"b\"} 0"));
+/// ```
+pub fn render_prometheus(pipelines: &[(&str, MetricsSnapshot)]) -> String {
+    let families: Vec<_> = pipelines
+        .iter()
+        .map(|(name, snapshot)| (escape_label(name), snapshot.families()))
+        .collect();
+    let mut text = String::new();
+    let Some((_, first)) = families.first() else {
+        return text;
+    };
+    for (index, (name, help, kind, _)) in first.iter().enumerate() {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (label, values) in &families {
+            let value = values[index].3;
+            text.push_str(&format!("{name}{{pipeline=\"{label}\"}} {value}\n"));
+        }
+    }
+    text
+}
+
+/// A label value escaped for the Prometheus text format.
+pub fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -111,6 +111,9 @@ pub(crate) trait Stage: Send + Sync {
     /// Topics the stage reads.
     fn input_topics(&self) -> Vec<Arc<str>>;
 
+    /// What kind of pipeline runs this stage: `stateless`, `stateful` or `materialise`.
+    fn kind(&self) -> &'static str;
+
     /// Turns a batch (one partition, offset order) into the records to publish,
     /// appended to `outputs` (empty on entry), after making any state or table change
     /// durable. Returns how many messages, from the first, it processed: a stateful
@@ -140,6 +143,14 @@ pub(crate) trait Stage: Send + Sync {
 
     /// Replaces the cache of recently written states, for stages that keep one.
     fn set_state_cache(&self, _limits: StateCacheLimits) {}
+
+    /// The state of `id` as the store holds it now; `None` for stages without state.
+    async fn read_state(
+        &self,
+        _id: &flows_core::PersistenceId,
+    ) -> Option<Result<flows_core::RawState, RepositoryError>> {
+        None
+    }
 }
 
 /// A message that failed inside a stateless or materialise stage under a stopping
@@ -181,6 +192,10 @@ struct StatelessStage<F>(F);
 
 #[async_trait]
 impl<F: StatelessProcessor> Stage for StatelessStage<F> {
+    fn kind(&self) -> &'static str {
+        "stateless"
+    }
+
     fn input_topics(&self) -> Vec<Arc<str>> {
         self.0.input_topics()
     }
@@ -241,6 +256,17 @@ impl<F, R: SingleStateRepository> StatefulStage<F, R> {
 
 #[async_trait]
 impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, R> {
+    fn kind(&self) -> &'static str {
+        "stateful"
+    }
+
+    async fn read_state(
+        &self,
+        id: &flows_core::PersistenceId,
+    ) -> Option<Result<flows_core::RawState, RepositoryError>> {
+        Some(self.store.get(id).await)
+    }
+
     fn input_topics(&self) -> Vec<Arc<str>> {
         self.function.input_topics()
     }
@@ -318,6 +344,10 @@ struct MaterialiseStage<T, R> {
 
 #[async_trait]
 impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
+    fn kind(&self) -> &'static str {
+        "materialise"
+    }
+
     fn input_topics(&self) -> Vec<Arc<str>> {
         vec![Arc::clone(&self.input)]
     }
@@ -500,6 +530,17 @@ impl Pipeline {
         topics.sort();
         topics.dedup();
         topics
+    }
+
+    /// What kind of pipeline this is: `stateless`, `stateful` or `materialise` (a
+    /// join is a stateless re-key pipeline and a stateful one).
+    pub fn kind(&self) -> &'static str {
+        self.stage.kind()
+    }
+
+    /// The dead-letter topic of its error policy, if it has one.
+    pub fn dead_letter(&self) -> Option<&str> {
+        self.dead_letter_topic()
     }
 
     /// The error policy.
