@@ -197,6 +197,12 @@ fn message_headers(http_headers: &HeaderMap, query: &[(String, String)]) -> Head
     for (key, value) in query {
         headers.append(name("HTTP_PARAM_", key), Some(value.as_bytes().to_vec()));
     }
+    // The W3C trace context travels as is, so the pipelines carry it on.
+    for name in ["traceparent", "tracestate"] {
+        if let Some(value) = http_headers.get(name) {
+            headers.append(name, Some(value.as_bytes().to_vec()));
+        }
+    }
     if let Some(key) = http_headers.get(IDEMPOTENCY_KEY_HEADER) {
         headers.append(
             IDEMPOTENCY_KEY_MESSAGE_HEADER,

@@ -362,6 +362,36 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    let partitions: Vec<(&str, Vec<flows_kafka::PartitionStats>)> = state
+        .pipelines
+        .iter()
+        .map(|p| (p.name(), p.partitions()))
+        .collect();
+    for (name, help, value) in [
+        (
+            "flows_partition_lag",
+            "Messages of an assigned partition not committed yet.",
+            (|p: &flows_kafka::PartitionStats| p.lag) as fn(&flows_kafka::PartitionStats) -> i64,
+        ),
+        (
+            "flows_partition_committed_offset",
+            "The group's committed offset of an assigned partition.",
+            |p: &flows_kafka::PartitionStats| p.committed_offset,
+        ),
+    ] {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for (pipeline, stats) in &partitions {
+            for partition in stats.iter().filter(|p| value(p) >= 0) {
+                text.push_str(&format!(
+                    "{name}{{pipeline=\"{}\",topic=\"{}\",partition=\"{}\"}} {}\n",
+                    flows_kafka::escape_label(pipeline),
+                    flows_kafka::escape_label(&partition.topic),
+                    partition.partition,
+                    value(partition)
+                ));
+            }
+        }
+    }
     text.push_str(
         "# HELP flows_http_ingest_requests_total Ingest requests answered, by route and status.\n\
          # TYPE flows_http_ingest_requests_total counter\n",

@@ -16,6 +16,8 @@ pub struct PipelineView {
     pub group: String,
     /// The topics it reads.
     pub inputs: Vec<String>,
+    /// The topics it writes, as its function declares them.
+    pub outputs: Vec<String>,
     /// Its dead-letter topic, if its error policy has one.
     pub dead_letter_topic: Option<String>,
     /// Most messages per batch.
@@ -38,6 +40,7 @@ impl From<&PipelineHandle> for PipelineView {
             kind: handle.kind(),
             group: handle.group().to_owned(),
             inputs: handle.input_topics().to_vec(),
+            outputs: handle.output_topics().to_vec(),
             dead_letter_topic: handle.dead_letter_topic().map(str::to_owned),
             batch_max_messages: batch.max_messages,
             batch_max_bytes: batch.max_bytes,
@@ -81,7 +84,7 @@ impl Topology {
     }
 
     /// A Mermaid flowchart: ingest routes and topics feed pipelines, pipelines feed
-    /// their dead-letter topics. Topics are rounded, pipelines are boxes.
+    /// their output and dead-letter topics. Topics are rounded, pipelines are boxes.
     pub fn to_mermaid(&self) -> String {
         let id = |kind: &str, name: &str| {
             let safe: String = name
@@ -113,6 +116,10 @@ impl Topology {
             for input in &pipeline.inputs {
                 let from = topic(&mut lines, input);
                 lines.push(format!("    {from} --> {node}"));
+            }
+            for output in &pipeline.outputs {
+                let to = topic(&mut lines, output);
+                lines.push(format!("    {node} --> {to}"));
             }
             if let Some(dead_letter) = &pipeline.dead_letter_topic {
                 let to = topic(&mut lines, dead_letter);

@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(60);
 const TOKEN: &str = "s3cret-token";
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// One HTTP/1.1 request over a fresh connection: the status, the headers (lower-cased
 /// names) and the body.
@@ -164,6 +165,7 @@ async fn an_ingested_request_is_produced_counted_and_described() {
                 auth,
                 ("Idempotency-Key", "req-1"),
                 ("Content-Type", "text/plain"),
+                ("traceparent", TRACEPARENT),
             ],
             word.as_bytes(),
         )
@@ -196,6 +198,41 @@ async fn an_ingested_request_is_produced_counted_and_described() {
         assert_eq!(message.header("HTTP_HEADER_AUTHORIZATION"), None);
     }
     assert!(wait_until(WAIT, || w.running.metrics().snapshot().committed >= 3).await);
+
+    // The request's trace context is on the message and on the outputs it caused.
+    for message in &messages {
+        assert_eq!(message.header("traceparent").as_deref(), Some(TRACEPARENT));
+    }
+    let counts = read_topic(&brokers, "counts", 3, WAIT);
+    assert_eq!(counts.len(), 3);
+    for output in &counts {
+        assert_eq!(
+            output.header("traceparent").as_deref(),
+            Some(TRACEPARENT),
+            "the output of {} carries its input's trace",
+            output.key_str()
+        );
+    }
+
+    // Per-partition committed offsets and lag, from librdkafka's statistics.
+    let mut lags = Vec::new();
+    for _ in 0..150 {
+        let (_, _, text) = request(addr, "GET", "/metrics", &[auth], b"").await;
+        lags = text
+            .lines()
+            .filter(|l| l.starts_with("flows_partition_lag{pipeline=\"count\",topic=\"words\""))
+            .map(str::to_owned)
+            .collect();
+        if lags.len() == 2 && lags.iter().all(|l| l.ends_with(" 0")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(lags.len(), 2, "one lag per partition of words: {lags:?}");
+    assert!(
+        lags.iter().all(|l| l.ends_with(" 0")),
+        "everything committed: {lags:?}"
+    );
 
     // Metrics: the engine's counts and the ingest requests.
     let (status, _, text) = request(addr, "GET", "/metrics", &[auth], b"").await;
@@ -261,6 +298,11 @@ async fn an_ingested_request_is_produced_counted_and_described() {
         mermaid.contains("topic_words --> pipeline_count"),
         "{mermaid}"
     );
+    assert!(
+        mermaid.contains("pipeline_count --> topic_counts"),
+        "{mermaid}"
+    );
+    assert_eq!(topology["pipelines"][0]["outputs"][0], "counts");
 
     w.server.shutdown().await.unwrap();
     w.running.shutdown().await.unwrap();

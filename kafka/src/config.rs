@@ -202,6 +202,9 @@ impl KafkaConfig {
             // below `message.max.bytes`, which for a consumer only bounds its requests.
             // On a high-latency link, raise `fetch.max.bytes`: one response per round trip.
             ("max.partition.fetch.bytes", "65536"),
+            // Per-partition committed offsets and lag for the metrics
+            // (`PipelineHandle::partitions`): cheap at this interval.
+            ("statistics.interval.ms", "5000"),
             ("fetch.max.bytes", "131072"),
             ("message.max.bytes", "131072"),
         ];

@@ -26,6 +26,7 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use crate::error::EngineError;
+use crate::metrics::PartitionStats;
 use crate::worker::{Batch, PartitionControl, PartitionInput, WorkerContext, run_partition};
 
 /// How long `poll` blocks; also the latency of stop requests and commits.
@@ -82,6 +83,8 @@ pub(crate) struct Shared {
     commit_lock: Mutex<()>,
     /// Set while a rebalance callback runs: the commit thread then leaves commits to it.
     rebalancing: AtomicBool,
+    /// The assigned partitions' offsets and lag, from librdkafka's statistics.
+    pub(crate) partition_stats: Mutex<Vec<PartitionStats>>,
     /// Rebalance callbacks so far: a failed commit is retried after the next one.
     rebalance_events: std::sync::atomic::AtomicU64,
     /// The consumer, for splitting partition queues inside rebalance callbacks.
@@ -103,6 +106,7 @@ impl Shared {
             slots: Mutex::new(HashMap::new()),
             commit_lock: Mutex::new(()),
             rebalancing: AtomicBool::new(false),
+            partition_stats: Mutex::new(Vec::new()),
             rebalance_events: std::sync::atomic::AtomicU64::new(0),
             consumer: OnceLock::new(),
         }
@@ -361,7 +365,37 @@ pub(crate) struct EngineContext {
     pub(crate) shared: Arc<Shared>,
 }
 
-impl ClientContext for EngineContext {}
+impl ClientContext for EngineContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut partitions: Vec<PartitionStats> = statistics
+            .topics
+            .values()
+            .flat_map(|topic| {
+                topic
+                    .partitions
+                    .values()
+                    .filter(|p| p.partition >= 0 && p.desired)
+                    .map(|p| PartitionStats {
+                        topic: topic.topic.clone(),
+                        partition: p.partition,
+                        committed_offset: p.committed_offset,
+                        end_offset: if p.ls_offset >= 0 {
+                            p.ls_offset
+                        } else {
+                            p.hi_offset
+                        },
+                        lag: p.consumer_lag,
+                    })
+            })
+            .collect();
+        partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        *self
+            .shared
+            .partition_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = partitions;
+    }
+}
 
 impl ConsumerContext for EngineContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

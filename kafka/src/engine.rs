@@ -91,6 +91,7 @@ impl Engine {
             group: self.config.group_id(&pipeline.name),
             kind: pipeline.kind(),
             inputs: topics,
+            outputs: pipeline.output_topics(),
             dead_letter: pipeline.dead_letter().map(str::to_owned),
             batch: self.config.batch.clone(),
             metrics: metrics.clone(),
@@ -173,6 +174,7 @@ pub struct PipelineHandle {
     group: String,
     kind: &'static str,
     inputs: Vec<String>,
+    outputs: Vec<String>,
     dead_letter: Option<String>,
     batch: crate::BatchConfig,
     metrics: Metrics,
@@ -211,6 +213,11 @@ impl PipelineHandle {
         &self.inputs
     }
 
+    /// The topics it writes, as its function declares them.
+    pub fn output_topics(&self) -> &[String] {
+        &self.outputs
+    }
+
     /// The dead-letter topic of its error policy, if any.
     pub fn dead_letter_topic(&self) -> Option<&str> {
         self.dead_letter.as_deref()
@@ -229,6 +236,16 @@ impl PipelineHandle {
     /// Whether a stop was requested or the pipeline failed.
     pub fn is_stopping(&self) -> bool {
         self.shared.stop.load(Ordering::Acquire)
+    }
+
+    /// Where each assigned partition stands (committed offset, end, lag), as of
+    /// librdkafka's last statistics; empty until the first ones arrive.
+    pub fn partitions(&self) -> Vec<crate::PartitionStats> {
+        self.shared
+            .partition_stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The state of `id` as the store holds it now (one read, never a scan); `None`

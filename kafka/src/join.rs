@@ -201,6 +201,10 @@ impl StatelessProcessor for StandardMapper {
         self.function.input_topics()
     }
 
+    fn output_topics(&self) -> Vec<Arc<str>> {
+        vec![Arc::clone(&self.intermediate)]
+    }
+
     fn process(&self, message: &RawMessage) -> Result<Vec<EncodedRecord>, ProcessError> {
         let id = self.function.persistence_id(message)?;
         Ok(vec![intermediate_record(
@@ -296,6 +300,10 @@ const JOIN_HEADERS: [&str; 4] = [
 impl StatefulProcessor for Joined {
     fn input_topics(&self) -> Vec<Arc<str>> {
         vec![Arc::clone(&self.intermediate)]
+    }
+
+    fn output_topics(&self) -> Vec<Arc<str>> {
+        self.function.output_topics()
     }
 
     fn persistence_id(&self, message: &RawMessage) -> Result<PersistenceId, ProcessError> {

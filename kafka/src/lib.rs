@@ -85,7 +85,7 @@ pub use engine::{
 };
 pub use error::EngineError;
 pub use join::{Join, intermediate_record};
-pub use metrics::{Metrics, MetricsSnapshot, escape_label, render_prometheus};
+pub use metrics::{Metrics, MetricsSnapshot, PartitionStats, escape_label, render_prometheus};
 pub use pipeline::{MessageFailed, Pipeline};
 pub use policy::{ErrorPolicy, Fallback, dead_letter_record};
 pub use producer::{DeliveryFailures, OutputProducer};

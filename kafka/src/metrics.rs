@@ -171,6 +171,24 @@ impl Metrics {
     }
 }
 
+/// Where one assigned partition stands, from librdkafka's statistics (refreshed every
+/// `statistics.interval.ms`, 5 s by default).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionStats {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: i32,
+    /// The group's committed offset (-1: none yet).
+    pub committed_offset: i64,
+    /// The partition's end: the high watermark, or the last stable offset for the
+    /// engine's read-committed consumers (-1: not known yet).
+    pub end_offset: i64,
+    /// Messages not committed yet: `end_offset - committed_offset` (-1: not known yet).
+    pub lag: i64,
+}
+
 /// A partition counted in [`MetricsSnapshot::stalled_partitions`] while this lives.
 #[derive(Debug)]
 pub(crate) struct Stall {

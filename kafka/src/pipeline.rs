@@ -114,6 +114,11 @@ pub(crate) trait Stage: Send + Sync {
     /// What kind of pipeline runs this stage: `stateless`, `stateful` or `materialise`.
     fn kind(&self) -> &'static str;
 
+    /// Topics the stage writes, as its function declares them.
+    fn output_topics(&self) -> Vec<Arc<str>> {
+        Vec::new()
+    }
+
     /// Turns a batch (one partition, offset order) into the records to publish,
     /// appended to `outputs` (empty on entry), after making any state or table change
     /// durable. Returns how many messages, from the first, it processed: a stateful
@@ -196,6 +201,10 @@ impl<F: StatelessProcessor> Stage for StatelessStage<F> {
         "stateless"
     }
 
+    fn output_topics(&self) -> Vec<Arc<str>> {
+        self.0.output_topics()
+    }
+
     fn input_topics(&self) -> Vec<Arc<str>> {
         self.0.input_topics()
     }
@@ -258,6 +267,10 @@ impl<F, R: SingleStateRepository> StatefulStage<F, R> {
 impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, R> {
     fn kind(&self) -> &'static str {
         "stateful"
+    }
+
+    fn output_topics(&self) -> Vec<Arc<str>> {
+        self.function.output_topics()
     }
 
     async fn read_state(
@@ -541,6 +554,20 @@ impl Pipeline {
     /// The dead-letter topic of its error policy, if it has one.
     pub fn dead_letter(&self) -> Option<&str> {
         self.dead_letter_topic()
+    }
+
+    /// The topics the pipeline writes, as its function declares them, sorted (the
+    /// dead-letter topic aside).
+    pub fn output_topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = self
+            .stage
+            .output_topics()
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics
     }
 
     /// The error policy.

@@ -63,6 +63,12 @@ pub trait StatefulProcessor: Send + Sync {
     /// Topics this function reads.
     fn input_topics(&self) -> Vec<Arc<str>>;
 
+    /// The topics it writes, as declared (for describing the dataflow; the dead-letter
+    /// topic is the pipeline's). Empty when unknown.
+    fn output_topics(&self) -> Vec<Arc<str>> {
+        Vec::new()
+    }
+
     /// The key of the state a message belongs to.
     fn persistence_id(&self, message: &RawMessage) -> Result<PersistenceId, ProcessError>;
 
@@ -173,6 +179,8 @@ struct Handler<S> {
 pub struct StatefulFunction<S> {
     state_format: Arc<dyn Format<S>>,
     handlers: HashMap<Arc<str>, Handler<S>>,
+    /// The output topics declared by the handlers.
+    outputs: Vec<Arc<str>>,
 }
 
 impl<S: Send + Sync + 'static> StatefulFunction<S> {
@@ -183,11 +191,13 @@ impl<S: Send + Sync + 'static> StatefulFunction<S> {
         Self {
             state_format: Arc::new(state_format),
             handlers: HashMap::new(),
+            outputs: Vec::new(),
         }
     }
 
     fn handler<IK: 'static, IV: 'static>(
         mut self,
+        outputs: Vec<Arc<str>>,
         input: Topic<IK, IV>,
         id: PersistenceIdFn<IK, IV>,
         apply: impl Fn(
@@ -199,6 +209,7 @@ impl<S: Send + Sync + 'static> StatefulFunction<S> {
         + Sync
         + 'static,
     ) -> Self {
+        self.outputs.extend(outputs);
         let id_topic = input.clone();
         let decoder = input.clone();
         let id_is_key = matches!(id, PersistenceIdFn::Key);
@@ -226,10 +237,15 @@ impl<S: Send + Sync + 'static> StatefulFunction<S> {
         + Sync
         + 'static,
     ) -> Self {
-        self.handler(input, id, move |state, message, ts| {
-            let (state, record) = f(state, message)?;
-            Ok((state, vec![output.encode(record, ts)?]))
-        })
+        self.handler(
+            vec![output.shared_name()],
+            input,
+            id,
+            move |state, message, ts| {
+                let (state, record) = f(state, message)?;
+                Ok((state, vec![output.encode(record, ts)?]))
+            },
+        )
     }
 
     /// Handles `input` with a function emitting at most one record on each of two outputs.
@@ -256,7 +272,8 @@ impl<S: Send + Sync + 'static> StatefulFunction<S> {
         + Sync
         + 'static,
     ) -> Self {
-        self.handler(input, id, move |state, message, ts| {
+        let outputs = vec![first.shared_name(), second.shared_name()];
+        self.handler(outputs, input, id, move |state, message, ts| {
             let (state, a, b) = f(state, message)?;
             let mut out = Vec::with_capacity(2);
             if let Some(a) = a {
@@ -280,14 +297,19 @@ impl<S: Send + Sync + 'static> StatefulFunction<S> {
         + Sync
         + 'static,
     ) -> Self {
-        self.handler(input, id, move |state, message, ts| {
-            let (state, records) = f(state, message)?;
-            let out = records
-                .into_iter()
-                .map(|r| output.encode(r, ts))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((state, out))
-        })
+        self.handler(
+            vec![output.shared_name()],
+            input,
+            id,
+            move |state, message, ts| {
+                let (state, records) = f(state, message)?;
+                let out = records
+                    .into_iter()
+                    .map(|r| output.encode(r, ts))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((state, out))
+            },
+        )
     }
 
     fn handler_for(&self, message: &RawMessage) -> Result<&Handler<S>, ProcessError> {
@@ -301,6 +323,13 @@ impl<S: Send + Sync + 'static> StatefulProcessor for StatefulFunction<S> {
     fn input_topics(&self) -> Vec<Arc<str>> {
         let mut topics: Vec<_> = self.handlers.keys().cloned().collect();
         topics.sort();
+        topics
+    }
+
+    fn output_topics(&self) -> Vec<Arc<str>> {
+        let mut topics = self.outputs.clone();
+        topics.sort();
+        topics.dedup();
         topics
     }
 

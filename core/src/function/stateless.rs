@@ -28,6 +28,12 @@ pub trait StatelessProcessor: Send + Sync {
     /// Topics this function reads.
     fn input_topics(&self) -> Vec<Arc<str>>;
 
+    /// The topics it writes, as declared (for describing the dataflow; the dead-letter
+    /// topic is the pipeline's). Empty when unknown.
+    fn output_topics(&self) -> Vec<Arc<str>> {
+        Vec::new()
+    }
+
     /// Processes one message into zero or more encoded outputs, in order.
     fn process(&self, message: &RawMessage) -> Result<Vec<EncodedRecord>, ProcessError>;
 }
@@ -39,12 +45,15 @@ type ErasedStateless =
 /// topic to its handler.
 pub struct StatelessFunction {
     handlers: HashMap<Arc<str>, Arc<ErasedStateless>>,
+    /// The output topics declared by the constructors.
+    outputs: Vec<Arc<str>>,
 }
 
 impl StatelessFunction {
-    fn single(topic: Arc<str>, handler: Arc<ErasedStateless>) -> Self {
+    fn single(topic: Arc<str>, outputs: Vec<Arc<str>>, handler: Arc<ErasedStateless>) -> Self {
         Self {
             handlers: HashMap::from_iter([(topic, handler)]),
+            outputs,
         }
     }
 
@@ -59,6 +68,7 @@ impl StatelessFunction {
         let decoder = input.clone();
         Self::single(
             input.shared_name(),
+            vec![Arc::clone(&output)],
             Arc::new(move |raw: &RawMessage| {
                 let message = decoder.decode(raw)?;
                 Ok(if predicate(&message) {
@@ -110,6 +120,7 @@ impl StatelessFunction {
         let decoder = input.clone();
         Self::single(
             input.shared_name(),
+            vec![first.shared_name(), second.shared_name()],
             Arc::new(move |raw: &RawMessage| {
                 let (a, b) = f(decoder.decode(raw)?)?;
                 let mut out = Vec::with_capacity(2);
@@ -136,6 +147,7 @@ impl StatelessFunction {
         let decoder = input.clone();
         Self::single(
             input.shared_name(),
+            vec![output.shared_name()],
             Arc::new(move |raw: &RawMessage| {
                 f(decoder.decode(raw)?)?
                     .into_iter()
@@ -157,6 +169,7 @@ impl StatelessFunction {
         let f = Arc::new(f);
         let mut merged = Self {
             handlers: HashMap::new(),
+            outputs: Vec::new(),
         };
         for input in inputs {
             let f = Arc::clone(&f);
@@ -169,6 +182,7 @@ impl StatelessFunction {
     /// merge topics of different types into one output.
     pub fn and(mut self, other: StatelessFunction) -> Self {
         self.handlers.extend(other.handlers);
+        self.outputs.extend(other.outputs);
         self
     }
 }
@@ -177,6 +191,13 @@ impl StatelessProcessor for StatelessFunction {
     fn input_topics(&self) -> Vec<Arc<str>> {
         let mut topics: Vec<_> = self.handlers.keys().cloned().collect();
         topics.sort();
+        topics
+    }
+
+    fn output_topics(&self) -> Vec<Arc<str>> {
+        let mut topics = self.outputs.clone();
+        topics.sort();
+        topics.dedup();
         topics
     }
 
