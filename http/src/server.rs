@@ -321,11 +321,30 @@ async fn live() -> Response {
     axum::Json(json!({ "status": "live" })).into_response()
 }
 
+/// The state id a readiness probe reads (one read: a missing state is an answer too).
+const PROBE_ID: &str = "flows-readiness-probe";
+/// How long a readiness probe waits for a store.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Ready when every pipeline has joined its group (received an assignment), is not
-/// stopping, and has no partition stalled on its store or broker.
+/// stopping, has no partition stalled on its store or broker, and, if it keeps state,
+/// its store answers a read now.
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let mut reasons = Vec::new();
     for pipeline in &state.pipelines {
+        if let Ok(probe) = flows_core::PersistenceId::new(PROBE_ID) {
+            match tokio::time::timeout(PROBE_TIMEOUT, pipeline.read_state(&probe)).await {
+                Err(_) => reasons.push(format!(
+                    "{}: the state store did not answer within {PROBE_TIMEOUT:?}",
+                    pipeline.name()
+                )),
+                Ok(Some(Err(failure))) => reasons.push(format!(
+                    "{}: the state store failed: {failure}",
+                    pipeline.name()
+                )),
+                Ok(None | Some(Ok(_))) => {}
+            }
+        }
         let metrics = pipeline.metrics().snapshot();
         let name = pipeline.name();
         if pipeline.is_stopping() {

@@ -389,10 +389,7 @@ async fn readiness_follows_the_store() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let body = not_ready.expect("not ready while the store is down");
-    assert!(
-        body.contains("waiting for the store or the broker"),
-        "{body}"
-    );
+    assert!(body.contains("the state store failed"), "{body}");
 
     w.store.set_failing(false);
     assert!(wait_until(WAIT, || w.running.metrics().snapshot().committed >= 1).await);
