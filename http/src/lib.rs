@@ -31,6 +31,8 @@ mod ingest;
 mod server;
 mod topology;
 
+/// The axum this crate serves with, for routes of your own ([`HttpServer::routes`]).
+pub use axum;
 pub use ingest::{IngestError, IngestRequest, IngestRoute};
 pub use server::{HttpError, HttpServer, RunningServer};
 pub use topology::{PipelineView, Topology};

@@ -376,6 +376,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         .map(|p| (p.name(), p.metrics().snapshot()))
         .collect();
     let mut text = flows_kafka::render_prometheus(&snapshots);
+    let histograms: Vec<(&str, flows_kafka::Histograms)> = state
+        .pipelines
+        .iter()
+        .map(|p| (p.name(), p.metrics().histograms()))
+        .collect();
+    text.push_str(&flows_kafka::render_prometheus_histograms(&histograms));
     let requests = state
         .requests
         .lock()

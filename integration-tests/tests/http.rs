@@ -125,6 +125,10 @@ async fn worker() -> Worker {
         .body_limit(1024)
         .ingest(words_route())
         .ingest(numbers_route())
+        .routes(flows::http::axum::Router::new().route(
+            "/hello",
+            flows::http::axum::routing::get(|| async { "hello from the user's route" }),
+        ))
         .start(
             "127.0.0.1:0".parse().unwrap(),
             &config,
@@ -252,6 +256,18 @@ async fn an_ingested_request_is_produced_counted_and_described() {
         text.matches("# TYPE flows_batches_total counter").count(),
         1
     );
+    // Batch histograms: every completed part observed once.
+    let batches = w.running.metrics().snapshot().batches;
+    assert!(
+        text.contains(&format!(
+            "flows_batch_process_seconds_count{{pipeline=\"count\"}} {batches}"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("flows_batch_messages_bucket{pipeline=\"count\",le=\"+Inf\"}"),
+        "{text}"
+    );
 
     // One state as the store holds it: content, version as ETag, progress.
     let (status, headers, body) = request(addr, "GET", "/state/count/times", &[auth], b"").await;
@@ -322,6 +338,14 @@ async fn bad_requests_get_their_status_codes() {
     let wrong = [("Authorization", "Bearer nope")];
     assert_eq!(request(addr, "GET", "/metrics", &wrong, b"").await.0, 401);
     assert_eq!(request(addr, "GET", "/health/live", &[], b"").await.0, 200);
+
+    // The user's own route, behind the token like the rest.
+    assert_eq!(request(addr, "GET", "/hello", &[], b"").await.0, 401);
+    let (status, _, body) = request(addr, "GET", "/hello", &[auth], b"").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "hello from the user's route")
+    );
 
     // 400: undecodable body, refused by the function; 404: no such route; 413: too big.
     let (status, _, body) = request(addr, "POST", "/numbers", &[auth], b"twelve").await;

@@ -85,7 +85,10 @@ pub use engine::{
 };
 pub use error::EngineError;
 pub use join::{Join, intermediate_record};
-pub use metrics::{Metrics, MetricsSnapshot, PartitionStats, escape_label, render_prometheus};
+pub use metrics::{
+    HistogramSnapshot, Histograms, Metrics, MetricsSnapshot, PartitionStats, escape_label,
+    render_prometheus, render_prometheus_histograms,
+};
 pub use pipeline::{MessageFailed, Pipeline};
 pub use policy::{ErrorPolicy, Fallback, dead_letter_record};
 pub use producer::{DeliveryFailures, OutputProducer};

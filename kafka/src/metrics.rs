@@ -5,6 +5,73 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds, in seconds, of the latency histograms' buckets.
+const LATENCY_BOUNDS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+/// Upper bounds of the batch size histogram's buckets, in messages.
+const SIZE_BOUNDS: [f64; 12] = [
+    1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1_000.0, 2_000.0, 5_000.0, 10_000.0, 50_000.0,
+];
+
+/// A histogram with fixed buckets: one atomic counter per bucket, no lock.
+#[derive(Debug, Default)]
+struct Histogram {
+    /// Observations per bucket (not cumulative); the last one is above every bound.
+    buckets: [AtomicU64; 13],
+    /// Sum of the observations, in millionths (microseconds for latencies).
+    sum_millionths: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, bounds: &[f64; 12], value: f64) {
+        let bucket = bounds.iter().position(|&b| value <= b).unwrap_or(12);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_millionths
+            .fetch_add((value * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self, bounds: &[f64; 12]) -> HistogramSnapshot {
+        let mut cumulative = 0;
+        let mut buckets = Vec::with_capacity(13);
+        for (i, count) in self.buckets.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            buckets.push((bounds.get(i).copied().unwrap_or(f64::INFINITY), cumulative));
+        }
+        HistogramSnapshot {
+            buckets,
+            count: cumulative,
+            sum: self.sum_millionths.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
+/// A histogram at one moment, as Prometheus renders it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HistogramSnapshot {
+    /// `(upper bound, observations at or below it)`, cumulative; the last bound is
+    /// infinity.
+    pub buckets: Vec<(f64, u64)>,
+    /// Observations.
+    pub count: u64,
+    /// Sum of the observations.
+    pub sum: f64,
+}
+
+/// The distributions of a pipeline's batches.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct Histograms {
+    /// Messages per batch part (state written and outputs published together).
+    pub batch_messages: HistogramSnapshot,
+    /// Seconds processing a part: reading states, folding, writing states or rows
+    /// (retries included).
+    pub process_seconds: HistogramSnapshot,
+    /// Seconds publishing a part's outputs until every one is acknowledged.
+    pub publish_seconds: HistogramSnapshot,
+}
 
 /// Live counters of one pipeline run; cheap to clone and share.
 #[derive(Clone, Debug, Default)]
@@ -32,6 +99,9 @@ struct Counters {
     commit_failures: AtomicU64,
     state_conflicts: AtomicU64,
     assigned_partitions: AtomicU64,
+    batch_messages: Histogram,
+    process_seconds: Histogram,
+    publish_seconds: Histogram,
 }
 
 /// The counters at one moment.
@@ -155,6 +225,28 @@ impl Metrics {
     /// New counters, all zero.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Records a completed part: its size and how long processing and publishing took.
+    pub(crate) fn observe_part(&self, messages: usize, process: Duration, publish: Duration) {
+        let inner = &self.inner;
+        inner.batch_messages.observe(&SIZE_BOUNDS, messages as f64);
+        inner
+            .process_seconds
+            .observe(&LATENCY_BOUNDS, process.as_secs_f64());
+        inner
+            .publish_seconds
+            .observe(&LATENCY_BOUNDS, publish.as_secs_f64());
+    }
+
+    /// The batch distributions.
+    pub fn histograms(&self) -> Histograms {
+        let inner = &self.inner;
+        Histograms {
+            batch_messages: inner.batch_messages.snapshot(&SIZE_BOUNDS),
+            process_seconds: inner.process_seconds.snapshot(&LATENCY_BOUNDS),
+            publish_seconds: inner.publish_seconds.snapshot(&LATENCY_BOUNDS),
+        }
     }
 
     /// Sets the number of partitions assigned right now.
@@ -348,10 +440,88 @@ pub fn render_prometheus(pipelines: &[(&str, MetricsSnapshot)]) -> String {
     text
 }
 
+/// Picks one histogram of a pipeline's.
+type HistogramOf = fn(&Histograms) -> &HistogramSnapshot;
+
+/// The batch histograms of several pipelines in the Prometheus text exposition format
+/// (`flows_batch_messages`, `flows_batch_process_seconds`, `flows_batch_publish_seconds`).
+pub fn render_prometheus_histograms(pipelines: &[(&str, Histograms)]) -> String {
+    let mut text = String::new();
+    let families: [(&str, &str, HistogramOf); 3] = [
+        ("flows_batch_messages", "Messages per batch part.", |h| {
+            &h.batch_messages
+        }),
+        (
+            "flows_batch_process_seconds",
+            "Time processing a batch part (states or rows read and written).",
+            |h| &h.process_seconds,
+        ),
+        (
+            "flows_batch_publish_seconds",
+            "Time publishing a batch part's outputs until acknowledged.",
+            |h| &h.publish_seconds,
+        ),
+    ];
+    for (name, help, of) in families {
+        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
+        for (pipeline, histograms) in pipelines {
+            let label = escape_label(pipeline);
+            let histogram = of(histograms);
+            for (bound, count) in &histogram.buckets {
+                let le = if bound.is_infinite() {
+                    "+Inf".to_owned()
+                } else {
+                    bound.to_string()
+                };
+                text.push_str(&format!(
+                    "{name}_bucket{{pipeline=\"{label}\",le=\"{le}\"}} {count}\n"
+                ));
+            }
+            text.push_str(&format!(
+                "{name}_sum{{pipeline=\"{label}\"}} {}\n{name}_count{{pipeline=\"{label}\"}} {}\n",
+                histogram.sum, histogram.count
+            ));
+        }
+    }
+    text
+}
+
 /// A label value escaped for the Prometheus text format.
 pub fn escape_label(value: &str) -> String {
     value
         .replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_count_each_part_once_in_cumulative_buckets() {
+        let metrics = Metrics::new();
+        metrics.observe_part(3, Duration::from_millis(2), Duration::from_millis(7));
+        metrics.observe_part(10_000, Duration::from_secs(20), Duration::from_millis(1));
+        let h = metrics.histograms();
+        assert_eq!(h.batch_messages.count, 2);
+        // 3 messages: first in the `<= 5` bucket; 10,000 in `<= 10,000`.
+        let at = |s: &HistogramSnapshot, bound: f64| {
+            s.buckets.iter().find(|(b, _)| *b == bound).map(|(_, c)| *c)
+        };
+        assert_eq!(at(&h.batch_messages, 2.0), Some(0));
+        assert_eq!(at(&h.batch_messages, 5.0), Some(1));
+        assert_eq!(at(&h.batch_messages, 10_000.0), Some(2));
+        assert_eq!(
+            at(&h.process_seconds, 10.0),
+            Some(1),
+            "20 s is above every bound"
+        );
+        assert_eq!(at(&h.process_seconds, f64::INFINITY), Some(2));
+        assert!((h.process_seconds.sum - 20.002).abs() < 1e-6);
+        let text = render_prometheus_histograms(&[("p", h)]);
+        assert!(text.contains("flows_batch_publish_seconds_bucket{pipeline=\"p\",le=\"0.001\"} 1"));
+        assert!(text.contains("flows_batch_publish_seconds_count{pipeline=\"p\"} 2"));
+        assert!(text.contains("le=\"+Inf\""));
+    }
 }

@@ -249,11 +249,14 @@ async fn process_batch(
 ) -> Result<BatchEnd, EngineError> {
     let mut rest = batch;
     while !rest.is_empty() {
+        let started = Instant::now();
         let processed = match stage_part(context, tp, control, rest, outputs).await? {
             Some(processed) => processed.clamp(1, rest.len()),
             None => return Ok(BatchEnd::Abandoned),
         };
         let part = &rest[..processed];
+        let processing = started.elapsed();
+        let publishing = Instant::now();
         if !publish(context, tp, control, part, outputs).await? {
             return Ok(BatchEnd::Abandoned);
         }
@@ -271,6 +274,7 @@ async fn process_batch(
         metrics.add_dead_lettered(dead_letters as u64);
         metrics.add_committed(part.len() as u64);
         metrics.add_batches(1);
+        metrics.observe_part(part.len(), processing, publishing.elapsed());
         // Published: the records go now, the vectors' room stays for the next batch.
         outputs.clear();
         rest = &rest[processed..];
