@@ -13,18 +13,22 @@
 //!   requests one after the other to a flows `IngestRoute` (which answers once the
 //!   broker acknowledged the record).
 //!
+//! A stateless pipeline reads what is ingested meanwhile, as in a worker.
+//!
 //! Reported per row: requests per second, p50 and p99 latency, and the HTTP rate as a
-//! ratio of the direct rate measured in the same run.
+//! ratio of the direct rate measured in the same run. Then the time one scrape of
+//! `/metrics` takes the server, and what scraping every second costs at most.
 
 #![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
 
 use std::time::{Duration, Instant};
 
+use flows::function::StatelessFunction;
 use flows::http::{HttpServer, IngestRoute};
 use flows::kafka::rdkafka::ClientConfig;
 use flows::kafka::rdkafka::producer::{FutureProducer, FutureRecord};
-use flows::kafka::{EmbeddedKafka, KafkaConfig};
-use flows::{Record, Topic, Utf8};
+use flows::kafka::{EmbeddedKafka, Engine, KafkaConfig, Pipeline};
+use flows::{Bytes as Bytes_, Record, Topic, Utf8};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
@@ -108,6 +112,7 @@ async fn http(
                         .header("x-request-key", format!("k{task}-{i}"))
                         .body(Full::new(Bytes::from_static(b"a word")))
                         .unwrap();
+                    sender.ready().await.unwrap();
                     let sent = Instant::now();
                     let response = sender.send_request(request).await.unwrap();
                     assert_eq!(response.status(), 201);
@@ -139,6 +144,7 @@ async fn main() {
         Err(_) => {
             embedded = EmbeddedKafka::start(1).unwrap();
             embedded.create_topic("ingest", PARTITIONS, 1).unwrap();
+            embedded.create_topic("ingest-out", PARTITIONS, 1).unwrap();
             embedded.bootstrap_servers()
         }
     };
@@ -151,9 +157,20 @@ async fn main() {
     let route = IngestRoute::new("ingest", Utf8, Topic::new("ingest", Utf8, Utf8), |r| {
         Ok(Record::new(r.key.unwrap_or_default(), r.body))
     });
+    // A pipeline beside the server, as in a worker: it reads what is ingested, and its
+    // metrics (8 partitions) are what a scrape renders.
+    let mirror =
+        StatelessFunction::filter(Topic::new("ingest", Bytes_, Bytes_), "ingest-out", |_| true);
+    let running = Engine::new(config.clone())
+        .start(&Pipeline::stateless("mirror", mirror))
+        .unwrap();
     let server = HttpServer::new()
         .ingest(route)
-        .start("127.0.0.1:0".parse().unwrap(), &config, Vec::new())
+        .start(
+            "127.0.0.1:0".parse().unwrap(),
+            &config,
+            vec![running.handle()],
+        )
         .await
         .unwrap();
     let addr = server.local_addr();
@@ -189,5 +206,33 @@ async fn main() {
             h.0 / d.0
         );
     }
+    // What one scrape of /metrics costs the worker: the server's time to answer it,
+    // with every family rendered (an upper bound of its CPU time).
+    let scrapes = 2_000;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut latencies = Vec::with_capacity(scrapes);
+    let started = Instant::now();
+    for _ in 0..scrapes {
+        let request = hyper::Request::get("/metrics")
+            .header("host", "bench")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        sender.ready().await.unwrap();
+        let sent = Instant::now();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+        latencies.push(sent.elapsed());
+    }
+    let (_, p50, p99) = summary(latencies, started.elapsed());
+    println!(
+        "\n/metrics: p50 {p50:.2?}, p99 {p99:.2?} per scrape; scraped every second, {:.4}% of one core at most",
+        p50.as_secs_f64() * 100.0
+    );
     server.shutdown().await.unwrap();
+    running.shutdown().await.unwrap();
 }
