@@ -16,7 +16,6 @@ use axum::routing::{get, post};
 use flows_core::EncodedRecord;
 use flows_kafka::rdkafka::ClientConfig;
 use flows_kafka::rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use flows_kafka::rdkafka::message::{Header, OwnedHeaders};
 use flows_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use flows_kafka::{Engine, EngineError, KafkaConfig, Pipeline, PipelineHandle, RunningPipeline};
 use serde_json::json;
@@ -560,16 +559,7 @@ async fn produce(producer: &FutureProducer, records: Vec<EncodedRecord>, many: b
         if let Some(timestamp) = record.timestamp {
             future = future.timestamp(timestamp);
         }
-        if !record.headers.is_empty() {
-            let headers = record.headers.iter().fold(
-                OwnedHeaders::new_with_capacity(record.headers.len()),
-                |headers, h| {
-                    headers.insert(Header {
-                        key: &h.key,
-                        value: h.value.as_deref(),
-                    })
-                },
-            );
+        if let Some(headers) = flows_kafka::kafka_headers(&record.headers) {
             future = future.headers(headers);
         }
         // Enqueued now, in order; acknowledged below.

@@ -939,25 +939,7 @@ async fn offsets_are_committed_only_after_the_outputs_are_acknowledged() {
 
 /// The offset committed by consumer group `group` for partition 0 of `topic`.
 fn committed_offset(brokers: &str, group: &str, topic: &str) -> Option<i64> {
-    use flows::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
-    use flows::kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut list = TopicPartitionList::new();
-    list.add_partition(topic, 0);
-    let committed = consumer
-        .committed_offsets(list, Duration::from_secs(10))
-        .unwrap();
-    let offset = match committed.elements()[0].offset() {
-        Offset::Offset(offset) => Some(offset),
-        _ => None,
-    };
-    // Drop the list before the consumer (a live list can hang the consumer's drop).
-    drop(committed);
-    offset
+    committed_offsets(brokers, group, topic, 1)[0]
 }
 
 /// A mapped row that does not fit the table (here: one value too many) fails only its
@@ -1552,7 +1534,7 @@ async fn a_postgres_server_turning_read_only_is_waited_out() {
 }
 
 /// The offsets consumer group `group` committed for each of `topic`'s `partitions`.
-fn committed_offsets(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+fn committed_offsets(brokers: &str, group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
     use flows::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
     use flows::kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
     let consumer: BaseConsumer = ClientConfig::new()
@@ -1571,12 +1553,21 @@ fn committed_offsets(brokers: &str, group: &str, topic: &str, partitions: i32) -
         .elements()
         .iter()
         .map(|e| match e.offset() {
-            Offset::Offset(offset) => offset,
-            _ => 0,
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
         })
         .collect();
+    // Drop the list before the consumer (a live list can hang the consumer's drop).
     drop(committed);
     offsets
+}
+
+/// The offsets group `totals` committed on both partitions of `totals-in` (0: none).
+fn committed_partitions(brokers: &str) -> Vec<i64> {
+    committed_offsets(brokers, "totals", "totals-in", 2)
+        .into_iter()
+        .map(|offset| offset.unwrap_or(0))
+        .collect()
 }
 
 /// Two partitions write one state (here every message has the key "total"): partition
@@ -1628,10 +1619,10 @@ async fn two_partitions_writing_one_state_both_make_progress() {
         producer.send_all(&chunk).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         if round % 40 == 39 {
-            samples.push(committed_offsets(&brokers, "totals", "totals-in", 2));
+            samples.push(committed_partitions(&brokers));
         }
     }
-    let feeding_done = committed_offsets(&brokers, "totals", "totals-in", 2);
+    let feeding_done = committed_partitions(&brokers);
     eprintln!("committed while partition 0 was fed: {samples:?}, then {feeding_done:?}");
     let done = wait_until(Duration::from_secs(120), || {
         running.metrics().snapshot().committed >= 2 * EACH as u64

@@ -92,16 +92,13 @@ impl Engine {
             kind: pipeline.kind(),
             inputs: topics,
             outputs: pipeline.output_topics(),
-            dead_letter: pipeline.dead_letter().map(str::to_owned),
+            dead_letter: pipeline.dead_letter_topic().map(str::to_owned),
             batch: self.config.batch.clone(),
-            metrics: metrics.clone(),
-            shared: Arc::clone(&shared),
+            metrics,
+            shared,
             stage: Arc::clone(&pipeline.stage),
         };
         Ok(RunningPipeline {
-            name: pipeline.name.clone(),
-            shared,
-            metrics,
             handle,
             done: Some(done_rx),
         })
@@ -260,9 +257,7 @@ impl PipelineHandle {
 
 /// A pipeline running in the background. Dropping it requests a stop without waiting.
 pub struct RunningPipeline {
-    name: String,
-    shared: Arc<Shared>,
-    metrics: Metrics,
+    /// What it is, its counters and its stop flag.
     handle: PipelineHandle,
     done: Option<oneshot::Receiver<Result<(), EngineError>>>,
 }
@@ -270,8 +265,8 @@ pub struct RunningPipeline {
 impl std::fmt::Debug for RunningPipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunningPipeline")
-            .field("name", &self.name)
-            .field("metrics", &self.metrics.snapshot())
+            .field("name", &self.handle.name)
+            .field("metrics", &self.handle.metrics.snapshot())
             .finish()
     }
 }
@@ -279,12 +274,12 @@ impl std::fmt::Debug for RunningPipeline {
 impl RunningPipeline {
     /// The pipeline's name.
     pub fn name(&self) -> &str {
-        &self.name
+        self.handle.name()
     }
 
     /// Live counters.
     pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+        self.handle.metrics()
     }
 
     /// A cheap, cloneable view of this pipeline for observers (the HTTP face, a
@@ -296,12 +291,12 @@ impl RunningPipeline {
     /// Requests a graceful stop: in-flight batches finish (within the drain timeout),
     /// their offsets are committed, the consumer leaves the group.
     pub fn stop(&self) {
-        self.shared.stop.store(true, Ordering::Release);
+        self.handle.shared.stop.store(true, Ordering::Release);
     }
 
     /// Whether a stop was requested or the pipeline failed.
     pub fn is_stopping(&self) -> bool {
-        self.shared.stop.load(Ordering::Acquire)
+        self.handle.is_stopping()
     }
 
     /// Waits until the pipeline has stopped; returns the error that stopped it, if any.

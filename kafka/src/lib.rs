@@ -91,7 +91,7 @@ pub use metrics::{
 };
 pub use pipeline::{MessageFailed, Pipeline};
 pub use policy::{ErrorPolicy, Fallback, dead_letter_record};
-pub use producer::{DeliveryFailures, OutputProducer};
+pub use producer::{DeliveryFailures, OutputProducer, kafka_headers};
 pub use rdkafka;
 pub use state_cache::StateCacheLimits;
 pub use stateful::{

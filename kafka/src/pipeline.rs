@@ -534,15 +534,7 @@ impl Pipeline {
 
     /// The topics the pipeline reads, sorted.
     pub fn input_topics(&self) -> Vec<String> {
-        let mut topics: Vec<String> = self
-            .stage
-            .input_topics()
-            .iter()
-            .map(|t| t.to_string())
-            .collect();
-        topics.sort();
-        topics.dedup();
-        topics
+        sorted_names(self.stage.input_topics())
     }
 
     /// What kind of pipeline this is: `stateless`, `stateful` or `materialise` (a
@@ -551,23 +543,10 @@ impl Pipeline {
         self.stage.kind()
     }
 
-    /// The dead-letter topic of its error policy, if it has one.
-    pub fn dead_letter(&self) -> Option<&str> {
-        self.dead_letter_topic()
-    }
-
     /// The topics the pipeline writes, as its function declares them, sorted (the
     /// dead-letter topic aside).
     pub fn output_topics(&self) -> Vec<String> {
-        let mut topics: Vec<String> = self
-            .stage
-            .output_topics()
-            .iter()
-            .map(|t| t.to_string())
-            .collect();
-        topics.sort();
-        topics.dedup();
-        topics
+        sorted_names(self.stage.output_topics())
     }
 
     /// The error policy.
@@ -575,13 +554,21 @@ impl Pipeline {
         &self.policy
     }
 
-    /// The dead-letter topic of the policy, if any.
-    pub(crate) fn dead_letter_topic(&self) -> Option<&str> {
+    /// The dead-letter topic of its error policy, if it has one.
+    pub fn dead_letter_topic(&self) -> Option<&str> {
         match &self.policy.fallback {
             Fallback::DeadLetter(topic) => Some(topic),
             Fallback::Stop => None,
         }
     }
+}
+
+/// Topic names, sorted, each once.
+fn sorted_names(topics: Vec<Arc<str>>) -> Vec<String> {
+    let mut names: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 #[cfg(test)]

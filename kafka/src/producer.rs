@@ -186,8 +186,8 @@ impl OutputProducer {
             .iter()
             .rev()
             .find(|(key, _)| key == "message.timeout.ms" || key == "delivery.timeout.ms")
-            .map_or(Some(300_000), |(_, value)| value.trim().parse::<u64>().ok())
-            .unwrap_or(300_000);
+            .and_then(|(_, value)| value.trim().parse::<u64>().ok())
+            .unwrap_or(300_000); // librdkafka's default
         (millis > 0).then(|| Duration::from_millis(millis))
     }
 
@@ -195,6 +195,21 @@ impl OutputProducer {
     pub fn flush(&self, timeout: Duration) -> Result<(), EngineError> {
         Ok(self.producer.flush(timeout)?)
     }
+}
+
+/// `headers` as librdkafka's, or `None` when there are none: librdkafka allocates a
+/// header list, so one is only built when needed.
+pub fn kafka_headers(headers: &flows_core::Headers) -> Option<OwnedHeaders> {
+    (!headers.is_empty()).then(|| {
+        headers
+            .iter()
+            .fold(OwnedHeaders::new_with_capacity(headers.len()), |list, h| {
+                list.insert(Header {
+                    key: &h.key,
+                    value: h.value.as_deref(),
+                })
+            })
+    })
 }
 
 /// Enqueues `records` on `producer` in order and waits for every acknowledgement.
@@ -217,17 +232,7 @@ async fn send_with(
         });
         let mut base: BaseRecord<'_, [u8], [u8], Box<Delivery>> =
             BaseRecord::with_opaque_to(&record.topic, delivery);
-        // Header lists are allocated by librdkafka: only build one when needed.
-        if !record.headers.is_empty() {
-            let headers = record.headers.iter().fold(
-                OwnedHeaders::new_with_capacity(record.headers.len()),
-                |headers, h| {
-                    headers.insert(Header {
-                        key: &h.key,
-                        value: h.value.as_deref(),
-                    })
-                },
-            );
+        if let Some(headers) = kafka_headers(&record.headers) {
             base = base.headers(headers);
         }
         if let Some(key) = &record.key {
