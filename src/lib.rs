@@ -10,7 +10,8 @@
 //! | `sqlite` *(default)* | [`sqlite`] | SQLite, embedded |
 //! | `postgres` | [`postgres`] | PostgreSQL, the reference backend |
 //! | `kafka` *(default)* | [`kafka`] | the engine on Kafka (rdkafka + tokio) |
-//! | `http` | [`http`] | the worker's HTTP face: health probes, metrics, topology, ingest routes |
+//! | `http` *(default)* | [`http`] | the worker's HTTP face: health probes, metrics, topology, ingest routes |
+//! | *(always)*; `otel` | [`telemetry`] | logs in one call; with `otel`, spans exported over OTLP |
 //!
 //! [`open_state_store`] and [`open_upsert_repository`] pick a backend from a URL
 //! scheme, so one program runs against any store by configuration alone.
@@ -56,6 +57,8 @@ pub use flows_kafka as kafka;
 #[cfg(feature = "http")]
 #[doc(inline)]
 pub use flows_http as http;
+
+pub mod telemetry;
 
 use std::sync::Arc;
 

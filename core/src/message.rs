@@ -55,6 +55,20 @@ impl Headers {
         });
     }
 
+    /// Sets the header `key` to `value`: every earlier header with that key is removed and
+    /// the new one appended.
+    ///
+    /// ```
+    /// let mut headers = flows_core::Headers::new().with("a", b"1".to_vec()).with("a", b"2".to_vec());
+    /// headers.set("a", b"3".to_vec());
+    /// assert_eq!(headers.all("a").collect::<Vec<_>>(), [Some(&b"3"[..])]);
+    /// ```
+    pub fn set(&mut self, key: impl Into<String>, value: impl Into<Option<Vec<u8>>>) {
+        let key = key.into();
+        self.0.retain(|h| h.key != key);
+        self.append(key, value);
+    }
+
     /// Builder form of [`Headers::append`].
     pub fn with(mut self, key: impl Into<String>, value: impl Into<Option<Vec<u8>>>) -> Self {
         self.append(key, value);

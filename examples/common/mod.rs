@@ -12,6 +12,7 @@ use flows::kafka::ErrorPolicy;
 use flows::kafka::{
     EmbeddedKafka, Engine, EngineError, KafkaConfig, OutputProducer, Pipeline, RunningPipeline,
 };
+use flows::telemetry::{Telemetry, TelemetryGuard};
 use flows::{EncodedRecord, Json, Record, SingleStateRepository, Topic, Utf8};
 
 /// Where an example runs.
@@ -21,6 +22,8 @@ pub struct Setup {
     /// The store URL (`FLOWS_STORE`, or SQLite in a temporary directory).
     pub store_url: String,
     embedded: Option<(EmbeddedKafka, PathBuf)>,
+    /// Logs, and spans over OTLP with the `otel` feature and `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    _telemetry: TelemetryGuard,
 }
 
 impl Setup {
@@ -30,12 +33,9 @@ impl Setup {
         let config = KafkaConfig::from_env()?;
         // A worker logs its lifecycle; a demo prints results, so it logs only problems.
         let default_filter = if config.is_some() { "info" } else { "warn" };
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| default_filter.into()),
-            )
-            .init();
+        let telemetry = Telemetry::from_env()
+            .default_filter(default_filter)
+            .init()?;
         if let Some(config) = config {
             let store_url = std::env::var("FLOWS_STORE")
                 .unwrap_or_else(|_| "sqlite://flows-example.sqlite".into());
@@ -43,6 +43,7 @@ impl Setup {
                 config,
                 store_url,
                 embedded: None,
+                _telemetry: telemetry,
             });
         }
         let kafka = EmbeddedKafka::start(1)?;
@@ -55,6 +56,7 @@ impl Setup {
             config: KafkaConfig::new(kafka.bootstrap_servers()),
             store_url: format!("sqlite://{}", dir.join("state.sqlite").display()),
             embedded: Some((kafka, dir)),
+            _telemetry: telemetry,
         })
     }
 

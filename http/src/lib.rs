@@ -5,7 +5,7 @@
 //! |---|---|
 //! | `GET /health/live` | 200 while the process runs |
 //! | `GET /health/ready` | 200 when every pipeline has joined its group, is not stopping and has no stalled partition; 503 with the reasons otherwise |
-//! | `GET /metrics` | every pipeline's counters and the ingest routes' requests, in the Prometheus text format |
+//! | `GET /metrics` | every pipeline's counters, batch and store latency histograms, per-partition lag and the ingest routes' requests (OpenMetrics when asked for, else the Prometheus text format) |
 //! | `GET /topology` | the dataflow as JSON (`?format=mermaid`: a diagram) |
 //! | `GET /state/{pipeline}/{id}` | one state as the store holds it now (content as JSON or base64, progress per partition, version as `ETag`) |
 //! | `POST /{route}` | an [`IngestRoute`]: the request becomes a Kafka message; 201 with its topic, partition and offset once the broker acknowledged it |
@@ -28,6 +28,7 @@
 //! ```
 
 mod ingest;
+mod metrics;
 mod server;
 mod topology;
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -20,7 +20,9 @@ use flows_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use flows_kafka::{Engine, EngineError, KafkaConfig, Pipeline, PipelineHandle, RunningPipeline};
 use serde_json::json;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
+use crate::metrics::{RequestLabels, ServerMetrics};
 use crate::topology::Topology;
 use crate::{IngestError, IngestRoute};
 
@@ -152,10 +154,10 @@ impl HttpServer {
                 .iter()
                 .map(|r| (r.name().to_owned(), r.clone()))
                 .collect(),
+            metrics: ServerMetrics::new(pipelines.clone()),
             pipelines,
             producer,
             token: self.token.clone(),
-            requests: Mutex::new(BTreeMap::new()),
         });
         let router = self.router(Arc::clone(&state));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -269,16 +271,18 @@ struct AppState {
     pipelines: Vec<PipelineHandle>,
     producer: FutureProducer,
     token: Option<String>,
-    /// Ingest requests answered, by route and status code.
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    metrics: ServerMetrics,
 }
 
 impl AppState {
     fn count(&self, route: &str, status: StatusCode) {
-        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        *requests
-            .entry((route.to_owned(), status.as_u16()))
-            .or_insert(0) += 1;
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                status: status.as_u16(),
+            })
+            .inc();
     }
 }
 
@@ -368,72 +372,32 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let snapshots: Vec<(&str, flows_kafka::MetricsSnapshot)> = state
-        .pipelines
+/// The metrics as OpenMetrics when the scraper asks for it (Prometheus does), else in
+/// the Prometheus text format.
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
         .iter()
-        .map(|p| (p.name(), p.metrics().snapshot()))
-        .collect();
-    let mut text = flows_kafka::render_prometheus(&snapshots);
-    let histograms: Vec<(&str, flows_kafka::Histograms)> = state
-        .pipelines
-        .iter()
-        .map(|p| (p.name(), p.metrics().histograms()))
-        .collect();
-    text.push_str(&flows_kafka::render_prometheus_histograms(&histograms));
-    let requests = state
-        .requests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    let partitions: Vec<(&str, Vec<flows_kafka::PartitionStats>)> = state
-        .pipelines
-        .iter()
-        .map(|p| (p.name(), p.partitions()))
-        .collect();
-    for (name, help, value) in [
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (content_type, text) = if openmetrics {
         (
-            "flows_partition_lag",
-            "Messages of an assigned partition not committed yet.",
-            (|p: &flows_kafka::PartitionStats| p.lag) as fn(&flows_kafka::PartitionStats) -> i64,
-        ),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.openmetrics(),
+        )
+    } else {
         (
-            "flows_partition_committed_offset",
-            "The group's committed offset of an assigned partition.",
-            |p: &flows_kafka::PartitionStats| p.committed_offset,
-        ),
-    ] {
-        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
-        for (pipeline, stats) in &partitions {
-            for partition in stats.iter().filter(|p| value(p) >= 0) {
-                text.push_str(&format!(
-                    "{name}{{pipeline=\"{}\",topic=\"{}\",partition=\"{}\"}} {}\n",
-                    flows_kafka::escape_label(pipeline),
-                    flows_kafka::escape_label(&partition.topic),
-                    partition.partition,
-                    value(partition)
-                ));
-            }
-        }
-    }
-    text.push_str(
-        "# HELP flows_http_ingest_requests_total Ingest requests answered, by route and status.\n\
-         # TYPE flows_http_ingest_requests_total counter\n",
-    );
-    for ((route, status), count) in requests {
-        text.push_str(&format!(
-            "flows_http_ingest_requests_total{{route=\"{}\",status=\"{status}\"}} {count}\n",
-            flows_kafka::escape_label(&route)
-        ));
-    }
-    (
-        [(
-            header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response()
+            state.metrics.prometheus(),
+        )
+    };
+    match text {
+        Ok(text) => ([(header::CONTENT_TYPE, content_type)], text).into_response(),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics could not be encoded",
+        ),
+    }
 }
 
 async fn topology(
@@ -525,12 +489,79 @@ async fn ingest(
     let Some(ingest) = state.routes.get(&route) else {
         return error(StatusCode::NOT_FOUND, format!("no ingest route /{route}"));
     };
-    let response = match ingest.records(&body, &headers, &query) {
-        Ok(records) => produce(&state.producer, records, ingest.many()).await,
-        Err(refused) => refused_request(&refused),
-    };
+    let span = tracing::info_span!(
+        "flows.ingest",
+        http.route = %route,
+        messaging.destination.name = ingest.topic(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    #[cfg(feature = "otel")]
+    otel::continue_trace(&span, &headers);
+    let response = async {
+        match ingest.records(&body, &headers, &query) {
+            Ok(mut records) => {
+                #[cfg(feature = "otel")]
+                otel::hand_on_context(&span, &headers, &mut records);
+                #[cfg(not(feature = "otel"))]
+                let _ = &mut records;
+                produce(&state.producer, records, ingest.many()).await
+            }
+            Err(refused) => refused_request(&refused),
+        }
+    }
+    .instrument(span.clone())
+    .await;
+    span.record(
+        "http.response.status_code",
+        i64::from(response.status().as_u16()),
+    );
     state.count(&route, response.status());
     response
+}
+
+/// The ingest span in an OpenTelemetry trace: a child of the request's `traceparent`,
+/// and the parent of the messages it produces.
+#[cfg(feature = "otel")]
+mod otel {
+    use axum::http::HeaderMap;
+    use flows_core::EncodedRecord;
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    /// Makes `span` a child of the request's trace context, if it has one.
+    pub(super) fn continue_trace(span: &tracing::Span, headers: &HeaderMap) {
+        let remote = headers
+            .get("traceparent")
+            .and_then(|v| flows_kafka::remote_span_context(v.as_bytes()));
+        if let Some(remote) = remote {
+            let parent = opentelemetry::Context::new().with_remote_span_context(remote);
+            // Fails only without an OpenTelemetry layer: then there is nothing to join.
+            let _ = span.set_parent(parent);
+        }
+    }
+
+    /// Gives each record the ingest span's `traceparent` in place of the request's, so
+    /// the pipelines' spans link to the ingest span; records whose mapping set a trace
+    /// context of its own keep it.
+    pub(super) fn hand_on_context(
+        span: &tracing::Span,
+        headers: &HeaderMap,
+        records: &mut [EncodedRecord],
+    ) {
+        let context = span.context();
+        let own = context.span().span_context().clone();
+        if !own.is_valid() {
+            return;
+        }
+        let request = headers.get("traceparent").map(|v| v.as_bytes());
+        let traceparent = flows_kafka::traceparent(&own).into_bytes();
+        for record in records {
+            let current = record.headers.first("traceparent").flatten();
+            if current.is_none() || current == request {
+                record.headers.set("traceparent", traceparent.clone());
+            }
+        }
+    }
 }
 
 fn refused_request(refused: &IngestError) -> Response {

@@ -268,6 +268,47 @@ async fn an_ingested_request_is_produced_counted_and_described() {
         text.contains("flows_batch_messages_bucket{pipeline=\"count\",le=\"+Inf\"}"),
         "{text}"
     );
+    // Where a part's time went: every stateful part reads and writes the store once,
+    // and runs the function.
+    for histogram in [
+        "flows_batch_fold_seconds",
+        "flows_store_read_seconds",
+        "flows_store_write_seconds",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "{histogram}_count{{pipeline=\"count\"}} {batches}"
+            )),
+            "{histogram}: {text}"
+        );
+    }
+    // OpenMetrics for scrapers that ask for it (Prometheus does).
+    let accept = (
+        "Accept",
+        "application/openmetrics-text;version=1.0.0,text/plain;q=0.5".to_owned(),
+    );
+    let (status, headers, text) = request(
+        addr,
+        "GET",
+        "/metrics",
+        &[auth, (accept.0, accept.1.as_str())],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        headers
+            .iter()
+            .any(|(n, v)| n == "content-type" && v.starts_with("application/openmetrics-text")),
+        "{headers:?}"
+    );
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "flows_messages_committed_total{{pipeline=\"count\"}} {committed}"
+        )),
+        "{text}"
+    );
 
     // One state as the store holds it: content, version as ETag, progress.
     let (status, headers, body) = request(addr, "GET", "/state/count/times", &[auth], b"").await;

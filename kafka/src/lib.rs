@@ -76,6 +76,7 @@ pub mod policy;
 mod producer;
 mod state_cache;
 mod stateful;
+mod trace_context;
 mod worker;
 
 pub use config::{Backoff, BatchConfig, KafkaConfig, is_secret_property};
@@ -85,10 +86,7 @@ pub use engine::{
 };
 pub use error::EngineError;
 pub use join::{Join, intermediate_record};
-pub use metrics::{
-    HistogramSnapshot, Histograms, Metrics, MetricsSnapshot, PartitionStats, escape_label,
-    render_prometheus, render_prometheus_histograms,
-};
+pub use metrics::{HistogramSnapshot, Histograms, Metrics, MetricsSnapshot, PartitionStats};
 pub use pipeline::{MessageFailed, Pipeline};
 pub use policy::{ErrorPolicy, Fallback, dead_letter_record};
 pub use producer::{DeliveryFailures, OutputProducer, kafka_headers};
@@ -97,3 +95,5 @@ pub use state_cache::StateCacheLimits;
 pub use stateful::{
     BatchError, BatchOutput, MAX_CONFLICT_RETRIES, apply_batch, apply_batch_while_owner,
 };
+#[cfg(feature = "otel")]
+pub use trace_context::otel::{remote_span_context, traceparent};

@@ -71,6 +71,15 @@ pub struct Histograms {
     pub process_seconds: HistogramSnapshot,
     /// Seconds publishing a part's outputs until every one is acknowledged.
     pub publish_seconds: HistogramSnapshot,
+    /// Seconds in the pipeline's functions and the engine's own work on a part
+    /// (decoding, folding, encoding), store calls excluded.
+    pub fold_seconds: HistogramSnapshot,
+    /// Seconds reading a part's states from the store (stateful pipelines; cache hits
+    /// cost nothing here).
+    pub store_read_seconds: HistogramSnapshot,
+    /// Seconds writing a part's states or rows to the store (stateful and materialise
+    /// pipelines), conflicting attempts included.
+    pub store_write_seconds: HistogramSnapshot,
 }
 
 /// Live counters of one pipeline run; cheap to clone and share.
@@ -102,6 +111,9 @@ struct Counters {
     batch_messages: Histogram,
     process_seconds: Histogram,
     publish_seconds: Histogram,
+    fold_seconds: Histogram,
+    store_read_seconds: Histogram,
+    store_write_seconds: Histogram,
 }
 
 /// The counters at one moment.
@@ -239,6 +251,30 @@ impl Metrics {
             .observe(&LATENCY_BOUNDS, publish.as_secs_f64());
     }
 
+    /// Records where a stage's time on a part went: its functions (`fold`), and the
+    /// store's reads and writes for stages that call a store.
+    pub(crate) fn observe_stage(
+        &self,
+        fold: Duration,
+        store_read: Option<Duration>,
+        store_write: Option<Duration>,
+    ) {
+        let inner = &self.inner;
+        inner
+            .fold_seconds
+            .observe(&LATENCY_BOUNDS, fold.as_secs_f64());
+        if let Some(read) = store_read {
+            inner
+                .store_read_seconds
+                .observe(&LATENCY_BOUNDS, read.as_secs_f64());
+        }
+        if let Some(write) = store_write {
+            inner
+                .store_write_seconds
+                .observe(&LATENCY_BOUNDS, write.as_secs_f64());
+        }
+    }
+
     /// The batch distributions.
     pub fn histograms(&self) -> Histograms {
         let inner = &self.inner;
@@ -246,6 +282,9 @@ impl Metrics {
             batch_messages: inner.batch_messages.snapshot(&SIZE_BOUNDS),
             process_seconds: inner.process_seconds.snapshot(&LATENCY_BOUNDS),
             publish_seconds: inner.publish_seconds.snapshot(&LATENCY_BOUNDS),
+            fold_seconds: inner.fold_seconds.snapshot(&LATENCY_BOUNDS),
+            store_read_seconds: inner.store_read_seconds.snapshot(&LATENCY_BOUNDS),
+            store_write_seconds: inner.store_write_seconds.snapshot(&LATENCY_BOUNDS),
         }
     }
 
@@ -296,204 +335,6 @@ impl Drop for Stall {
     }
 }
 
-impl MetricsSnapshot {
-    /// The counters in the Prometheus text exposition format, labelled with the
-    /// pipeline's name, for an HTTP endpoint of the application's choice.
-    ///
-    /// ```
-    /// let text = flows_kafka::MetricsSnapshot::default().to_prometheus("word-count");
-    /// assert!(text.contains("flows_messages_committed_total{pipeline=\"word-count\"} 0"));
-    /// ```
-    pub fn to_prometheus(&self, pipeline: &str) -> String {
-        render_prometheus(&[(pipeline, *self)])
-    }
-
-    /// Every metric: name, help text, type and value.
-    fn families(&self) -> Vec<(&'static str, &'static str, &'static str, u64)> {
-        let counters = [
-            (
-                "flows_messages_consumed_total",
-                "Messages received from Kafka.",
-                self.consumed,
-            ),
-            (
-                "flows_messages_committed_total",
-                "Messages whose batch completed.",
-                self.committed,
-            ),
-            (
-                "flows_records_published_total",
-                "Output records acknowledged.",
-                self.published,
-            ),
-            ("flows_batches_total", "Batches completed.", self.batches),
-            (
-                "flows_dead_lettered_total",
-                "Messages sent to the dead-letter topic.",
-                self.dead_lettered,
-            ),
-            (
-                "flows_transient_retries_total",
-                "Retries after a store or broker failure.",
-                self.transient_retries,
-            ),
-            (
-                "flows_function_retries_total",
-                "Batch re-runs under a retrying error policy.",
-                self.function_retries,
-            ),
-            (
-                "flows_abandoned_batches_total",
-                "Batches abandoned on revoke or shutdown.",
-                self.abandoned_batches,
-            ),
-            (
-                "flows_fenced_batches_total",
-                "Batches dropped after losing the partition.",
-                self.conflicts_fenced,
-            ),
-            (
-                "flows_rebalances_total",
-                "Rebalance events.",
-                self.rebalances,
-            ),
-            (
-                "flows_states_read_total",
-                "States read from the store.",
-                self.states_read,
-            ),
-            (
-                "flows_state_cache_hits_total",
-                "States served by the cache of recently written states.",
-                self.state_cache_hits,
-            ),
-            (
-                "flows_batches_split_total",
-                "Batches processed in parts (a state outgrowing the store, or write conflicts).",
-                self.batches_split,
-            ),
-            (
-                "flows_unpublishable_total",
-                "Outputs refused for good by the broker or client.",
-                self.unpublishable,
-            ),
-            (
-                "flows_commit_failures_total",
-                "Offset commits that failed (and were retried).",
-                self.commit_failures,
-            ),
-            (
-                "flows_state_conflicts_total",
-                "State writes that conflicted with another writer (retried).",
-                self.state_conflicts,
-            ),
-        ];
-        let gauges = [
-            (
-                "flows_partitions_stalled",
-                "Partitions retrying a failure or awaiting acknowledgements for long.",
-                self.stalled_partitions,
-            ),
-            (
-                "flows_partitions_assigned",
-                "Partitions assigned to this pipeline.",
-                self.assigned_partitions,
-            ),
-        ];
-        counters
-            .into_iter()
-            .map(|(name, help, value)| (name, help, "counter", value))
-            .chain(
-                gauges
-                    .into_iter()
-                    .map(|(name, help, value)| (name, help, "gauge", value)),
-            )
-            .collect()
-    }
-}
-
-/// The counters of several pipelines in the Prometheus text exposition format: one
-/// family per metric, one sample per pipeline, labelled `pipeline`.
-///
-/// ```
-/// use flows_kafka::{MetricsSnapshot, render_prometheus};
-/// let text = render_prometheus(&[("a", MetricsSnapshot::default()), ("b", MetricsSnapshot::default())]);
-/// assert_eq!(text.matches("# TYPE flows_batches_total counter").count(), 1);
-/// assert!(text.contains("flows_batches_total{pipeline=\"b\"} 0"));
-/// ```
-pub fn render_prometheus(pipelines: &[(&str, MetricsSnapshot)]) -> String {
-    let families: Vec<_> = pipelines
-        .iter()
-        .map(|(name, snapshot)| (escape_label(name), snapshot.families()))
-        .collect();
-    let mut text = String::new();
-    let Some((_, first)) = families.first() else {
-        return text;
-    };
-    for (index, (name, help, kind, _)) in first.iter().enumerate() {
-        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
-        for (label, values) in &families {
-            let value = values[index].3;
-            text.push_str(&format!("{name}{{pipeline=\"{label}\"}} {value}\n"));
-        }
-    }
-    text
-}
-
-/// Picks one histogram of a pipeline's.
-type HistogramOf = fn(&Histograms) -> &HistogramSnapshot;
-
-/// The batch histograms of several pipelines in the Prometheus text exposition format
-/// (`flows_batch_messages`, `flows_batch_process_seconds`, `flows_batch_publish_seconds`).
-pub fn render_prometheus_histograms(pipelines: &[(&str, Histograms)]) -> String {
-    let mut text = String::new();
-    let families: [(&str, &str, HistogramOf); 3] = [
-        ("flows_batch_messages", "Messages per batch part.", |h| {
-            &h.batch_messages
-        }),
-        (
-            "flows_batch_process_seconds",
-            "Time processing a batch part (states or rows read and written).",
-            |h| &h.process_seconds,
-        ),
-        (
-            "flows_batch_publish_seconds",
-            "Time publishing a batch part's outputs until acknowledged.",
-            |h| &h.publish_seconds,
-        ),
-    ];
-    for (name, help, of) in families {
-        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
-        for (pipeline, histograms) in pipelines {
-            let label = escape_label(pipeline);
-            let histogram = of(histograms);
-            for (bound, count) in &histogram.buckets {
-                let le = if bound.is_infinite() {
-                    "+Inf".to_owned()
-                } else {
-                    bound.to_string()
-                };
-                text.push_str(&format!(
-                    "{name}_bucket{{pipeline=\"{label}\",le=\"{le}\"}} {count}\n"
-                ));
-            }
-            text.push_str(&format!(
-                "{name}_sum{{pipeline=\"{label}\"}} {}\n{name}_count{{pipeline=\"{label}\"}} {}\n",
-                histogram.sum, histogram.count
-            ));
-        }
-    }
-    text
-}
-
-/// A label value escaped for the Prometheus text format.
-pub fn escape_label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,9 +360,23 @@ mod tests {
         );
         assert_eq!(at(&h.process_seconds, f64::INFINITY), Some(2));
         assert!((h.process_seconds.sum - 20.002).abs() < 1e-6);
-        let text = render_prometheus_histograms(&[("p", h)]);
-        assert!(text.contains("flows_batch_publish_seconds_bucket{pipeline=\"p\",le=\"0.001\"} 1"));
-        assert!(text.contains("flows_batch_publish_seconds_count{pipeline=\"p\"} 2"));
-        assert!(text.contains("le=\"+Inf\""));
+        assert_eq!(at(&h.publish_seconds, 0.001), Some(1));
+        assert_eq!(h.publish_seconds.count, 2);
+    }
+
+    #[test]
+    fn stage_timings_observe_the_store_only_where_it_was_called() {
+        let metrics = Metrics::new();
+        metrics.observe_stage(Duration::from_millis(3), None, None);
+        metrics.observe_stage(
+            Duration::from_millis(1),
+            Some(Duration::from_millis(4)),
+            Some(Duration::from_millis(30)),
+        );
+        let h = metrics.histograms();
+        assert_eq!(h.fold_seconds.count, 2);
+        assert_eq!(h.store_read_seconds.count, 1);
+        assert_eq!(h.store_write_seconds.count, 1);
+        assert!((h.store_write_seconds.sum - 0.030).abs() < 1e-6);
     }
 }

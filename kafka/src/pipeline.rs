@@ -9,6 +9,7 @@
 //! - materialise: the mapper per message, then one batched write to the table.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use async_trait::async_trait;
 use flows_core::function::{ErrorAction, StatefulProcessor, StatelessProcessor};
@@ -17,6 +18,7 @@ use flows_core::{
     EncodedRecord, FunctionError, Message, ProcessError, RawMessage, RepositoryError, Row,
     RowChange, SingleStateRepository, Topic, UpsertRepository, ValidChange,
 };
+use tracing::Instrument;
 
 use crate::error::EngineError;
 use crate::metrics::Metrics;
@@ -215,8 +217,9 @@ impl<F: StatelessProcessor> Stage for StatelessStage<F> {
         on_error: &OnError<'_>,
         _still_owner: &StillOwner<'_>,
         outputs: &mut Outputs,
-        _metrics: &Metrics,
+        metrics: &Metrics,
     ) -> Result<usize, StageError> {
+        let started = Instant::now();
         outputs.reserve(batch.len());
         for (index, message) in batch.iter().enumerate() {
             match self.0.process(message) {
@@ -224,6 +227,7 @@ impl<F: StatelessProcessor> Stage for StatelessStage<F> {
                 Err(error) => outputs.extend(index, handle_failure(message, error, on_error)?),
             }
         }
+        metrics.observe_stage(started.elapsed(), None, None);
         Ok(batch.len())
     }
 }
@@ -310,9 +314,15 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
             outputs,
         )
         .await;
-        metrics.add_state_cache_hits(buffers.reads.cached);
-        metrics.add_states_read(buffers.reads.stored);
-        metrics.add_state_conflicts(buffers.reads.conflicts);
+        let reads = buffers.reads;
+        metrics.add_state_cache_hits(reads.cached);
+        metrics.add_states_read(reads.stored);
+        metrics.add_state_conflicts(reads.conflicts);
+        metrics.observe_stage(
+            reads.fold_time,
+            Some(reads.read_time),
+            Some(reads.write_time),
+        );
         self.buffers().push(buffers);
         let processed = result?;
         if processed < batch.len() {
@@ -371,8 +381,9 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
         on_error: &OnError<'_>,
         _still_owner: &StillOwner<'_>,
         outputs: &mut Outputs,
-        _metrics: &Metrics,
+        metrics: &Metrics,
     ) -> Result<usize, StageError> {
+        let mapping = Instant::now();
         let schema = self.repository.schema();
         // Each message's changes, checked against the table's schema: a row that does
         // not fit fails its own message (policy), not the whole batch's write.
@@ -399,7 +410,14 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
         // One batched write; rows the store refuses are charged to their messages, the
         // rest written (upserts are idempotent and applied in offset order, so a
         // replayed batch leaves the table as the first attempt did).
-        let refused = write_isolating(&self.repository, &sources).await?;
+        let fold = mapping.elapsed();
+        let writing = Instant::now();
+        let rows = sources.iter().map(Vec::len).sum::<usize>() as i64;
+        let written = write_isolating(&self.repository, &sources)
+            .instrument(tracing::info_span!("flows.store.write", rows))
+            .await;
+        metrics.observe_stage(fold, None, Some(writing.elapsed()));
+        let refused = written?;
         for (source, error) in refused {
             let index = from[source];
             let message = &batch[index];

@@ -9,6 +9,9 @@
 // foldhash: keys come from input messages, hashed per message; a seeded fast hash.
 use foldhash::HashMap;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
 
 use flows_core::function::stateful::Applied;
 use flows_core::function::{
@@ -152,7 +155,7 @@ pub(crate) struct BatchBuffers {
     slots: Vec<Option<RawState>>,
     /// The states to write (the store hands the vector back with the written states).
     writes: Vec<RawState>,
-    /// Where the last batch's states came from.
+    /// Where the last batch's states came from, and how long the store took.
     pub(crate) reads: StateReads,
     /// After write conflicts: how many messages to process at most, the size that last
     /// got through; doubled after every batch written without a conflict until it no
@@ -161,7 +164,7 @@ pub(crate) struct BatchBuffers {
     part_limit: Option<usize>,
 }
 
-/// Where a batch's states came from, over all its attempts.
+/// Where a batch's states came from and where its time went, over all its attempts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct StateReads {
     /// Found in the cache of recently written states.
@@ -170,6 +173,12 @@ pub(crate) struct StateReads {
     pub(crate) stored: u64,
     /// Writes that conflicted with another writer's.
     pub(crate) conflicts: u64,
+    /// Time in the function and the engine's grouping, folding and encoding.
+    pub(crate) fold_time: Duration,
+    /// Time reading states (cache and store).
+    pub(crate) read_time: Duration,
+    /// Time writing states, conflicting attempts included.
+    pub(crate) write_time: Duration,
 }
 
 /// What a batch may reuse: the pipeline's cache of recently written states, and
@@ -221,9 +230,12 @@ where
     let mut regroup = true;
     loop {
         if regroup {
+            let grouping = Instant::now();
             per_message.clear();
             per_message.resize_with(messages.len(), Vec::new);
-            if !groups.fill(processor, messages, on_error, per_message)? {
+            let grouped = groups.fill(processor, messages, on_error, per_message)?;
+            reads.fold_time += grouping.elapsed();
+            if !grouped {
                 flatten_into(per_message, outputs);
                 return Ok(messages.len());
             }
@@ -231,9 +243,17 @@ where
         }
         let cache = reuse.cache.filter(|_| first_read);
         first_read = false;
-        let read = read_states(store, &groups.ids, cache, slots, states).await?;
+        let reading = Instant::now();
+        let read = read_states(store, &groups.ids, cache, slots, states)
+            .instrument(tracing::info_span!(
+                "flows.store.read",
+                states = groups.ids.len() as i64
+            ))
+            .await?;
+        reads.read_time += reading.elapsed();
         reads.cached += read.cached;
         reads.stored += read.stored;
+        let folding = Instant::now();
         writes.clear();
         folded.clear();
         let mut oversized = Oversized::None;
@@ -292,6 +312,7 @@ where
             folded.extend(outcome.messages.into_iter().map(|m| m.outputs));
             writes.extend(outcome.write);
         }
+        reads.fold_time += folding.elapsed();
         match oversized {
             Oversized::None => {}
             Oversized::Probe => {
@@ -318,7 +339,17 @@ where
                 continue;
             }
         }
-        match store.upsert_all(std::mem::take(writes)).await {
+        let writing = Instant::now();
+        let writes_len = writes.len();
+        let result = store
+            .upsert_all(std::mem::take(writes))
+            .instrument(tracing::info_span!(
+                "flows.store.write",
+                states = writes_len as i64
+            ))
+            .await;
+        reads.write_time += writing.elapsed();
+        match result {
             Ok(mut written) => {
                 match cache {
                     Some(cache) => {

@@ -17,6 +17,7 @@ use flows_core::{EncodedRecord, ProcessError, RawMessage, TopicPartition};
 use rdkafka::error::KafkaError;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::config::{Backoff, BatchConfig};
 use crate::delivery::{DeliveryFailure, classify, refused_alone};
@@ -24,6 +25,7 @@ use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pipeline::{MessageFailed, Outputs, Pipeline, StageError};
 use crate::producer::OutputProducer;
+use crate::trace_context::{batch_span, propagate_trace_context};
 
 /// Shared between a partition's worker and the consumer thread.
 #[derive(Debug)]
@@ -225,7 +227,10 @@ pub(crate) async fn run_partition(
         let batch = &collected.messages;
         context.metrics.add_consumed(batch.len() as u64);
         let started = Instant::now();
-        let end = process_batch(&context, &tp, &control, batch, &mut outputs).await?;
+        let span = batch_span(&context.pipeline.name, &tp, batch);
+        let end = process_batch(&context, &tp, &control, batch, &mut outputs)
+            .instrument(span)
+            .await?;
         tracing::debug!(pipeline = %context.pipeline.name, %tp, messages = batch.len(), elapsed = ?started.elapsed(), "batch done");
         match end {
             BatchEnd::Completed => {}
@@ -498,33 +503,6 @@ async fn publish(
     Ok(true)
 }
 
-/// The W3C trace context headers an output inherits from its input.
-const TRACE_HEADERS: [&str; 2] = ["traceparent", "tracestate"];
-
-/// Copies each input's W3C trace context (`traceparent`, `tracestate`) onto the outputs
-/// it caused that carry none of their own, so that one trace follows a request through
-/// every pipeline. Done at publication, from the input: a replay re-emits stored outputs
-/// with the same headers added, byte for byte as the first time.
-fn propagate_trace_context(part: &[RawMessage], outputs: &mut Outputs) {
-    let traced = |message: &RawMessage| message.headers.first("traceparent").is_some();
-    if !part.iter().any(traced) {
-        return;
-    }
-    for (record, &input) in outputs.records.iter_mut().zip(&outputs.inputs) {
-        let Some(message) = part.get(input as usize) else {
-            continue;
-        };
-        if !traced(message) || record.headers.first("traceparent").is_some() {
-            continue;
-        }
-        for name in TRACE_HEADERS {
-            if let Some(value) = message.headers.first(name) {
-                record.headers.append(name, value.map(<[u8]>::to_vec));
-            }
-        }
-    }
-}
-
 /// The refusals of one part's publication, over all its rounds.
 #[derive(Debug, Default)]
 struct Refusals {
@@ -648,36 +626,6 @@ mod tests {
             headers: flows_core::Headers::new(),
             timestamp: None,
         }
-    }
-
-    /// An output inherits its input's trace context unless it carries its own; inputs
-    /// without one leave their outputs alone.
-    #[test]
-    fn outputs_carry_their_inputs_trace_context() {
-        let mut traced = RawMessage::raw("in", 0, 0, None, Some(&b"a"[..]));
-        traced
-            .headers
-            .append("traceparent", Some(b"00-abc-def-01".to_vec()));
-        traced.headers.append("tracestate", Some(b"k=v".to_vec()));
-        let plain = RawMessage::raw("in", 0, 1, None, Some(&b"b"[..]));
-        let mut own = record("own");
-        own.headers
-            .append("traceparent", Some(b"00-own-own-01".to_vec()));
-        let mut outputs = Outputs::default();
-        outputs.extend(0, [record("inherits"), own]);
-        outputs.extend(1, [record("untouched")]);
-        propagate_trace_context(&[traced, plain], &mut outputs);
-        let header = |i: usize, name: &str| {
-            outputs.records[i]
-                .headers
-                .first(name)
-                .flatten()
-                .map(<[u8]>::to_vec)
-        };
-        assert_eq!(header(0, "traceparent"), Some(b"00-abc-def-01".to_vec()));
-        assert_eq!(header(0, "tracestate"), Some(b"k=v".to_vec()));
-        assert_eq!(header(1, "traceparent"), Some(b"00-own-own-01".to_vec()));
-        assert_eq!(header(2, "traceparent"), None);
     }
 
     /// Input 0's outputs r1 and r2 are refused in two rounds of one publication, and
