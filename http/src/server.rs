@@ -499,11 +499,9 @@ async fn ingest(
     otel::continue_trace(&span, &headers);
     let response = async {
         match ingest.records(&body, &headers, &query) {
-            Ok(mut records) => {
+            Ok(records) => {
                 #[cfg(feature = "otel")]
-                otel::hand_on_context(&span, &headers, &mut records);
-                #[cfg(not(feature = "otel"))]
-                let _ = &mut records;
+                let records = otel::hand_on_context(&span, &headers, records);
                 produce(&state.producer, records, ingest.many()).await
             }
             Err(refused) => refused_request(&refused),
@@ -546,21 +544,22 @@ mod otel {
     pub(super) fn hand_on_context(
         span: &tracing::Span,
         headers: &HeaderMap,
-        records: &mut [EncodedRecord],
-    ) {
+        mut records: Vec<EncodedRecord>,
+    ) -> Vec<EncodedRecord> {
         let context = span.context();
         let own = context.span().span_context().clone();
         if !own.is_valid() {
-            return;
+            return records;
         }
         let request = headers.get("traceparent").map(|v| v.as_bytes());
         let traceparent = flows_kafka::traceparent(&own).into_bytes();
-        for record in records {
+        for record in &mut records {
             let current = record.headers.first("traceparent").flatten();
             if current.is_none() || current == request {
                 record.headers.set("traceparent", traceparent.clone());
             }
         }
+        records
     }
 }
 
