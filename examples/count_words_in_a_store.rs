@@ -2,20 +2,19 @@
 //! with replay deduplication. Run: `cargo run --example count_words_in_a_store`.
 
 use flows::function::{ErrorAction, PersistenceIdFn, StatefulFunction, StatefulProcessor, fold};
-use flows::{Json, RawMessage, Record, SingleStateRepository, Topic, Utf8};
+use flows::{Json, RawMessage, Record, SingleStateRepository, StateReader, Topic, Utf8};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Declare the function: per-word state is the count, each word emits its new count.
-    let count = StatefulFunction::new(Json::<i64>::new()).one_to_one(
-        Topic::new("words", Utf8, Utf8),
-        Topic::new("word-counts", Utf8, Json::<i64>::new()),
-        PersistenceIdFn::key(),
-        |count: Option<&i64>, word| {
-            let count = count.copied().unwrap_or(0) + 1;
-            Ok((count, Record::new(word.key, count)))
-        },
-    );
+    let count = StatefulFunction::new(Json::<i64>::new())
+        .starting_from_default()
+        .one_to_one(
+            Topic::new("words", Utf8, Utf8),
+            Topic::new("word-counts", Utf8, Json::<i64>::new()),
+            PersistenceIdFn::key(),
+            |count: &i64, word| Ok((count + 1, Record::new(word.key, count + 1))),
+        );
     let store = flows::open_state_store("sqlite::memory:", "word_counts").await?;
 
     let words = ["fox", "dog", "fox", "fox"];
@@ -48,8 +47,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
-    let fox = store.get(&flows::PersistenceId::new("fox")?).await?;
-    let fox_count: i64 = serde_json::from_slice(fox.content.as_deref().unwrap_or(b"0"))?;
+    let counts = StateReader::new(store, Json::<i64>::new());
+    let fox = counts.get(&flows::PersistenceId::new("fox")?).await?;
+    let fox_count = fox.content.unwrap_or(0);
     assert_eq!(fox_count, 3, "the replay must not count again");
     println!(
         "fox counted {fox_count} times, state version {}",

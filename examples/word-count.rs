@@ -28,7 +28,7 @@ use std::sync::Arc;
 use flows::function::StatelessFunction;
 use flows::http::{HttpServer, IngestRoute};
 use flows::kafka::Pipeline;
-use flows::{Json, PersistenceId, Record, Topic, Utf8};
+use flows::{Json, PersistenceId, Record, StateReader, Topic, Utf8};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -63,14 +63,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // A second pipeline prints every published count: what downstream consumers see.
-    let printer = StatelessFunction::explode(
-        Topic::new("word-counts", Utf8, Json::<i64>::new()),
-        Topic::new("unused", Utf8, Utf8),
-        |m| {
+    let printer =
+        StatelessFunction::for_each(Topic::new("word-counts", Utf8, Json::<i64>::new()), |m| {
             println!("  {:<16} {}", m.key, m.value);
-            Ok(Vec::new())
-        },
-    );
+            Ok(())
+        });
     let pipelines = [
         common::word_count(Arc::clone(&store)),
         Pipeline::stateless("word-count-printer", printer),
@@ -87,9 +84,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(PersistenceId::new)
         .collect::<Result<_, _>>()?;
     let mut table = Vec::new();
-    for state in store.get_all(&distinct).await? {
-        let count: i64 = serde_json::from_slice(state.content.as_deref().unwrap_or(b"0"))?;
-        table.push((count, state.id.as_str().to_owned()));
+    let counts = StateReader::new(store, Json::<i64>::new());
+    for state in counts.get_all(&distinct).await? {
+        table.push((state.content.unwrap_or(0), state.id.as_str().to_owned()));
     }
     table.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
     println!(

@@ -33,12 +33,13 @@ fn card_text(word: &str, card: &WordCard) -> String {
 fn join() -> Join {
     let cards = Topic::new("word-cards", Utf8, Utf8);
     let function = StatefulFunction::new(Json::<WordCard>::new())
+        .starting_from_default()
         .one_to_one(
             Topic::new("words", Utf8, Utf8),
             cards.clone(),
             PersistenceIdFn::key(),
-            |card: Option<&WordCard>, word| {
-                let mut card = card.cloned().unwrap_or_default();
+            |card: &WordCard, word| {
+                let mut card = card.clone();
                 card.count += 1;
                 let text = card_text(&word.key, &card);
                 Ok((card, Record::new(word.key, text)))
@@ -48,8 +49,8 @@ fn join() -> Join {
             Topic::new("definitions", Utf8, Utf8),
             cards,
             PersistenceIdFn::key(),
-            |card: Option<&WordCard>, definition| {
-                let mut card = card.cloned().unwrap_or_default();
+            |card: &WordCard, definition| {
+                let mut card = card.clone();
                 card.definition = Some(definition.value);
                 let text = card_text(&definition.key, &card);
                 Ok((card, Record::new(definition.key, text)))
@@ -104,14 +105,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     setup.feed(&records).await?;
     let total = records.len() as u64;
 
-    let printer = StatelessFunction::explode(
-        Topic::new("word-cards", Utf8, Utf8),
-        Topic::new("unused", Utf8, Utf8),
-        |m| {
-            println!("  {}", m.value);
-            Ok(Vec::new())
-        },
-    );
+    let printer = StatelessFunction::for_each(Topic::new("word-cards", Utf8, Utf8), |m| {
+        println!("  {}", m.value);
+        Ok(())
+    });
     pipelines.push(Pipeline::stateless("word-join-printer", printer));
     setup
         .run(&pipelines, |running| common::committed(running, 2) >= total)

@@ -12,38 +12,15 @@ mod common;
 use std::sync::Arc;
 
 use flows::kafka::{ErrorPolicy, Pipeline};
-use flows::{
-    ColumnType, ColumnValue, Json, PrimaryKey, Row, RowChange, RowError, TableSchema, Topic,
-    UpsertRepository, Utf8, Value,
-};
+use flows::{Json, PrimaryKey, Row, RowChange, Topic, UpsertRepository, Utf8};
 
 /// One row of the materialised table.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Row)]
+#[flows(table = "word_count_table")]
 struct WordCountRow {
+    #[flows(key)]
     word: String,
     count: i64,
-}
-
-impl Row for WordCountRow {
-    fn schema() -> TableSchema {
-        TableSchema::builder("word_count_table")
-            .key("word", ColumnType::Text)
-            .column("count", ColumnType::Int64)
-            .build()
-            .expect("a valid schema")
-    }
-
-    fn to_values(&self) -> Vec<Value> {
-        vec![Value::Text(self.word.clone()), Value::Int64(self.count)]
-    }
-
-    fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
-        let mut v = values.into_iter();
-        Ok(Self {
-            word: ColumnValue::from_column(v.next(), "word")?,
-            count: ColumnValue::from_column(v.next(), "count")?,
-        })
-    }
 }
 
 fn materialise(table: Arc<dyn UpsertRepository<WordCountRow>>) -> Pipeline {

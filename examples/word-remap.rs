@@ -42,14 +42,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let words = setup.feed_sample_words().await?;
     let kept = words.iter().filter(|w| w.chars().count() >= 3).count() as u64;
 
-    let printer = StatelessFunction::explode(
-        Topic::new("words-by-letter", Utf8, Utf8),
-        Topic::new("unused", Utf8, Utf8),
-        |m| {
-            println!("  {} <- {}", m.key, m.value);
-            Ok(Vec::new())
-        },
-    );
+    let printer = StatelessFunction::for_each(Topic::new("words-by-letter", Utf8, Utf8), |m| {
+        println!("  {} <- {}", m.key, m.value);
+        Ok(())
+    });
     let pipelines = [remap(), Pipeline::stateless("word-remap-printer", printer)];
     setup
         .run(&pipelines, |running| common::committed(running, 1) >= kept)

@@ -141,7 +141,8 @@ pub fn run_property<S: proptest::strategy::Strategy>(
 /// Asserts that `Row` round trips through values: used by [`upsert`] cases and
 /// available to users testing their own row types.
 pub fn assert_row_round_trips<T: Row + PartialEq + std::fmt::Debug>(row: &T) {
-    let back = T::from_values(row.to_values()).expect("row converts back from its values");
+    let values = row.to_values().expect("row converts to values");
+    let back = T::from_values(values).expect("row converts back from its values");
     assert_eq!(&back, row);
 }
 

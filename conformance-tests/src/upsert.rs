@@ -4,19 +4,23 @@
 use chrono::{DateTime, TimeZone, Utc};
 use flows_core::{
     Column, ColumnType, ColumnValue, MemoryUpsertRepository, PrimaryKey, RepositoryError, Row,
-    RowChange, RowError, TableName, TableSchema, UpsertRepository, Value,
+    RowChange, TableName, UpsertRepository, Value,
 };
 use proptest::prelude::*;
 
 use crate::{RowFactory, RowStore};
 
 /// The row type of the upsert cases: composite key `(tenant, id)` and one column of every
-/// type, nullable and not.
-#[derive(Clone, Debug, PartialEq)]
+/// type, nullable and not, derived (so every backend's suite round-trips every column
+/// type through `#[derive(Row)]`).
+#[derive(Clone, Debug, PartialEq, Row)]
+#[flows(table = "conformance_rows")]
 pub struct ConformanceRow {
     /// Key part 1.
+    #[flows(key)]
     pub tenant: String,
     /// Key part 2.
+    #[flows(key)]
     pub id: i64,
     /// Bool column.
     pub active: bool,
@@ -32,52 +36,6 @@ pub struct ConformanceRow {
     pub doc: Option<serde_json::Value>,
     /// Nullable integer column.
     pub score: Option<i64>,
-}
-
-impl Row for ConformanceRow {
-    fn schema() -> TableSchema {
-        TableSchema::builder("conformance_rows")
-            .key("tenant", ColumnType::Text)
-            .key("id", ColumnType::Int64)
-            .column_of::<bool>("active")
-            .column_of::<f64>("amount")
-            .column_of::<Option<String>>("note")
-            .column_of::<Vec<u8>>("payload")
-            .column_of::<DateTime<Utc>>("at")
-            .column_of::<Option<serde_json::Value>>("doc")
-            .column_of::<Option<i64>>("score")
-            .build()
-            .expect("valid schema")
-    }
-
-    fn to_values(&self) -> Vec<Value> {
-        vec![
-            self.tenant.to_value(),
-            self.id.to_value(),
-            self.active.to_value(),
-            self.amount.to_value(),
-            self.note.to_value(),
-            self.payload.to_value(),
-            self.at.to_value(),
-            self.doc.to_value(),
-            self.score.to_value(),
-        ]
-    }
-
-    fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
-        let mut v = values.into_iter();
-        Ok(Self {
-            tenant: ColumnValue::from_column(v.next(), "tenant")?,
-            id: ColumnValue::from_column(v.next(), "id")?,
-            active: ColumnValue::from_column(v.next(), "active")?,
-            amount: ColumnValue::from_column(v.next(), "amount")?,
-            note: ColumnValue::from_column(v.next(), "note")?,
-            payload: ColumnValue::from_column(v.next(), "payload")?,
-            at: ColumnValue::from_column(v.next(), "at")?,
-            doc: ColumnValue::from_column(v.next(), "doc")?,
-            score: ColumnValue::from_column(v.next(), "score")?,
-        })
-    }
 }
 
 impl ConformanceRow {
@@ -283,7 +241,7 @@ pub async fn row_batch_larger_than_native_limit(factory: RowFactory) {
 
 /// Text keys and values with quotes, backslashes, SQL and JSON metacharacters and
 /// unicode round trip. Text containing NUL either round trips or is rejected with a
-/// typed [`RowError`] that writes nothing (PostgreSQL's `text` cannot hold NUL).
+/// typed [`RowError`](flows_core::RowError) that writes nothing (PostgreSQL's `text` cannot hold NUL).
 pub async fn hostile_text_round_trips_or_is_rejected(factory: RowFactory) {
     let store = factory.create().await;
     let texts = [

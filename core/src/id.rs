@@ -125,27 +125,37 @@ impl TableName {
     /// Validates a table name.
     pub fn new(name: impl AsRef<str>) -> Result<Self, InvalidName> {
         let name = name.as_ref();
-        let reject = |reason| {
-            Err(InvalidName {
+        match Self::problem(name) {
+            Some(reason) => Err(InvalidName {
                 name: name.to_owned(),
                 reason,
-            })
-        };
-        let mut chars = name.chars();
-        match chars.next() {
-            None => return reject("must not be empty"),
-            Some(c) if !c.is_ascii_alphabetic() => {
-                return reject("must start with an ASCII letter");
+            }),
+            None => Ok(Self(Arc::from(name))),
+        }
+    }
+
+    /// What is wrong with `name` as a table or column name, if anything. A `const fn`, so
+    /// that `#[derive(Row)]` checks its names when the program is compiled.
+    pub const fn problem(name: &str) -> Option<&'static str> {
+        let bytes = name.as_bytes();
+        if bytes.is_empty() {
+            return Some("must not be empty");
+        }
+        if !bytes[0].is_ascii_alphabetic() {
+            return Some("must start with an ASCII letter");
+        }
+        let mut i = 1;
+        while i < bytes.len() {
+            let b = bytes[i];
+            if !(b.is_ascii_alphanumeric() || b == b'_') {
+                return Some("may contain only ASCII letters, digits and underscores");
             }
-            Some(_) => {}
+            i += 1;
         }
-        if !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return reject("may contain only ASCII letters, digits and underscores");
+        if bytes.len() > Self::MAX_LEN {
+            return Some("must be at most 48 characters long");
         }
-        if name.len() > Self::MAX_LEN {
-            return reject("must be at most 48 characters long");
-        }
-        Ok(Self(Arc::from(name)))
+        None
     }
 
     /// The name as a string slice.

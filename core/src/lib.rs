@@ -16,6 +16,9 @@
 //! engine drives the functions. Both depend on this crate and nothing here depends on
 //! them, so a new backend or engine never changes the core.
 
+// `#[derive(Row)]` names this crate `::flows_core`, in its own tests too.
+extern crate self as flows_core;
+
 pub mod format;
 pub mod function;
 pub mod id;
@@ -26,6 +29,9 @@ pub mod row;
 pub mod state;
 pub mod topic;
 
+/// `#[derive(Row)]`: a struct's schema and conversions from its fields (see
+/// [`flows_macros`]).
+pub use flows_macros::Row;
 pub use format::{Bytes, Format, FormatError, I64BigEndian, Json, Nullable, Protobuf, Unit, Utf8};
 pub use function::{FunctionError, ProcessError};
 pub use id::{InvalidName, InvalidPersistenceId, PersistenceId, TableName};
@@ -36,5 +42,8 @@ pub use row::{
     ChangeBatch, ChangeBatchBuilder, Column, ColumnType, ColumnValue, PrimaryKey, Row, RowChange,
     RowError, TableSchema, UpsertRepository, ValidChange, Value,
 };
-pub use state::{EncodedRecord, LastResults, Progress, RawState, State, StateCodecError};
+pub use state::{
+    EncodedRecord, LastResults, Progress, RawState, ReadStateError, State, StateCodecError,
+    StateReader,
+};
 pub use topic::Topic;

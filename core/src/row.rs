@@ -6,30 +6,26 @@
 //! every name validated, so user code never holds a SQL string.
 //!
 //! ```
-//! use flows_core::{ColumnType, ColumnValue, Row, RowError, TableSchema, Value};
+//! use flows_core::{ColumnType, Row, Value};
 //!
-//! struct WordCount { word: String, count: i64 }
-//!
-//! impl Row for WordCount {
-//!     fn schema() -> TableSchema {
-//!         TableSchema::builder("word_counts")
-//!             .key("word", ColumnType::Text)
-//!             .column("count", ColumnType::Int64)
-//!             .build()
-//!             .expect("valid schema")
-//!     }
-//!     fn to_values(&self) -> Vec<Value> {
-//!         vec![self.word.to_value(), self.count.to_value()]
-//!     }
-//!     fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
-//!         let mut values = values.into_iter();
-//!         Ok(WordCount {
-//!             word: String::from_column(values.next(), "word")?,
-//!             count: i64::from_column(values.next(), "count")?,
-//!         })
-//!     }
+//! #[derive(Row)]
+//! #[flows(table = "word_counts")]
+//! struct WordCount {
+//!     #[flows(key)]
+//!     word: String,
+//!     count: i64,
 //! }
+//!
+//! let schema = WordCount::schema();
+//! assert_eq!(schema.columns()[1].column_type, ColumnType::Int64);
+//! let row = WordCount { word: "fox".into(), count: 3 };
+//! assert_eq!(row.to_values()?, [Value::Text("fox".into()), Value::Int64(3)]);
+//! # Ok::<(), flows_core::RowError>(())
 //! ```
+//!
+//! `#[derive(Row)]` is the way to write a row type (its attributes are in
+//! [`flows_macros`]); implementing [`Row`] by hand is possible, with the values in the
+//! schema's column order.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -120,7 +116,7 @@ impl ColumnType {
     }
 
     /// Whether a column of this type may be part of a primary key (exact equality).
-    pub fn can_be_key(self) -> bool {
+    pub const fn can_be_key(self) -> bool {
         !matches!(self, ColumnType::Float64 | ColumnType::Json)
     }
 }
@@ -179,6 +175,11 @@ impl TableSchemaBuilder {
         self.columns
             .push((name.to_owned(), column_type, true, false));
         self
+    }
+
+    /// Adds a primary key column whose type comes from a Rust type.
+    pub fn key_of<T: ColumnValue>(self, name: &str) -> Self {
+        self.key(name, T::COLUMN_TYPE)
     }
 
     /// Adds a column whose type and nullability come from a Rust type.
@@ -500,8 +501,9 @@ pub trait Row: Sized + Send + Sync + 'static {
     /// The table: default name, columns, primary key.
     fn schema() -> TableSchema;
 
-    /// The row's values, in column order.
-    fn to_values(&self) -> Vec<Value>;
+    /// The row's values, in column order; an error when a value cannot be represented
+    /// (a JSON column whose value does not serialise).
+    fn to_values(&self) -> Result<Vec<Value>, RowError>;
 
     /// Rebuilds a row from values in column order.
     fn from_values(values: Vec<Value>) -> Result<Self, RowError>;
@@ -591,7 +593,7 @@ impl ValidChange {
     ) -> Result<Self, RowError> {
         match change {
             RowChangeRef::Upsert(row) => {
-                let mut values = row.to_values();
+                let mut values = row.to_values()?;
                 schema.check_row(&values)?;
                 values.iter_mut().for_each(to_stored_precision);
                 Ok(Self {
@@ -774,13 +776,10 @@ impl<T: Row, R: UpsertRepository<T> + ?Sized> UpsertRepository<T> for Arc<R> {
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// use flows_core::row::{RowChangeRef, ValidChange, write_isolating};
-/// use flows_core::{ColumnType, ColumnValue, MemoryUpsertRepository, Row, RowError, TableSchema, Value};
-/// # struct Item { id: i64 }
-/// # impl Row for Item {
-/// #     fn schema() -> TableSchema { TableSchema::builder("items").key("id", ColumnType::Int64).build().unwrap() }
-/// #     fn to_values(&self) -> Vec<Value> { vec![self.id.to_value()] }
-/// #     fn from_values(v: Vec<Value>) -> Result<Self, RowError> { Ok(Item { id: i64::from_column(v.into_iter().next(), "id")? }) }
-/// # }
+/// use flows_core::{MemoryUpsertRepository, Row};
+/// # #[derive(Row)]
+/// # #[flows(table = "items")]
+/// # struct Item { #[flows(key)] id: i64 }
 /// let table = MemoryUpsertRepository::<Item>::new();
 /// let schema = Item::schema();
 /// let sources: Vec<Vec<ValidChange>> = (0..3)
@@ -888,41 +887,102 @@ pub fn rows_in_request_order<T: Row>(
         .collect()
 }
 
+/// What `#[derive(Row)]` generates code against; not for hand-written code.
+#[doc(hidden)]
+pub mod __derive {
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+
+    use super::{ColumnValue, RowError, TableSchema, Value};
+    use crate::TableName;
+
+    /// Fails compilation (the derive calls it in a `const`) for an unsafe name, saying
+    /// `message`.
+    pub const fn check_name(name: &str, message: &'static str) {
+        if TableName::problem(name).is_some() {
+            panic!("{}", message);
+        }
+    }
+
+    /// Fails compilation for a key column that could be null or is not compared exactly.
+    pub const fn check_key<T: ColumnValue>() {
+        assert!(
+            !T::NULLABLE,
+            "a key column cannot be an Option: keys are never null"
+        );
+        assert!(
+            T::COLUMN_TYPE.can_be_key(),
+            "a key column must compare exactly: floats and JSON cannot be keys"
+        );
+    }
+
+    /// A schema the compile-time checks let through but the builder refused: a bug in
+    /// the derive, reported as one.
+    #[cold]
+    pub fn invalid_schema(error: RowError) -> TableSchema {
+        panic!("derive(Row) generated an invalid schema ({error}); please report it")
+    }
+
+    fn json_error(column: &str, error: serde_json::Error) -> RowError {
+        RowError::Invalid {
+            column: column.to_owned(),
+            message: format!("not representable as JSON: {error}"),
+        }
+    }
+
+    /// A `#[flows(json)]` field's value.
+    pub fn json_to_value<T: Serialize>(value: &T, column: &str) -> Result<Value, RowError> {
+        serde_json::to_value(value)
+            .map(Value::Json)
+            .map_err(|e| json_error(column, e))
+    }
+
+    /// An optional `#[flows(json)]` field's value (`None`: null).
+    pub fn json_option_to_value<T: Serialize>(
+        value: &Option<T>,
+        column: &str,
+    ) -> Result<Value, RowError> {
+        match value {
+            Some(value) => json_to_value(value, column),
+            None => Ok(Value::Null),
+        }
+    }
+
+    /// A `#[flows(json)]` field read back.
+    pub fn json_from_column<T: DeserializeOwned>(
+        value: Option<Value>,
+        column: &str,
+    ) -> Result<T, RowError> {
+        let json = serde_json::Value::from_column(value, column)?;
+        serde_json::from_value(json).map_err(|e| json_error(column, e))
+    }
+
+    /// An optional `#[flows(json)]` field read back (null: `None`).
+    pub fn json_option_from_column<T: DeserializeOwned>(
+        value: Option<Value>,
+        column: &str,
+    ) -> Result<Option<T>, RowError> {
+        match Option::<serde_json::Value>::from_column(value, column)? {
+            Some(json) => serde_json::from_value(json)
+                .map(Some)
+                .map_err(|e| json_error(column, e)),
+            None => Ok(None),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flows_macros::Row;
 
-    #[derive(Debug, Clone, PartialEq)]
+    #[derive(Debug, Clone, PartialEq, Row)]
+    #[flows(table = "items")]
     struct Item {
+        #[flows(key)]
         id: String,
         qty: i64,
         note: Option<String>,
-    }
-
-    impl Row for Item {
-        fn schema() -> TableSchema {
-            TableSchema::builder("items")
-                .key("id", ColumnType::Text)
-                .column_of::<i64>("qty")
-                .column_of::<Option<String>>("note")
-                .build()
-                .unwrap()
-        }
-        fn to_values(&self) -> Vec<Value> {
-            vec![
-                self.id.to_value(),
-                self.qty.to_value(),
-                self.note.to_value(),
-            ]
-        }
-        fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
-            let mut v = values.into_iter();
-            Ok(Item {
-                id: String::from_column(v.next(), "id")?,
-                qty: i64::from_column(v.next(), "qty")?,
-                note: Option::<String>::from_column(v.next(), "note")?,
-            })
-        }
     }
 
     fn item(id: &str, qty: i64) -> Item {
@@ -977,7 +1037,10 @@ mod tests {
         assert_eq!(batch.deletes, vec![PrimaryKey::from("a".to_owned())]);
         assert_eq!(
             batch.upserts,
-            vec![item("b", 2).to_values(), item("c", 3).to_values()]
+            vec![
+                item("b", 2).to_values().unwrap(),
+                item("c", 3).to_values().unwrap()
+            ]
         );
     }
 

@@ -129,15 +129,14 @@ impl Drop for Setup {
 /// change is published to `word-counts` (key = word, value = the count as JSON).
 /// Messages that cannot be processed go to `words-dead-letter`.
 pub fn word_count(store: Arc<dyn SingleStateRepository>) -> Pipeline {
-    let count = StatefulFunction::new(Json::<i64>::new()).one_to_one(
-        Topic::new("words", Utf8, Utf8),
-        Topic::new("word-counts", Utf8, Json::<i64>::new()),
-        PersistenceIdFn::key(),
-        |count: Option<&i64>, word| {
-            let count = count.copied().unwrap_or(0) + 1;
-            Ok((count, Record::new(word.key, count)))
-        },
-    );
+    let count = StatefulFunction::new(Json::<i64>::new())
+        .starting_from_default()
+        .one_to_one(
+            Topic::new("words", Utf8, Utf8),
+            Topic::new("word-counts", Utf8, Json::<i64>::new()),
+            PersistenceIdFn::key(),
+            |count: &i64, word| Ok((count + 1, Record::new(word.key, count + 1))),
+        );
     Pipeline::stateful("word-count", count, store)
         .on_error(ErrorPolicy::dead_letter("words-dead-letter"))
 }

@@ -41,7 +41,7 @@ pub enum IngestError {
     },
     /// The mapping function refused the request.
     #[error("the request was refused: {0}")]
-    Refused(#[from] FunctionError),
+    Refused(FunctionError),
     /// The mapped record cannot be encoded for its topic.
     #[error("the record cannot be encoded for topic {topic}: {message}")]
     Encode {
@@ -50,6 +50,12 @@ pub enum IngestError {
         /// What is wrong.
         message: String,
     },
+}
+
+impl From<FunctionError> for IngestError {
+    fn from(error: FunctionError) -> Self {
+        IngestError::Refused(error)
+    }
 }
 
 type Handler =

@@ -586,36 +586,12 @@ async fn a_rewound_rekey_step_changes_no_joined_state_twice() {
 // --- materialise ------------------------------------------------------------------------
 
 /// A row of `chaos-worker`'s materialised table.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, flows::Row)]
+#[flows(table = "chaos_readings")]
 struct Reading {
+    #[flows(key)]
     key: String,
     seq: i64,
-}
-
-impl flows::Row for Reading {
-    fn schema() -> flows::TableSchema {
-        flows::TableSchema::builder("chaos_readings")
-            .key("key", flows::ColumnType::Text)
-            .column("seq", flows::ColumnType::Int64)
-            .build()
-            .unwrap()
-    }
-
-    fn to_values(&self) -> Vec<flows::Value> {
-        vec![
-            flows::Value::Text(self.key.clone()),
-            flows::Value::Int64(self.seq),
-        ]
-    }
-
-    fn from_values(values: Vec<flows::Value>) -> Result<Self, flows::RowError> {
-        use flows::ColumnValue;
-        let mut v = values.into_iter();
-        Ok(Self {
-            key: String::from_column(v.next(), "key")?,
-            seq: i64::from_column(v.next(), "seq")?,
-        })
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,8 +14,8 @@ use flows::kafka::policy::headers;
 use flows::kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use flows::kafka::{EmbeddedKafka, Engine, ErrorPolicy, Join, Pipeline};
 use flows::{
-    ColumnType, ColumnValue, FunctionError, Json, MemoryStateRepository, MemoryUpsertRepository,
-    Record, Row, RowChange, RowError, TableSchema, Topic, UpsertRepository, Utf8, Value,
+    FunctionError, Json, MemoryStateRepository, MemoryUpsertRepository, Record, Row, RowChange,
+    RowError, TableSchema, Topic, UpsertRepository, Utf8, Value,
 };
 use flows_integration_tests::{
     FaultyStore, FaultyTable, check_word_count_outputs, init_tracing, produce, read_topic,
@@ -527,35 +527,12 @@ async fn a_custom_mapper_fanning_out_is_applied_once_however_often_it_republishe
 }
 
 /// The latest sentence seen for each word, materialised as a table row.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Row)]
+#[flows(table = "last_seen")]
 struct LastSeen {
+    #[flows(key)]
     word: String,
     line: String,
-}
-
-impl Row for LastSeen {
-    fn schema() -> TableSchema {
-        TableSchema::builder("last_seen")
-            .key("word", ColumnType::Text)
-            .column("line", ColumnType::Text)
-            .build()
-            .expect("valid schema")
-    }
-
-    fn to_values(&self) -> Vec<Value> {
-        vec![
-            Value::Text(self.word.clone()),
-            Value::Text(self.line.clone()),
-        ]
-    }
-
-    fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
-        let mut v = values.into_iter();
-        Ok(Self {
-            word: ColumnValue::from_column(v.next(), "word")?,
-            line: ColumnValue::from_column(v.next(), "line")?,
-        })
-    }
 }
 
 /// Materialises `topic` into `table` as [`LastSeen`] rows; the value "forget" deletes
@@ -996,8 +973,8 @@ impl Row for Loose {
         LastSeen::schema()
     }
 
-    fn to_values(&self) -> Vec<Value> {
-        self.0.clone()
+    fn to_values(&self) -> Result<Vec<Value>, RowError> {
+        Ok(self.0.clone())
     }
 
     fn from_values(values: Vec<Value>) -> Result<Self, RowError> {

@@ -13,8 +13,8 @@ use flows_cassandra::{
     CassandraStateRepository, CassandraStore, CassandraUpsertRepository, Fencing,
 };
 use flows_core::{
-    ColumnType, ColumnValue, PersistenceId, RawState, RepositoryError, Row, RowError,
-    SingleStateRepository, State, TableSchema, UpsertRepository, Value,
+    PersistenceId, RawState, RepositoryError, Row, RowError, SingleStateRepository, State,
+    UpsertRepository,
 };
 
 fn run(test: impl std::future::Future<Output = ()>) {
@@ -177,30 +177,12 @@ fn unreachable_cluster_is_unavailable() {
     });
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Row)]
+#[flows(table = "words")]
 struct Word {
+    #[flows(key)]
     word: String,
     count: i64,
-}
-
-impl Row for Word {
-    fn schema() -> TableSchema {
-        TableSchema::builder("words")
-            .key("word", ColumnType::Text)
-            .column_of::<i64>("count")
-            .build()
-            .expect("valid schema")
-    }
-    fn to_values(&self) -> Vec<Value> {
-        vec![self.word.to_value(), self.count.to_value()]
-    }
-    fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
-        let mut values = values.into_iter();
-        Ok(Self {
-            word: ColumnValue::from_column(values.next(), "word")?,
-            count: ColumnValue::from_column(values.next(), "count")?,
-        })
-    }
 }
 
 /// Cassandra cannot store an empty partition key: with a one-column key, an empty text

@@ -95,9 +95,7 @@ mod conformance {
 /// sending, so the kassandra imitation, which would take it, refuses it too).
 mod refusals {
     use flows_core::row::{RowChangeRef, ValidChange, write_isolating};
-    use flows_core::{
-        ColumnType, ColumnValue, Row, RowError, TableSchema, UpsertRepository, Value,
-    };
+    use flows_core::{Row, UpsertRepository};
 
     use super::*;
 
@@ -115,30 +113,12 @@ mod refusals {
     }
 
     /// A row keyed by one text column.
-    #[derive(Debug, PartialEq)]
+    #[derive(Debug, PartialEq, Row)]
+    #[flows(table = "tags")]
     struct Tag {
+        #[flows(key)]
         name: String,
         uses: i64,
-    }
-
-    impl Row for Tag {
-        fn schema() -> TableSchema {
-            TableSchema::builder("tags")
-                .key("name", ColumnType::Text)
-                .column("uses", ColumnType::Int64)
-                .build()
-                .expect("schema")
-        }
-        fn to_values(&self) -> Vec<Value> {
-            vec![self.name.to_value(), self.uses.to_value()]
-        }
-        fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
-            let mut v = values.into_iter();
-            Ok(Self {
-                name: ColumnValue::from_column(v.next(), "name")?,
-                uses: ColumnValue::from_column(v.next(), "uses")?,
-            })
-        }
     }
 
     #[tokio::test]

@@ -59,9 +59,7 @@ mod refusals {
     use chrono::{TimeZone, Utc};
     use flows_conformance::RowStore;
     use flows_core::row::{RowChangeRef, ValidChange, write_isolating};
-    use flows_core::{
-        ColumnType, ColumnValue, Row, RowError, TableSchema, UpsertRepository, Value,
-    };
+    use flows_core::{Row, UpsertRepository};
 
     use super::*;
 
@@ -116,30 +114,12 @@ mod refusals {
     }
 
     /// An event keyed by its time.
-    #[derive(Debug, PartialEq)]
+    #[derive(Debug, PartialEq, Row)]
+    #[flows(table = "events")]
     struct Event {
+        #[flows(key)]
         at: chrono::DateTime<Utc>,
         n: i64,
-    }
-
-    impl Row for Event {
-        fn schema() -> TableSchema {
-            TableSchema::builder("events")
-                .key("at", ColumnType::Timestamp)
-                .column("n", ColumnType::Int64)
-                .build()
-                .expect("schema")
-        }
-        fn to_values(&self) -> Vec<Value> {
-            vec![self.at.to_value(), self.n.to_value()]
-        }
-        fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
-            let mut v = values.into_iter();
-            Ok(Self {
-                at: ColumnValue::from_column(v.next(), "at")?,
-                n: ColumnValue::from_column(v.next(), "n")?,
-            })
-        }
     }
 
     /// Two times 500 ns apart are one key once stored (microseconds): in one batch the

@@ -26,8 +26,8 @@ use foldhash::HashSet;
 // key per batch is the common case): inline, it costs no allocation.
 use smallvec::SmallVec;
 
-use crate::function::ProcessError;
 use crate::function::stateful::StatefulProcessor;
+use crate::function::{FunctionError, ProcessError};
 use crate::id::PersistenceId;
 use crate::message::{RawMessage, TopicPartition};
 use crate::state::{EncodedRecord, RawState, StateCodecError};
@@ -277,7 +277,7 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
                 },
                 None => {
                     return Err(FoldError::State(ProcessError::Function(
-                        "processor returned fewer outcomes than messages".into(),
+                        FunctionError::new("processor returned fewer outcomes than messages"),
                     )));
                 }
             },

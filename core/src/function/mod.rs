@@ -21,50 +21,49 @@ pub use fold::{
     ErrorAction, FoldError, FoldOutcome, INPUT_PAYLOAD_HEADER, MessageOutcome, OutcomeKind, fold,
     replace_outputs,
 };
-pub use stateful::{Origin, PersistenceIdFn, StatefulFunction, StatefulProcessor};
+pub use stateful::{
+    InitialState, MaybeState, Origin, PersistenceIdFn, StatefulFunction, StatefulProcessor,
+};
 pub use stateless::{StatelessFunction, StatelessProcessor};
 
-/// An error returned by a user function.
+/// An error returned by a user function: `?` works on any error inside one, as with
+/// `anyhow`, and the original error stays available ([`FunctionError::downcast_ref`]).
 ///
 /// ```
 /// use flows_core::FunctionError;
-/// let parse = |s: &str| s.parse::<i64>().map_err(FunctionError::from_error);
-/// assert!(parse("x").is_err());
-/// let rejected = FunctionError::new("amount must be positive");
-/// assert_eq!(rejected.to_string(), "amount must be positive");
+///
+/// let parse = |s: &str| -> Result<i64, FunctionError> {
+///     let n: i64 = s.trim().parse()?;                  // std::num::ParseIntError
+///     let doc: serde_json::Value = serde_json::from_str("{}")?; // serde_json::Error
+///     if n < 0 {
+///         return Err(FunctionError::new("amount must be positive"));
+///     }
+///     Ok(n + doc.as_object().map_or(0, |o| o.len() as i64))
+/// };
+/// let error = parse("x").unwrap_err();
+/// assert!(error.downcast_ref::<std::num::ParseIntError>().is_some());
+/// assert_eq!(parse("-1").unwrap_err().to_string(), "amount must be positive");
 /// ```
+///
+/// Like `anyhow::Error`, it does not itself implement `std::error::Error` (that would
+/// conflict with converting from every error); [`FunctionError::as_error`] gives it as
+/// one, and it converts into a `Box<dyn Error>`.
+pub struct FunctionError(Failure);
+
+/// What a [`FunctionError`] holds, as a standard error.
 #[derive(Debug)]
-pub struct FunctionError {
+struct Failure {
     message: String,
     source: Option<BoxError>,
 }
 
-impl FunctionError {
-    /// An error with a message.
-    pub fn new(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-            source: None,
-        }
-    }
-
-    /// Wraps another error.
-    pub fn from_error(error: impl Into<BoxError>) -> Self {
-        let source = error.into();
-        Self {
-            message: source.to_string(),
-            source: Some(source),
-        }
-    }
-}
-
-impl fmt::Display for FunctionError {
+impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)
     }
 }
 
-impl std::error::Error for FunctionError {
+impl std::error::Error for Failure {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.source
             .as_deref()
@@ -72,27 +71,56 @@ impl std::error::Error for FunctionError {
     }
 }
 
-impl From<&str> for FunctionError {
-    fn from(message: &str) -> Self {
-        Self::new(message)
+impl FunctionError {
+    /// An error with a message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(Failure {
+            message: message.into(),
+            source: None,
+        })
+    }
+
+    /// Wraps another error (what `?` does for any error).
+    pub fn from_error(error: impl Into<BoxError>) -> Self {
+        let source = error.into();
+        Self(Failure {
+            message: source.to_string(),
+            source: Some(source),
+        })
+    }
+
+    /// The wrapped error, if it is an `E`.
+    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.0.source.as_deref()?.downcast_ref::<E>()
+    }
+
+    /// This error as a standard error (its source is the wrapped error, if any).
+    pub fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &self.0
     }
 }
 
-impl From<String> for FunctionError {
-    fn from(message: String) -> Self {
-        Self::new(message)
+impl fmt::Debug for FunctionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
     }
 }
 
-impl From<InvalidPersistenceId> for FunctionError {
-    fn from(error: InvalidPersistenceId) -> Self {
+impl fmt::Display for FunctionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> From<E> for FunctionError {
+    fn from(error: E) -> Self {
         Self::from_error(error)
     }
 }
 
-impl From<FormatError> for FunctionError {
-    fn from(error: FormatError) -> Self {
-        Self::from_error(error)
+impl From<FunctionError> for BoxError {
+    fn from(error: FunctionError) -> Self {
+        Box::new(error.0)
     }
 }
 
@@ -121,7 +149,7 @@ pub enum ProcessError {
     UnknownTopic(String),
     /// The user function returned an error.
     #[error("function failed: {0}")]
-    Function(#[from] FunctionError),
+    Function(FunctionError),
     /// A copy of another message (a join's intermediate message) does not say which
     /// message it is a copy of.
     #[error("no valid origin: {0}")]
@@ -153,6 +181,12 @@ pub enum ProcessError {
         /// The store's limit.
         max: usize,
     },
+}
+
+impl From<FunctionError> for ProcessError {
+    fn from(error: FunctionError) -> Self {
+        ProcessError::Function(error)
+    }
 }
 
 impl ProcessError {

@@ -30,6 +30,7 @@
 
 // foldhash: keys come from input messages, hashed per message; a seeded fast hash.
 use foldhash::{HashMap, HashMapExt};
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use crate::format::Format;
@@ -176,22 +177,91 @@ struct Handler<S> {
 ///
 /// With one input topic this is a plain stateful function; with several (all writing
 /// the same states) it is the stateful half of a join.
-pub struct StatefulFunction<S> {
+pub struct StatefulFunction<S, Start = MaybeState> {
     state_format: Arc<dyn Format<S>>,
     handlers: HashMap<Arc<str>, Handler<S>>,
     /// The output topics declared by the handlers.
     outputs: Vec<Arc<str>>,
+    /// The state a key starts from, for handlers that take `&S`.
+    initial: Option<Arc<InitialFn<S>>>,
+    start: PhantomData<fn() -> Start>,
 }
+
+type InitialFn<S> = dyn Fn() -> S + Send + Sync;
+
+/// Handlers of a [`StatefulFunction`] built with [`StatefulFunction::new`] receive
+/// `Option<&S>`: `None` before a key's first message.
+#[derive(Debug)]
+pub enum MaybeState {}
+
+/// Handlers of a [`StatefulFunction`] given an initial state
+/// ([`StatefulFunction::starting_with`], [`StatefulFunction::starting_from_default`])
+/// receive `&S`: the initial state before a key's first message.
+#[derive(Debug)]
+pub enum InitialState {}
 
 impl<S: Send + Sync + 'static> StatefulFunction<S> {
     /// A function whose state is encoded with `state_format`; add one handler per input
     /// topic with [`one_to_one`](Self::one_to_one), [`one_to_two`](Self::one_to_two) or
-    /// [`one_to_many`](Self::one_to_many).
+    /// [`one_to_many`](Self::one_to_many). Handlers receive `Option<&S>` (`None` before
+    /// a key's first message) unless an initial state is given first.
     pub fn new(state_format: impl Format<S> + 'static) -> Self {
         Self {
             state_format: Arc::new(state_format),
             handlers: HashMap::new(),
             outputs: Vec::new(),
+            initial: None,
+            start: PhantomData,
+        }
+    }
+
+    /// Every key starts from `initial()`: handlers added after this receive `&S`.
+    ///
+    /// ```
+    /// use flows_core::{Json, Record, Topic, Utf8};
+    /// use flows_core::function::{PersistenceIdFn, StatefulFunction};
+    ///
+    /// let count = StatefulFunction::new(Json::<i64>::new())
+    ///     .starting_from_default()
+    ///     .one_to_one(
+    ///         Topic::new("words", Utf8, Utf8),
+    ///         Topic::new("word-counts", Utf8, Json::<i64>::new()),
+    ///         PersistenceIdFn::key(),
+    ///         |count: &i64, word| Ok((count + 1, Record::new(word.key, count + 1))),
+    ///     );
+    /// ```
+    pub fn starting_with(
+        self,
+        initial: impl Fn() -> S + Send + Sync + 'static,
+    ) -> StatefulFunction<S, InitialState> {
+        assert!(
+            self.handlers.is_empty(),
+            "StatefulFunction: give the initial state before adding handlers"
+        );
+        StatefulFunction {
+            initial: Some(Arc::new(initial)),
+            ..self.retyped()
+        }
+    }
+
+    /// Every key starts from `S::default()`: handlers added after this receive `&S`.
+    pub fn starting_from_default(self) -> StatefulFunction<S, InitialState>
+    where
+        S: Default,
+    {
+        self.starting_with(S::default)
+    }
+}
+
+impl<S: Send + Sync + 'static, Start> StatefulFunction<S, Start> {
+    /// The same function under another handler signature.
+    fn retyped<To>(self) -> StatefulFunction<S, To> {
+        StatefulFunction {
+            state_format: self.state_format,
+            handlers: self.handlers,
+            outputs: self.outputs,
+            initial: self.initial,
+            start: PhantomData,
         }
     }
 
@@ -209,6 +279,11 @@ impl<S: Send + Sync + 'static> StatefulFunction<S> {
         + Sync
         + 'static,
     ) -> Self {
+        assert!(
+            !self.handlers.contains_key(input.name()),
+            "StatefulFunction: topic {:?} has two handlers; each input topic takes one",
+            input.name()
+        );
         self.outputs.extend(outputs);
         let id_topic = input.clone();
         let decoder = input.clone();
@@ -226,6 +301,14 @@ impl<S: Send + Sync + 'static> StatefulFunction<S> {
         self
     }
 
+    fn handler_for(&self, message: &RawMessage) -> Result<&Handler<S>, ProcessError> {
+        self.handlers
+            .get(&message.topic)
+            .ok_or_else(|| ProcessError::UnknownTopic(message.topic.to_string()))
+    }
+}
+
+impl<S: Send + Sync + 'static> StatefulFunction<S, MaybeState> {
     /// Handles `input` with a function emitting exactly one record on `output`.
     pub fn one_to_one<IK: 'static, IV: 'static, OK: 'static, OV: 'static>(
         self,
@@ -311,15 +394,98 @@ impl<S: Send + Sync + 'static> StatefulFunction<S> {
             },
         )
     }
+}
 
-    fn handler_for(&self, message: &RawMessage) -> Result<&Handler<S>, ProcessError> {
-        self.handlers
-            .get(&message.topic)
-            .ok_or_else(|| ProcessError::UnknownTopic(message.topic.to_string()))
+impl<S: Send + Sync + 'static> StatefulFunction<S, InitialState> {
+    /// The state a key starts from.
+    fn initial(&self) -> Arc<InitialFn<S>> {
+        match &self.initial {
+            Some(initial) => Arc::clone(initial),
+            // Only `starting_with` makes this type, and it sets the initial state.
+            None => unreachable!("a StatefulFunction<_, InitialState> has an initial state"),
+        }
+    }
+
+    /// Handles `input` with a function emitting exactly one record on `output`.
+    pub fn one_to_one<IK: 'static, IV: 'static, OK: 'static, OV: 'static>(
+        self,
+        input: Topic<IK, IV>,
+        output: Topic<OK, OV>,
+        id: PersistenceIdFn<IK, IV>,
+        f: impl Fn(&S, Message<IK, IV>) -> Result<(S, Record<OK, OV>), FunctionError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        let initial = self.initial();
+        self.retyped::<MaybeState>()
+            .one_to_one(input, output, id, move |state, message| {
+                with_initial(state, &*initial, |state| f(state, message))
+            })
+            .retyped()
+    }
+
+    /// Handles `input` with a function emitting at most one record on each of two outputs.
+    #[allow(clippy::type_complexity)]
+    pub fn one_to_two<
+        IK: 'static,
+        IV: 'static,
+        OK1: 'static,
+        OV1: 'static,
+        OK2: 'static,
+        OV2: 'static,
+    >(
+        self,
+        input: Topic<IK, IV>,
+        first: Topic<OK1, OV1>,
+        second: Topic<OK2, OV2>,
+        id: PersistenceIdFn<IK, IV>,
+        f: impl Fn(
+            &S,
+            Message<IK, IV>,
+        )
+            -> Result<(S, Option<Record<OK1, OV1>>, Option<Record<OK2, OV2>>), FunctionError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        let initial = self.initial();
+        self.retyped::<MaybeState>()
+            .one_to_two(input, first, second, id, move |state, message| {
+                with_initial(state, &*initial, |state| f(state, message))
+            })
+            .retyped()
+    }
+
+    /// Handles `input` with a function emitting any number of records on `output`.
+    pub fn one_to_many<IK: 'static, IV: 'static, OK: 'static, OV: 'static>(
+        self,
+        input: Topic<IK, IV>,
+        output: Topic<OK, OV>,
+        id: PersistenceIdFn<IK, IV>,
+        f: impl Fn(&S, Message<IK, IV>) -> Result<(S, Vec<Record<OK, OV>>), FunctionError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        let initial = self.initial();
+        self.retyped::<MaybeState>()
+            .one_to_many(input, output, id, move |state, message| {
+                with_initial(state, &*initial, |state| f(state, message))
+            })
+            .retyped()
     }
 }
 
-impl<S: Send + Sync + 'static> StatefulProcessor for StatefulFunction<S> {
+/// Runs `f` on the stored state, or on a fresh initial one before a key's first message.
+fn with_initial<S, T>(state: Option<&S>, initial: &InitialFn<S>, f: impl FnOnce(&S) -> T) -> T {
+    match state {
+        Some(state) => f(state),
+        None => f(&initial()),
+    }
+}
+
+impl<S: Send + Sync + 'static, Start> StatefulProcessor for StatefulFunction<S, Start> {
     fn input_topics(&self) -> Vec<Arc<str>> {
         let mut topics: Vec<_> = self.handlers.keys().cloned().collect();
         topics.sort();
@@ -400,6 +566,59 @@ mod tests {
 
     fn word(offset: i64, w: &str) -> RawMessage {
         RawMessage::raw("words", 0, offset, Some(w.as_bytes()), Some(w.as_bytes()))
+    }
+
+    /// A key's first message meets the initial state; later ones the stored state.
+    #[test]
+    fn an_initial_state_starts_every_key() {
+        let f = StatefulFunction::new(Json::<Vec<String>>::new())
+            .starting_with(|| vec!["start".to_owned()])
+            .one_to_one(
+                Topic::new("words", Utf8, Utf8),
+                Topic::new("seen", Utf8, Json::<usize>::new()),
+                PersistenceIdFn::key(),
+                |seen: &Vec<String>, word| {
+                    let mut seen = seen.clone();
+                    seen.push(word.value);
+                    let n = seen.len();
+                    Ok((seen, Record::new(word.key, n)))
+                },
+            );
+        let id = PersistenceId::new("a").unwrap();
+        let fresh = f.apply(&id, None, &[&word(0, "a")]).unwrap();
+        assert_eq!(fresh.content.as_deref(), Some(&br#"["start","a"]"#[..]));
+        let stored = f.apply(&id, Some(br#"["x"]"#), &[&word(1, "a")]).unwrap();
+        assert_eq!(stored.content.as_deref(), Some(&br#"["x","a"]"#[..]));
+        let counted = StatefulFunction::new(Json::<i64>::new())
+            .starting_from_default()
+            .one_to_many(
+                Topic::new("words", Utf8, Utf8),
+                Topic::new("counts", Utf8, Json::<i64>::new()),
+                PersistenceIdFn::key(),
+                |count: &i64, _| Ok((count + 1, Vec::new())),
+            );
+        let applied = counted
+            .apply(&id, None, &[&word(0, "a"), &word(1, "a")])
+            .unwrap();
+        assert_eq!(applied.content.as_deref(), Some(&b"2"[..]));
+    }
+
+    #[test]
+    #[should_panic(expected = "topic \"words\" has two handlers")]
+    fn two_handlers_for_one_topic_are_refused_when_built() {
+        let handle = |count: Option<&i64>, word: Message<String, String>| {
+            Ok((count.copied().unwrap_or(0), Record::new(word.key, 0)))
+        };
+        let words = Topic::new("words", Utf8, Utf8);
+        let counts = Topic::new("counts", Utf8, Json::<i64>::new());
+        let _ = StatefulFunction::new(Json::<i64>::new())
+            .one_to_one(
+                words.clone(),
+                counts.clone(),
+                PersistenceIdFn::key(),
+                handle,
+            )
+            .one_to_one(words, counts, PersistenceIdFn::key(), handle);
     }
 
     #[test]

@@ -157,6 +157,35 @@ impl StatelessFunction {
         )
     }
 
+    /// Runs `f` on every message of `input` for its side effects (calling an external
+    /// party, printing), publishing nothing. Like every stateless function it runs at
+    /// least once per message: after a crash, a message may be seen again.
+    ///
+    /// ```
+    /// use flows_core::{Topic, Utf8};
+    /// use flows_core::function::{StatelessFunction, StatelessProcessor};
+    ///
+    /// let print = StatelessFunction::for_each(Topic::new("word-counts", Utf8, Utf8), |m| {
+    ///     println!("{} {}", m.key, m.value);
+    ///     Ok(())
+    /// });
+    /// assert!(print.output_topics().is_empty());
+    /// ```
+    pub fn for_each<K: 'static, V: 'static>(
+        input: Topic<K, V>,
+        f: impl Fn(Message<K, V>) -> Result<(), FunctionError> + Send + Sync + 'static,
+    ) -> Self {
+        let decoder = input.clone();
+        Self::single(
+            input.shared_name(),
+            Vec::new(),
+            Arc::new(move |raw: &RawMessage| {
+                f(decoder.decode(raw)?)?;
+                Ok(Vec::new())
+            }),
+        )
+    }
+
     /// Merges several input topics of the same types into one function.
     pub fn merge<IK: 'static, IV: 'static, OK: 'static, OV: 'static>(
         inputs: Vec<Topic<IK, IV>>,
@@ -180,7 +209,17 @@ impl StatelessFunction {
 
     /// Combines two functions into one that routes each message by its topic, e.g. to
     /// merge topics of different types into one output.
+    ///
+    /// # Panics
+    ///
+    /// When both handle the same topic: each input topic takes one handler.
     pub fn and(mut self, other: StatelessFunction) -> Self {
+        for topic in other.handlers.keys() {
+            assert!(
+                !self.handlers.contains_key(topic),
+                "StatelessFunction: topic {topic:?} has two handlers; each input topic takes one"
+            );
+        }
         self.handlers.extend(other.handlers);
         self.outputs.extend(other.outputs);
         self
@@ -213,6 +252,18 @@ impl StatelessProcessor for StatelessFunction {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[should_panic(expected = "has two handlers")]
+    fn combining_two_handlers_of_one_topic_is_refused() {
+        let words = Topic::new("words", Utf8, Utf8);
+        let echo = || {
+            StatelessFunction::one_to_one(words.clone(), Topic::new("out", Utf8, Utf8), |m| {
+                Ok(Record::new(m.key, m.value))
+            })
+        };
+        let _ = echo().and(echo());
+    }
     use crate::format::{Json, Utf8};
 
     fn raw(topic: &str, offset: i64, key: &str, value: &[u8]) -> RawMessage {

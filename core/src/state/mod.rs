@@ -16,6 +16,7 @@
 
 mod partition_map;
 pub mod proto;
+mod reader;
 mod results;
 mod wire;
 
@@ -30,6 +31,7 @@ use crate::id::PersistenceId;
 use crate::message::{Headers, TopicPartition};
 use partition_map::PartitionMap;
 
+pub use reader::{ReadStateError, StateReader};
 pub use results::{LastResults, PartitionResults};
 
 /// An encoded output message, exactly as it is (or was) sent to Kafka.

@@ -21,10 +21,7 @@ use std::sync::Arc;
 use flows::function::{PersistenceIdFn, StatefulFunction, StatelessFunction};
 use flows::kafka::{Engine, ErrorPolicy, Join, KafkaConfig, Pipeline};
 use flows::postgres::{PostgresStore, PostgresUpsertRepository};
-use flows::{
-    ColumnType, ColumnValue, Json, Record, Row, RowChange, RowError, TableSchema, Topic,
-    UpsertRepository, Utf8, Value,
-};
+use flows::{Json, Record, Row, RowChange, Topic, UpsertRepository, Utf8};
 use serde::{Deserialize, Serialize};
 
 /// A join card: how many inputs its state applied, how many were words, and the last
@@ -38,31 +35,12 @@ struct Card {
 
 /// A materialised row: `key` is a sensor (its last sequence number) or `sensor#seq`
 /// (one row per reading, so that a lost message shows).
+#[derive(Row)]
+#[flows(table = "chaos_readings")]
 struct Reading {
+    #[flows(key)]
     key: String,
     seq: i64,
-}
-
-impl Row for Reading {
-    fn schema() -> TableSchema {
-        TableSchema::builder("chaos_readings")
-            .key("key", ColumnType::Text)
-            .column("seq", ColumnType::Int64)
-            .build()
-            .expect("a valid schema")
-    }
-
-    fn to_values(&self) -> Vec<Value> {
-        vec![Value::Text(self.key.clone()), Value::Int64(self.seq)]
-    }
-
-    fn from_values(values: Vec<Value>) -> Result<Self, RowError> {
-        let mut v = values.into_iter();
-        Ok(Self {
-            key: ColumnValue::from_column(v.next(), "key")?,
-            seq: ColumnValue::from_column(v.next(), "seq")?,
-        })
-    }
 }
 
 fn stamp() -> String {

@@ -1,0 +1,7 @@
+#[derive(flows_core::Row)]
+struct Reading {
+    #[flows(key)]
+    sensor: Option<String>,
+}
+
+fn main() {}

@@ -1,0 +1,4 @@
+#[derive(flows_core::Row)]
+struct Reading(String, i64);
+
+fn main() {}

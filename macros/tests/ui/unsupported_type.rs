@@ -1,0 +1,8 @@
+#[derive(flows_core::Row)]
+struct Reading {
+    #[flows(key)]
+    sensor: String,
+    huge: u128,
+}
+
+fn main() {}
