@@ -103,3 +103,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     Ok(())
 }
+
+/// The word count through flows' test driver: no broker, every crash point replayed.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flows::MemoryStateRepository;
+    use flows::testing::{TestDriver, assert_replays_exactly};
+
+    fn feed(driver: &mut TestDriver) -> Result<(), flows::testing::TestDriverError> {
+        let words = Topic::new("words", Utf8, Utf8);
+        for word in common::words_of("It was the best of times, it was the worst of times") {
+            driver.pipe(&words, Record::new(word.clone(), word))?;
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn counts_each_word_once_through_every_crash() {
+        let store = || Arc::new(MemoryStateRepository::new());
+        let mut driver = TestDriver::new([common::word_count(store())]);
+        feed(&mut driver).unwrap();
+        driver.run().await.unwrap();
+        let counts = driver
+            .read(&Topic::new("word-counts", Utf8, Json::<i64>::new()))
+            .unwrap();
+        let times: Vec<i64> = counts
+            .iter()
+            .filter(|m| m.key == "times")
+            .map(|m| m.value)
+            .collect();
+        assert_eq!(times, [1, 2]);
+        assert_replays_exactly(|| vec![common::word_count(store())], 3, feed).await;
+    }
+}

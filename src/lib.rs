@@ -54,6 +54,11 @@ pub use flows_sqlite as sqlite;
 #[doc(inline)]
 pub use flows_kafka as kafka;
 
+/// A deterministic, broker-less driver for your pipelines, with crash injection (see
+/// [`kafka::testing`]).
+#[cfg(feature = "kafka")]
+pub use flows_kafka::testing;
+
 #[cfg(feature = "http")]
 #[doc(inline)]
 pub use flows_http as http;

@@ -76,6 +76,7 @@ pub mod policy;
 mod producer;
 mod state_cache;
 mod stateful;
+pub mod testing;
 mod trace_context;
 mod worker;
 

@@ -151,6 +151,10 @@ pub(crate) trait Stage: Send + Sync {
     /// Replaces the cache of recently written states, for stages that keep one.
     fn set_state_cache(&self, _limits: StateCacheLimits) {}
 
+    /// Forgets what a worker keeps in memory between batches (the state cache), as a
+    /// restarted process would have: the test driver's crashes.
+    fn forget_memory(&self) {}
+
     /// The state of `id` as the store holds it now; `None` for stages without state.
     async fn read_state(
         &self,
@@ -353,6 +357,10 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
     fn set_state_cache(&self, limits: StateCacheLimits) {
         let limits = Self::allowed(&self.store, limits);
         *state_cache::lock(&self.cache) = StateCache::new(limits);
+    }
+
+    fn forget_memory(&self) {
+        state_cache::lock(&self.cache).clear();
     }
 }
 
