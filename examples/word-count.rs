@@ -52,7 +52,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     if !setup.is_embedded() {
-        setup.run(&[common::word_count(store)], |_| false).await?;
+        setup.run(&[common::word_count(store)], 0, u64::MAX).await?;
         return Ok(());
     }
 
@@ -73,9 +73,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Pipeline::stateless("word-count-printer", printer),
     ];
     let total = words.len() as u64;
-    setup
-        .run(&pipelines, |running| common::committed(running, 1) >= total)
-        .await?;
+    setup.run(&pipelines, 1, total).await?;
 
     let distinct: Vec<PersistenceId> = words
         .iter()

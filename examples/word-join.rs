@@ -77,7 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         join.stateful_pipeline(store).on_error(dead_letter),
     ];
     if !setup.is_embedded() {
-        setup.run(&pipelines, |_| false).await?;
+        setup.run(&pipelines, 0, u64::MAX).await?;
         return Ok(());
     }
 
@@ -110,9 +110,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(())
     });
     pipelines.push(Pipeline::stateless("word-join-printer", printer));
-    setup
-        .run(&pipelines, |running| common::committed(running, 2) >= total)
-        .await?;
+    setup.run(&pipelines, 2, total).await?;
     println!(
         "joined {} words and {} definitions",
         words.len(),

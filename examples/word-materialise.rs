@@ -48,7 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     ])?;
     let table = flows::open_upsert_repository::<WordCountRow>(&setup.store_url).await?;
     if !setup.is_embedded() {
-        setup.run(&[materialise(table)], |_| false).await?;
+        setup.run(&[materialise(table)], 0, u64::MAX).await?;
         return Ok(());
     }
 
@@ -56,9 +56,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let states = flows::open_state_store(&setup.store_url, "word_counts").await?;
     let pipelines = [common::word_count(states), materialise(Arc::clone(&table))];
     let total = words.len() as u64;
-    setup
-        .run(&pipelines, |running| common::committed(running, 1) >= total)
-        .await?;
+    setup.run(&pipelines, 1, total).await?;
 
     let mut distinct = words.clone();
     distinct.sort();

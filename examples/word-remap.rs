@@ -36,7 +36,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("words-dead-letter", 1),
     ])?;
     if !setup.is_embedded() {
-        setup.run(&[remap()], |_| false).await?;
+        setup.run(&[remap()], 0, u64::MAX).await?;
         return Ok(());
     }
     let words = setup.feed_sample_words().await?;
@@ -47,9 +47,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(())
     });
     let pipelines = [remap(), Pipeline::stateless("word-remap-printer", printer)];
-    setup
-        .run(&pipelines, |running| common::committed(running, 1) >= kept)
-        .await?;
+    setup.run(&pipelines, 1, kept).await?;
     println!("remapped {kept} of {} words by first letter", words.len());
     Ok(())
 }

@@ -5,13 +5,11 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flows::function::{PersistenceIdFn, StatefulFunction};
 use flows::kafka::ErrorPolicy;
-use flows::kafka::{
-    EmbeddedKafka, Engine, EngineError, KafkaConfig, OutputProducer, Pipeline, RunningPipeline,
-};
+use flows::kafka::{EmbeddedKafka, Engine, EngineError, KafkaConfig, OutputProducer, Pipeline};
 use flows::telemetry::{Telemetry, TelemetryGuard};
 use flows::{EncodedRecord, Json, Record, SingleStateRepository, Topic, Utf8};
 
@@ -86,10 +84,13 @@ impl Setup {
     /// Embedded: starts `pipelines`, waits until `done` says the work is finished (or a
     /// pipeline stops, or two minutes pass), stops them. Real cluster: runs the
     /// pipelines chosen by `FLOWS_INSTANCE` until SIGINT/SIGTERM.
+    /// Runs `pipelines`: on the embedded default until pipeline number `watched` has
+    /// committed `total` messages (at most two minutes), else until SIGINT or SIGTERM.
     pub async fn run(
         &self,
         pipelines: &[Pipeline],
-        done: impl Fn(&[RunningPipeline]) -> bool,
+        watched: usize,
+        total: u64,
     ) -> Result<(), EngineError> {
         let engine = Engine::new(self.config.clone());
         if !self.is_embedded() {
@@ -100,13 +101,9 @@ impl Setup {
         for pipeline in pipelines {
             running.push(engine.start(pipeline)?);
         }
-        let started = Instant::now();
-        while !done(&running) && started.elapsed() < Duration::from_secs(120) {
-            if running.iter().any(RunningPipeline::is_stopping) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let done = running[watched].wait_for(|counters| counters.committed >= total);
+        // A pipeline that stops early ends the wait; `wait` below says why.
+        let _ = tokio::time::timeout(Duration::from_secs(120), done).await;
         for pipeline in &running {
             pipeline.stop();
         }
@@ -147,9 +144,4 @@ pub fn words_of(text: &str) -> Vec<String> {
         .map(|w| w.trim_matches('\'').to_lowercase())
         .filter(|w| !w.is_empty())
         .collect()
-}
-
-/// Committed messages of the pipeline at `index`.
-pub fn committed(running: &[RunningPipeline], index: usize) -> u64 {
-    running[index].metrics().snapshot().committed
 }

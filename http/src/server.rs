@@ -133,7 +133,7 @@ impl HttpServer {
         let local_addr = listener.local_addr()?;
         let mut properties = config.producer_properties();
         let timeout_set = config
-            .producer_overrides
+            .get_producer_overrides()
             .iter()
             .any(|(k, _)| k == "message.timeout.ms" || k == "delivery.timeout.ms");
         if !timeout_set {

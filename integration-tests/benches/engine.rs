@@ -513,13 +513,9 @@ fn word_count(name: &str, store: Arc<dyn flows::SingleStateRepository>) -> Pipel
 
 /// Defaults, unless FLOWS_* variables (see `KafkaConfig::from_env`) say otherwise.
 fn bench_config(brokers: &str) -> KafkaConfig {
-    KafkaConfig::from_env().unwrap().map_or_else(
-        || KafkaConfig::new(brokers),
-        |c| KafkaConfig {
-            brokers: brokers.into(),
-            ..c
-        },
-    )
+    KafkaConfig::from_env()
+        .unwrap()
+        .map_or_else(|| KafkaConfig::new(brokers), |c| c.brokers(brokers))
 }
 
 async fn run_flows(brokers: &str, pipeline: Pipeline, total: u64) -> Report {
@@ -608,7 +604,7 @@ fn count_by_hand_postgres(brokers: &str, total: u64) -> Report {
         "INSERT INTO {table} (word, count) SELECT * FROM UNNEST($1::text[], $2::bigint[]) \
          ON CONFLICT (word) DO UPDATE SET count = EXCLUDED.count"
     );
-    let batch = bench_config(brokers).batch.max_messages;
+    let batch = bench_config(brokers).get_batch().max_messages;
     by_hand(
         brokers,
         total,

@@ -28,19 +28,21 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// The longest a test batch waits to fill up.
+pub const TEST_BATCH_DELAY: Duration = Duration::from_millis(20);
+
 /// An engine configuration for tests: small batches, short waits, fast failure
 /// detection (a dead member leaves the group after 6 s instead of 45 s).
 pub fn test_config(brokers: &str) -> KafkaConfig {
-    let mut config = KafkaConfig::new(brokers)
-        .batch(100, Duration::from_millis(20))
+    KafkaConfig::new(brokers)
+        .batch(100, TEST_BATCH_DELAY)
         .consumer_property("session.timeout.ms", "6000")
-        .consumer_property("heartbeat.interval.ms", "500");
-    config.backoff = Backoff {
-        initial: Duration::from_millis(20),
-        max: Duration::from_millis(500),
-    };
-    config.drain_timeout = Duration::from_secs(10);
-    config
+        .consumer_property("heartbeat.interval.ms", "500")
+        .backoff(Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(500),
+        })
+        .drain_timeout(Duration::from_secs(10))
 }
 
 /// One record as read back from a topic.

@@ -18,8 +18,8 @@ use flows::{
     RowError, TableSchema, Topic, UpsertRepository, Utf8, Value,
 };
 use flows_integration_tests::{
-    FaultyStore, FaultyTable, check_word_count_outputs, init_tracing, produce, read_topic,
-    stored_counts, tally, test_config, text_record, wait_until,
+    FaultyStore, FaultyTable, TEST_BATCH_DELAY, check_word_count_outputs, init_tracing, produce,
+    read_topic, stored_counts, tally, test_config, text_record, wait_until,
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -234,8 +234,8 @@ async fn the_stop_policy_stops_without_committing_the_failed_message() {
         )
     };
     let store = Arc::new(MemoryStateRepository::new());
-    let mut config = test_config(&brokers);
-    config.batch.max_messages = 1; // so that "a" and "b" complete before the poison
+    // Batches of one, so that "a" and "b" complete before the poison.
+    let config = test_config(&brokers).batch(1, TEST_BATCH_DELAY);
     let engine = Engine::new(config);
     let running = engine
         .start(&Pipeline::stateful("count", strict(), Arc::clone(&store)))
@@ -606,8 +606,8 @@ async fn a_restarted_pipeline_continues_exactly_where_it_stopped() {
     let kafka = cluster(&[("words", 4), ("counts", 4)]);
     let brokers = kafka.bootstrap_servers();
     let store = Arc::new(MemoryStateRepository::new());
-    let mut config = test_config(&brokers);
-    config.batch.max_messages = 20; // many small batches: a stop lands mid-stream
+    // Many small batches: a stop lands mid-stream.
+    let config = test_config(&brokers).batch(20, TEST_BATCH_DELAY);
     let engine = Engine::new(config);
     let mut input = Vec::new();
     for round in 0..3 {
@@ -706,9 +706,9 @@ async fn a_stalled_instance_is_fenced_by_the_version_check() {
     let shared = Arc::new(MemoryStateRepository::new());
     let stalled_store = Arc::new(FaultyStore::new(Arc::clone(&shared)));
 
-    let mut stalled_config =
-        test_config(&brokers).consumer_property("max.poll.interval.ms", "7000");
-    stalled_config.drain_timeout = Duration::from_secs(60);
+    let stalled_config = test_config(&brokers)
+        .consumer_property("max.poll.interval.ms", "7000")
+        .drain_timeout(Duration::from_secs(60));
     let a = Engine::new(stalled_config)
         .start(&Pipeline::stateful(
             "count",
@@ -1000,6 +1000,11 @@ async fn a_panicking_function_stops_the_pipeline_loudly() {
     let running = Engine::new(test_config(&brokers))
         .start(&Pipeline::stateless("confirm", confirm))
         .unwrap();
+    // Waiting for progress that never comes ends when the pipeline stops, not never.
+    let progress = tokio::time::timeout(WAIT, running.wait_for(|m| m.committed >= 1))
+        .await
+        .expect("wait_for returns once the pipeline stops");
+    assert_eq!(progress, None);
     let error = tokio::time::timeout(WAIT, running.wait())
         .await
         .expect("the pipeline stopped")
@@ -1216,8 +1221,7 @@ async fn a_hot_key_on(store: Arc<dyn flows::SingleStateRepository>) {
     const HOT: &str = "a-hot-key-whose-name-is-thirty-six-by";
     let kafka = cluster(&[("words", 1), ("counts", 1)]);
     let brokers = kafka.bootstrap_servers();
-    let mut config = test_config(&brokers);
-    config.batch = flows::kafka::BatchConfig::default();
+    let config = test_config(&brokers).batch_config(flows::kafka::BatchConfig::default());
     let hot = vec![HOT.to_owned(); 10_000];
     produce(&brokers, &word_records("words", &hot)).await;
     let pipeline = Pipeline::stateful("count", counter(), Arc::clone(&store));
@@ -1335,8 +1339,7 @@ async fn fifty_stuck_partitions_are_abandoned_together() {
         .map(|p| text_record("words", Some(p), &format!("w{p}"), "x"))
         .collect();
     produce(&brokers, &records).await;
-    let mut config = test_config(&brokers);
-    config.drain_timeout = Duration::from_secs(1);
+    let config = test_config(&brokers).drain_timeout(Duration::from_secs(1));
     let running = Engine::new(config)
         .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
         .unwrap();
@@ -1366,14 +1369,11 @@ async fn an_abandoned_batchs_outputs_never_land_after_the_next_owners() {
     let store = Arc::new(MemoryStateRepository::new());
     let pipeline = Pipeline::stateful("count", counter(), Arc::clone(&store));
     let linger = Duration::from_secs(20);
-    let mut slow = test_config(&brokers).producer_property("linger.ms", "20000");
-    slow.drain_timeout = Duration::from_secs(1);
     // Each partition's input in one batch: the states are written before any ack.
-    slow.batch = flows::kafka::BatchConfig {
-        max_messages: 10_000,
-        max_delay: Duration::from_millis(500),
-        ..slow.batch
-    };
+    let slow = test_config(&brokers)
+        .producer_property("linger.ms", "20000")
+        .drain_timeout(Duration::from_secs(1))
+        .batch(10_000, Duration::from_millis(500));
     let first = words(200, 20, 15);
     produce(&brokers, &word_records("words", &first)).await;
     let a = Engine::new(slow).start(&pipeline).unwrap();
@@ -1578,8 +1578,7 @@ async fn two_partitions_writing_one_state_both_make_progress() {
         },
     );
     let store = Arc::new(MemoryStateRepository::new());
-    let mut config = test_config(&brokers);
-    config.batch.max_messages = 10_000;
+    let config = test_config(&brokers).batch(10_000, TEST_BATCH_DELAY);
     let running = Engine::new(config)
         .start(&Pipeline::stateful("totals", total, Arc::clone(&store)))
         .unwrap();

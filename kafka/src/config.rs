@@ -30,26 +30,40 @@ impl Default for BatchConfig {
     }
 }
 
-/// Where and how the engine talks to Kafka.
+/// Where and how the engine talks to Kafka: a builder from [`KafkaConfig::new`] (or
+/// [`KafkaConfig::from_env`]), with `get_*` accessors.
+///
+/// ```
+/// use std::time::Duration;
+/// use flows_kafka::KafkaConfig;
+///
+/// let config = KafkaConfig::new("kafka:9092")
+///     .group_prefix("prod-")
+///     .batch(1_000, Duration::from_millis(10))
+///     .drain_timeout(Duration::from_secs(10))
+///     .producer_property("compression.type", "zstd");
+/// assert_eq!(config.group_id("word-count"), "prod-word-count");
+/// assert_eq!(config.get_batch().max_messages, 1_000);
+/// ```
 ///
 /// Its `Debug` output shows secret properties (see [`is_secret_property`]) as `***`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
-    pub brokers: String,
+    pub(crate) brokers: String,
     /// Prefix of consumer group ids: a pipeline named `n` consumes in group
     /// `{group_prefix}{n}` (default empty), so each pipeline has its own group and
     /// several deployments can share a cluster.
-    pub group_prefix: String,
+    pub(crate) group_prefix: String,
     /// Batching of input.
-    pub batch: BatchConfig,
+    pub(crate) batch: BatchConfig,
     /// Waits between retries of transient failures (store or broker unavailable).
-    pub backoff: Backoff,
+    pub(crate) backoff: Backoff,
     /// Longest wait, when partitions are revoked or the engine shuts down, for in-flight
     /// batches to finish before they are abandoned (default 30 s). An abandoned batch
     /// is neither published nor committed; its messages are processed again by the next
     /// owner, replaying any stored outputs.
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
     /// This worker's stable identity in its consumer groups (`group.instance.id`,
     /// default none): static membership. A worker restarted under the same identity
     /// within `session.timeout.ms` gets its partitions back at once, without a
@@ -58,11 +72,11 @@ pub struct KafkaConfig {
     /// until that session timeout, and a clean shutdown does not hand them over either.
     /// Give every worker of a deployment its own identity (e.g. the pod name of a
     /// StatefulSet), and set `session.timeout.ms` to cover a restart.
-    pub instance_id: Option<String>,
+    pub(crate) instance_id: Option<String>,
     /// Extra librdkafka consumer properties, applied after the defaults.
-    pub consumer_overrides: Vec<(String, String)>,
+    pub(crate) consumer_overrides: Vec<(String, String)>,
     /// Extra librdkafka producer properties, applied after the defaults.
-    pub producer_overrides: Vec<(String, String)>,
+    pub(crate) producer_overrides: Vec<(String, String)>,
 }
 
 impl KafkaConfig {
@@ -86,7 +100,7 @@ impl KafkaConfig {
     /// |---|---|
     /// | `FLOWS_BROKERS` | `bootstrap.servers` |
     /// | `FLOWS_GROUP_PREFIX` | consumer group prefix |
-    /// | `FLOWS_INSTANCE_ID` | static group membership ([`instance_id`](Self::instance_id)) |
+    /// | `FLOWS_INSTANCE_ID` | static group membership ([`KafkaConfig::instance_id`]) |
     /// | `FLOWS_BATCH_MAX_MESSAGES`, `FLOWS_BATCH_MAX_BYTES`, `FLOWS_BATCH_MAX_DELAY_MS` | batching |
     /// | `FLOWS_CONSUMER_PROPERTIES`, `FLOWS_PRODUCER_PROPERTIES` | `key=value,key=value` librdkafka overrides |
     pub fn from_env() -> Result<Option<Self>, crate::EngineError> {
@@ -127,14 +141,27 @@ impl KafkaConfig {
         Ok(Some(config))
     }
 
-    /// Sets the consumer group prefix.
+    /// Sets `bootstrap.servers`.
+    pub fn brokers(mut self, brokers: impl Into<String>) -> Self {
+        self.brokers = brokers.into();
+        self
+    }
+
+    /// Sets the consumer group prefix: a pipeline named `n` consumes in group
+    /// `{prefix}{n}` (default empty), so each pipeline has its own group and several
+    /// deployments can share a cluster.
     pub fn group_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.group_prefix = prefix.into();
         self
     }
 
-    /// Makes this worker a static group member under `id` (see
-    /// [`instance_id`](Self::instance_id)).
+    /// Makes this worker a static group member under `id` (`group.instance.id`, default
+    /// none). A worker restarted under the same identity within `session.timeout.ms`
+    /// gets its partitions back at once, without a rebalance; the price is that a
+    /// worker that leaves for good holds its partitions idle until that session
+    /// timeout, and a clean shutdown does not hand them over either. Give every worker
+    /// of a deployment its own identity (e.g. the pod name of a StatefulSet), and set
+    /// `session.timeout.ms` to cover a restart.
     pub fn instance_id(mut self, id: impl Into<String>) -> Self {
         self.instance_id = Some(id.into());
         self
@@ -145,6 +172,68 @@ impl KafkaConfig {
         self.batch.max_messages = max_messages.max(1);
         self.batch.max_delay = max_delay;
         self
+    }
+
+    /// Sets every batching limit.
+    pub fn batch_config(mut self, batch: BatchConfig) -> Self {
+        self.batch = batch;
+        self
+    }
+
+    /// Sets the waits between retries of transient failures (store or broker
+    /// unavailable).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Sets the longest wait, when partitions are revoked or the engine shuts down, for
+    /// in-flight batches to finish before they are abandoned (default 30 s). An
+    /// abandoned batch is neither published nor committed; its messages are processed
+    /// again by the next owner, replaying any stored outputs.
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// `bootstrap.servers`.
+    pub fn get_brokers(&self) -> &str {
+        &self.brokers
+    }
+
+    /// The consumer group prefix.
+    pub fn get_group_prefix(&self) -> &str {
+        &self.group_prefix
+    }
+
+    /// The batching of input.
+    pub fn get_batch(&self) -> &BatchConfig {
+        &self.batch
+    }
+
+    /// The waits between retries of transient failures.
+    pub fn get_backoff(&self) -> Backoff {
+        self.backoff
+    }
+
+    /// The drain timeout.
+    pub fn get_drain_timeout(&self) -> Duration {
+        self.drain_timeout
+    }
+
+    /// The static group membership identity, if any.
+    pub fn get_instance_id(&self) -> Option<&str> {
+        self.instance_id.as_deref()
+    }
+
+    /// The librdkafka consumer properties set over the defaults.
+    pub fn get_consumer_overrides(&self) -> &[(String, String)] {
+        &self.consumer_overrides
+    }
+
+    /// The librdkafka producer properties set over the defaults.
+    pub fn get_producer_overrides(&self) -> &[(String, String)] {
+        &self.producer_overrides
     }
 
     /// The consumer group of the pipeline named `pipeline`.

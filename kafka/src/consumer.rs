@@ -129,6 +129,7 @@ impl Shared {
             *fatal = Some(error);
         }
         self.stop.store(true, Ordering::Release);
+        self.worker.metrics.changed();
     }
 
     fn take_fatal(&self) -> Option<EngineError> {

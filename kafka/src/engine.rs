@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use crate::config::{KafkaConfig, client_error};
 use crate::consumer::{EngineContext, Shared, poll_loop};
 use crate::error::EngineError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::pipeline::Pipeline;
 use crate::producer::OutputProducer;
 use crate::worker::WorkerContext;
@@ -54,6 +54,7 @@ impl Engine {
             batch: self.config.batch.clone(),
             backoff: self.config.backoff,
             metrics: metrics.clone(),
+            cache: pipeline.new_state_cache(),
         });
         let shared = Arc::new(Shared::new(worker, runtime, self.config.drain_timeout));
 
@@ -292,6 +293,28 @@ impl RunningPipeline {
     /// their offsets are committed, the consumer leaves the group.
     pub fn stop(&self) {
         self.handle.shared.stop.store(true, Ordering::Release);
+        self.metrics().changed();
+    }
+
+    /// Waits, without polling, until `condition` holds for this pipeline's counters
+    /// (checked after every batch, rebalance and stop); `None` if the pipeline stops
+    /// first (a stop was requested, or it failed: [`wait`](Self::wait) says why).
+    ///
+    /// ```no_run
+    /// # async fn run(running: flows_kafka::RunningPipeline) {
+    /// let done = running.wait_for(|counters| counters.committed >= 1_000).await;
+    /// assert!(done.is_some(), "the pipeline stopped before committing 1,000 messages");
+    /// # }
+    /// ```
+    pub async fn wait_for(
+        &self,
+        mut condition: impl FnMut(&MetricsSnapshot) -> bool,
+    ) -> Option<MetricsSnapshot> {
+        let snapshot = self
+            .metrics()
+            .wait_for(|s| condition(s) || self.is_stopping())
+            .await;
+        condition(&snapshot).then_some(snapshot)
     }
 
     /// Whether a stop was requested or the pipeline failed.

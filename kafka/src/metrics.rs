@@ -114,6 +114,8 @@ struct Counters {
     fold_seconds: Histogram,
     store_read_seconds: Histogram,
     store_write_seconds: Histogram,
+    /// Woken when the pipeline made progress or changed course (see `wait_for`).
+    changed: tokio::sync::Notify,
 }
 
 /// The counters at one moment.
@@ -288,9 +290,38 @@ impl Metrics {
         }
     }
 
+    /// Wakes everyone in [`Metrics::wait_for`]: a batch completed, a rebalance happened,
+    /// or the pipeline is stopping.
+    pub(crate) fn changed(&self) {
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Waits until `condition` holds for the counters, checked now and again whenever
+    /// the pipeline completes a batch, sees a rebalance or stops; returns the counters
+    /// that satisfied it. It waits forever if the condition never holds: bound it with
+    /// `tokio::time::timeout`, or use [`RunningPipeline::wait_for`](crate::RunningPipeline::wait_for),
+    /// which also returns when the pipeline stops.
+    pub async fn wait_for(
+        &self,
+        mut condition: impl FnMut(&MetricsSnapshot) -> bool,
+    ) -> MetricsSnapshot {
+        loop {
+            // Registered before the check, so a change between the two is not missed.
+            let notified = self.inner.changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let snapshot = self.snapshot();
+            if condition(&snapshot) {
+                return snapshot;
+            }
+            notified.await;
+        }
+    }
+
     /// Sets the number of partitions assigned right now.
     pub(crate) fn set_assigned_partitions(&self, n: u64) {
         self.inner.assigned_partitions.store(n, Ordering::Relaxed);
+        self.changed();
     }
 
     /// Counts a partition as stalled until the returned guard is dropped.
@@ -362,6 +393,28 @@ mod tests {
         assert!((h.process_seconds.sum - 20.002).abs() < 1e-6);
         assert_eq!(at(&h.publish_seconds, 0.001), Some(1));
         assert_eq!(h.publish_seconds.count, 2);
+    }
+
+    /// A waiter wakes on the change that satisfies it, not before and without polling.
+    #[tokio::test]
+    async fn wait_for_wakes_when_the_condition_holds() {
+        let metrics = Metrics::new();
+        let waiter = tokio::spawn({
+            let metrics = metrics.clone();
+            async move { metrics.wait_for(|m| m.committed >= 3).await }
+        });
+        tokio::task::yield_now().await;
+        metrics.add_committed(2);
+        metrics.changed();
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        metrics.add_committed(1);
+        metrics.changed();
+        let snapshot = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("no panic");
+        assert_eq!(snapshot.committed, 3);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tracing::Instrument;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::policy::{ErrorPolicy, Fallback};
-use crate::state_cache::{self, StateCache, StateCacheLimits};
+use crate::state_cache::{StateCache, StateCacheLimits};
 use crate::stateful::{
     BatchBuffers, BatchError, Reuse, apply_batch_cached, replace_stored_outputs,
 };
@@ -64,6 +64,14 @@ impl Outputs {
         self.records.reserve(additional);
         self.inputs.reserve(additional);
     }
+}
+
+/// What a stage works with inside one running pipeline: its counters, and its cache of
+/// recently written states (each run's own: a `Pipeline` value holds no mutable state,
+/// so two runs of one never share a cache).
+pub(crate) struct StageContext<'a> {
+    pub(crate) metrics: &'a Metrics,
+    pub(crate) cache: Option<&'a Mutex<StateCache>>,
 }
 
 /// Why a stage could not turn a batch into outputs.
@@ -133,7 +141,7 @@ pub(crate) trait Stage: Send + Sync {
         on_error: &OnError<'_>,
         still_owner: &StillOwner<'_>,
         outputs: &mut Outputs,
-        metrics: &Metrics,
+        context: &StageContext<'_>,
     ) -> Result<usize, StageError>;
 
     /// Replaces what is stored for replay as the outputs of some messages of a part
@@ -144,16 +152,16 @@ pub(crate) trait Stage: Send + Sync {
         &self,
         _replacements: &[(&RawMessage, Vec<EncodedRecord>)],
         _still_owner: &StillOwner<'_>,
+        _context: &StageContext<'_>,
     ) -> Result<(), StageError> {
         Ok(())
     }
 
-    /// Replaces the cache of recently written states, for stages that keep one.
-    fn set_state_cache(&self, _limits: StateCacheLimits) {}
-
-    /// Forgets what a worker keeps in memory between batches (the state cache), as a
-    /// restarted process would have: the test driver's crashes.
-    fn forget_memory(&self) {}
+    /// A new cache of recently written states within `limits`, for stages that can use
+    /// one (`None`: no cache).
+    fn state_cache(&self, _limits: StateCacheLimits) -> Option<StateCache> {
+        None
+    }
 
     /// The state of `id` as the store holds it now; `None` for stages without state.
     async fn read_state(
@@ -221,7 +229,7 @@ impl<F: StatelessProcessor> Stage for StatelessStage<F> {
         on_error: &OnError<'_>,
         _still_owner: &StillOwner<'_>,
         outputs: &mut Outputs,
-        metrics: &Metrics,
+        context: &StageContext<'_>,
     ) -> Result<usize, StageError> {
         let started = Instant::now();
         outputs.reserve(batch.len());
@@ -231,7 +239,7 @@ impl<F: StatelessProcessor> Stage for StatelessStage<F> {
                 Err(error) => outputs.extend(index, handle_failure(message, error, on_error)?),
             }
         }
-        metrics.observe_stage(started.elapsed(), None, None);
+        context.metrics.observe_stage(started.elapsed(), None, None);
         Ok(batch.len())
     }
 }
@@ -239,7 +247,6 @@ impl<F: StatelessProcessor> Stage for StatelessStage<F> {
 struct StatefulStage<F, R> {
     function: F,
     store: R,
-    cache: Mutex<StateCache>,
     /// Buffers of finished batches, taken by the next ones (at most one set per
     /// partition worker running at once).
     buffers: Mutex<Vec<BatchBuffers>>,
@@ -247,11 +254,9 @@ struct StatefulStage<F, R> {
 
 impl<F, R: SingleStateRepository> StatefulStage<F, R> {
     fn new(function: F, store: R) -> Self {
-        let limits = Self::allowed(&store, StateCacheLimits::default());
         Self {
             function,
             store,
-            cache: Mutex::new(StateCache::new(limits)),
             buffers: Mutex::new(Vec::new()),
         }
     }
@@ -259,15 +264,6 @@ impl<F, R: SingleStateRepository> StatefulStage<F, R> {
     fn buffers(&self) -> MutexGuard<'_, Vec<BatchBuffers>> {
         // Buffers hold no invariant between batches: a poisoned pool is still usable.
         self.buffers.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// `limits`, unless the store cannot tell a stale cached state (see `state_cache`).
-    fn allowed(store: &R, limits: StateCacheLimits) -> StateCacheLimits {
-        if store.capabilities().versioned_last_write_wins {
-            StateCacheLimits::disabled()
-        } else {
-            limits
-        }
     }
 }
 
@@ -298,11 +294,10 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         on_error: &OnError<'_>,
         still_owner: &StillOwner<'_>,
         outputs: &mut Outputs,
-        metrics: &Metrics,
+        context: &StageContext<'_>,
     ) -> Result<usize, StageError> {
-        let cache = state_cache::lock(&self.cache)
-            .is_enabled()
-            .then_some(&self.cache);
+        let metrics = context.metrics;
+        let cache = context.cache;
         let mut buffers = self.buffers().pop().unwrap_or_default();
         let reuse = Reuse {
             cache,
@@ -339,10 +334,9 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         &self,
         replacements: &[(&RawMessage, Vec<EncodedRecord>)],
         still_owner: &StillOwner<'_>,
+        context: &StageContext<'_>,
     ) -> Result<(), StageError> {
-        let cache = state_cache::lock(&self.cache)
-            .is_enabled()
-            .then_some(&self.cache);
+        let cache = context.cache;
         replace_stored_outputs(
             &self.function,
             &self.store,
@@ -354,13 +348,14 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         .map_err(StageError::from)
     }
 
-    fn set_state_cache(&self, limits: StateCacheLimits) {
-        let limits = Self::allowed(&self.store, limits);
-        *state_cache::lock(&self.cache) = StateCache::new(limits);
-    }
-
-    fn forget_memory(&self) {
-        state_cache::lock(&self.cache).clear();
+    /// None for a store that cannot tell a stale cached state: one that fences by
+    /// last-write-wins accepts a write from a stale state without a conflict.
+    fn state_cache(&self, limits: StateCacheLimits) -> Option<StateCache> {
+        if self.store.capabilities().versioned_last_write_wins {
+            return None;
+        }
+        let cache = StateCache::new(limits);
+        cache.is_enabled().then_some(cache)
     }
 }
 
@@ -389,7 +384,7 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
         on_error: &OnError<'_>,
         _still_owner: &StillOwner<'_>,
         outputs: &mut Outputs,
-        metrics: &Metrics,
+        context: &StageContext<'_>,
     ) -> Result<usize, StageError> {
         let mapping = Instant::now();
         let schema = self.repository.schema();
@@ -424,7 +419,9 @@ impl<T: Row, R: UpsertRepository<T>> Stage for MaterialiseStage<T, R> {
         let written = write_isolating(&self.repository, &sources)
             .instrument(tracing::info_span!("flows.store.write", rows))
             .await;
-        metrics.observe_stage(fold, None, Some(writing.elapsed()));
+        context
+            .metrics
+            .observe_stage(fold, None, Some(writing.elapsed()));
         let refused = written?;
         for (source, error) in refused {
             let index = from[source];
@@ -460,6 +457,8 @@ pub struct Pipeline {
     pub(crate) name: String,
     pub(crate) stage: Arc<dyn Stage>,
     pub(crate) policy: ErrorPolicy,
+    /// Limits of each run's cache of recently written states.
+    pub(crate) cache_limits: StateCacheLimits,
     /// librdkafka producer properties of this pipeline, over the engine's.
     pub(crate) producer_overrides: Vec<(String, String)>,
 }
@@ -480,6 +479,7 @@ impl Pipeline {
             name: name.into(),
             stage,
             policy: ErrorPolicy::default(),
+            cache_limits: StateCacheLimits::default(),
             producer_overrides: Vec::new(),
         }
     }
@@ -534,10 +534,16 @@ impl Pipeline {
     /// every batch's states from the store). A cached state saves the next batch of its
     /// key a store read; it can never be stale unnoticed, because every write is
     /// conditional on the version it was read at, and a conflict re-reads the store.
-    /// Stores that fence by last-write-wins get no cache. No effect on other pipelines.
-    pub fn state_cache(self, limits: StateCacheLimits) -> Self {
-        self.stage.set_state_cache(limits);
+    /// Stores that fence by last-write-wins get no cache. Each run of the pipeline has
+    /// a cache of its own.
+    pub fn state_cache(mut self, limits: StateCacheLimits) -> Self {
+        self.cache_limits = limits;
         self
+    }
+
+    /// A new, empty cache for one run of this pipeline, if it keeps one.
+    pub(crate) fn new_state_cache(&self) -> Option<Mutex<StateCache>> {
+        self.stage.state_cache(self.cache_limits).map(Mutex::new)
     }
 
     /// Sets a librdkafka property of this pipeline's producer, over the engine's
@@ -625,23 +631,19 @@ mod tests {
         }
     }
 
-    fn cache_enabled<R: SingleStateRepository>(
-        stage: &StatefulStage<StatefulFunction<i64>, R>,
-    ) -> bool {
-        state_cache::lock(&stage.cache).is_enabled()
-    }
-
     #[test]
     fn a_store_that_cannot_report_stale_writes_gets_no_state_cache() {
         let function = || StatefulFunction::new(Json::<i64>::new());
-        let conflicts = StatefulStage::new(function(), MemoryStateRepository::new());
-        assert!(cache_enabled(&conflicts));
-        let lww = StatefulStage::new(function(), LastWriteWins(MemoryStateRepository::new()));
-        assert!(!cache_enabled(&lww));
+        let conflicts = Pipeline::stateful("a", function(), MemoryStateRepository::new());
+        assert!(conflicts.new_state_cache().is_some());
+        let lww = Pipeline::stateful("b", function(), LastWriteWins(MemoryStateRepository::new()));
+        assert!(lww.new_state_cache().is_none());
         // Not even when asked for explicitly.
-        lww.set_state_cache(StateCacheLimits::default());
-        assert!(!cache_enabled(&lww));
-        conflicts.set_state_cache(StateCacheLimits::disabled());
-        assert!(!cache_enabled(&conflicts));
+        let lww = lww.state_cache(StateCacheLimits::default());
+        assert!(lww.new_state_cache().is_none());
+        let disabled = conflicts.clone().state_cache(StateCacheLimits::disabled());
+        assert!(disabled.new_state_cache().is_none());
+        // A value: the clone it came from keeps its cache.
+        assert!(conflicts.new_state_cache().is_some());
     }
 }

@@ -86,11 +86,6 @@ impl StateCache {
         }
     }
 
-    /// Drops every cached state, keeping the limits: what a restarted worker starts with.
-    pub(crate) fn clear(&mut self) {
-        *self = Self::new(self.limits);
-    }
-
     pub(crate) fn is_enabled(&self) -> bool {
         self.limits.max_states > 0 && self.limits.max_bytes > 0
     }

@@ -37,14 +37,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flows_core::{EncodedRecord, Message, ProcessError, RawMessage, Record, Topic};
 
 use crate::error::EngineError;
 use crate::metrics::Metrics;
-use crate::pipeline::{Outputs, Pipeline, StageError};
+use crate::pipeline::{Outputs, Pipeline, StageContext, StageError};
+use crate::state_cache::StateCache;
 use crate::trace_context::propagate_trace_context;
 
 /// Where a batch crashes: what of its cycle happened before the worker died.
@@ -112,6 +113,8 @@ type Origin = (usize, Arc<str>, i32, i64);
 /// One driven pipeline and its committed offsets.
 struct Driven {
     pipeline: Pipeline,
+    /// The run's cache of recently written states (a crash loses it).
+    cache: Option<Mutex<StateCache>>,
     committed: HashMap<(Arc<str>, i32), i64>,
     /// Batches processed so far (crashed ones included).
     batches: usize,
@@ -162,6 +165,7 @@ impl TestDriver {
             driven: pipelines
                 .into_iter()
                 .map(|pipeline| Driven {
+                    cache: pipeline.new_state_cache(),
                     pipeline,
                     committed: HashMap::new(),
                     batches: 0,
@@ -337,7 +341,8 @@ impl TestDriver {
             if crash.is_some() {
                 // The worker died: nothing of this batch is committed, and what it kept
                 // in memory is gone.
-                self.driven[index].pipeline.stage.forget_memory();
+                let driven = &mut self.driven[index];
+                driven.cache = driven.pipeline.new_state_cache();
                 return Ok(());
             }
             if let Some(last) = part.last() {
@@ -360,7 +365,12 @@ impl TestDriver {
         batch: &[RawMessage],
         outputs: &mut Outputs,
     ) -> Result<usize, TestDriverError> {
-        let pipeline = &self.driven[index].pipeline;
+        let driven = &self.driven[index];
+        let pipeline = &driven.pipeline;
+        let context = StageContext {
+            metrics: &self.metrics,
+            cache: driven.cache.as_ref(),
+        };
         let stopped = |error: EngineError| TestDriverError::Stopped {
             pipeline: pipeline.name().to_owned(),
             error: Box::new(error),
@@ -376,7 +386,7 @@ impl TestDriver {
             let still_owner = || true;
             match pipeline
                 .stage
-                .run(batch, &on_error, &still_owner, outputs, &self.metrics)
+                .run(batch, &on_error, &still_owner, outputs, &context)
                 .await
             {
                 Ok(processed) => return Ok(processed.clamp(1, batch.len())),

@@ -8,8 +8,8 @@
 //! its [`PartitionControl`], and the consumer thread commits it (G4: only offsets of
 //! batches whose state is durable and whose outputs were acknowledged ever get there).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flows_core::function::ErrorAction;
@@ -23,8 +23,9 @@ use crate::config::{Backoff, BatchConfig};
 use crate::delivery::{DeliveryFailure, classify, refused_alone};
 use crate::error::EngineError;
 use crate::metrics::Metrics;
-use crate::pipeline::{MessageFailed, Outputs, Pipeline, StageError};
+use crate::pipeline::{MessageFailed, Outputs, Pipeline, StageContext, StageError};
 use crate::producer::OutputProducer;
+use crate::state_cache::StateCache;
 use crate::trace_context::{batch_span, propagate_trace_context};
 
 /// Shared between a partition's worker and the consumer thread.
@@ -137,6 +138,17 @@ pub(crate) struct WorkerContext {
     pub(crate) batch: BatchConfig,
     pub(crate) backoff: Backoff,
     pub(crate) metrics: Metrics,
+    /// This run's cache of recently written states, shared by its partition workers.
+    pub(crate) cache: Option<Mutex<StateCache>>,
+}
+
+impl WorkerContext {
+    fn stage_context(&self) -> StageContext<'_> {
+        StageContext {
+            metrics: &self.metrics,
+            cache: self.cache.as_ref(),
+        }
+    }
 }
 
 /// How a batch ended.
@@ -279,6 +291,7 @@ async fn process_batch(
         metrics.add_dead_lettered(dead_letters as u64);
         metrics.add_committed(part.len() as u64);
         metrics.add_batches(1);
+        metrics.changed();
         metrics.observe_part(part.len(), processing, publishing.elapsed());
         // Published: the records go now, the vectors' room stays for the next batch.
         outputs.clear();
@@ -314,7 +327,13 @@ async fn stage_part(
         let still_owner = || control.owned();
         match pipeline
             .stage
-            .run(batch, &on_error, &still_owner, outputs, &context.metrics)
+            .run(
+                batch,
+                &on_error,
+                &still_owner,
+                outputs,
+                &context.stage_context(),
+            )
             .await
         {
             Ok(processed) => return Ok(Some(processed)),
@@ -593,7 +612,7 @@ async fn dead_letter_refused(
         }
         match pipeline
             .stage
-            .replace_outputs(&replacements, &still_owner)
+            .replace_outputs(&replacements, &still_owner, &context.stage_context())
             .await
         {
             Ok(()) => return Ok(true),
