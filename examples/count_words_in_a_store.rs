@@ -1,8 +1,9 @@
 //! A stateful word count without Kafka: the same function and store an engine drives,
 //! with replay deduplication. Run: `cargo run --example count_words_in_a_store`.
 
-use flows::function::{ErrorAction, PersistenceIdFn, StatefulFunction, StatefulProcessor, fold};
-use flows::{Json, RawMessage, Record, SingleStateRepository, StateReader, Topic, Utf8};
+use flows::RawMessage;
+use flows::function::{ErrorAction, StatefulProcessor, fold};
+use flows::prelude::*;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

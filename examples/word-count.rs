@@ -25,10 +25,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use flows::function::StatelessFunction;
-use flows::http::{HttpServer, IngestRoute};
-use flows::kafka::Pipeline;
-use flows::{Json, PersistenceId, Record, StateReader, Topic, Utf8};
+use flows::prelude::*;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

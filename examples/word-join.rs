@@ -13,9 +13,7 @@
 
 mod common;
 
-use flows::function::{PersistenceIdFn, StatefulFunction, StatelessFunction};
-use flows::kafka::{ErrorPolicy, Join, Pipeline};
-use flows::{Json, Record, Topic, Utf8};
+use flows::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// What is known about a word.

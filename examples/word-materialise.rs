@@ -11,8 +11,8 @@ mod common;
 
 use std::sync::Arc;
 
-use flows::kafka::{ErrorPolicy, Pipeline};
-use flows::{Json, PrimaryKey, Row, RowChange, Topic, UpsertRepository, Utf8};
+use flows::PrimaryKey;
+use flows::prelude::*;
 
 /// One row of the materialised table.
 #[derive(Clone, Debug, PartialEq, Row)]

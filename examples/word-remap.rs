@@ -7,9 +7,7 @@
 
 mod common;
 
-use flows::function::StatelessFunction;
-use flows::kafka::{ErrorPolicy, Pipeline};
-use flows::{Record, Topic, Utf8};
+use flows::prelude::*;
 
 fn remap() -> Pipeline {
     let by_letter = StatelessFunction::explode(

@@ -337,7 +337,7 @@ pub fn rows_a_store_may_refuse() -> Vec<(&'static str, ConformanceRow)> {
 /// that [`write_isolating`](flows_core::row::write_isolating) wrote every other row of
 /// the batch (good rows around them included, read back exactly) and none it refused.
 pub async fn refused_rows(store: &RowStore) -> Vec<&'static str> {
-    use flows_core::row::{RowChangeRef, ValidChange, write_isolating};
+    use flows_core::backend::{RowChangeRef, ValidChange, write_isolating};
     let schema = store.schema().clone();
     let mut rows: Vec<(&'static str, ConformanceRow)> = Vec::new();
     for (i, awkward) in rows_a_store_may_refuse().into_iter().enumerate() {

@@ -26,7 +26,7 @@ mod last_write_wins {
     use std::sync::Mutex;
 
     use async_trait::async_trait;
-    use flows_core::repository::{in_request_order, prepare_writes};
+    use flows_core::backend::{in_request_order, prepare_writes};
     use flows_core::{
         Capabilities, PersistenceId, RawState, RepositoryError, SingleStateRepository,
     };

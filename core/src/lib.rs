@@ -19,6 +19,7 @@
 // `#[derive(Row)]` names this crate `::flows_core`, in its own tests too.
 extern crate self as flows_core;
 
+pub mod backend;
 pub mod format;
 pub mod function;
 pub mod id;
@@ -39,8 +40,8 @@ pub use memory::{MemoryStateRepository, MemoryUpsertRepository};
 pub use message::{Header, Headers, Message, RawMessage, Record, TopicPartition};
 pub use repository::{BoxError, Capabilities, RepositoryError, SingleStateRepository};
 pub use row::{
-    ChangeBatch, ChangeBatchBuilder, Column, ColumnType, ColumnValue, PrimaryKey, Row, RowChange,
-    RowError, TableSchema, UpsertRepository, ValidChange, Value,
+    Column, ColumnType, ColumnValue, PrimaryKey, Row, RowChange, RowError, TableSchema,
+    UpsertRepository, Value,
 };
 pub use state::{
     EncodedRecord, LastResults, Progress, RawState, ReadStateError, State, StateCodecError,

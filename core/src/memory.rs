@@ -9,10 +9,9 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
+use crate::backend::{check_writes, mark_written};
 use crate::id::PersistenceId;
-use crate::repository::{
-    Capabilities, RepositoryError, SingleStateRepository, check_writes, mark_written,
-};
+use crate::repository::{Capabilities, RepositoryError, SingleStateRepository};
 use crate::row::{
     ChangeBatch, PrimaryKey, Row, TableSchema, UpsertRepository, Value, rows_in_request_order,
 };
@@ -197,5 +196,32 @@ impl<T: Row> UpsertRepository<T> for MemoryUpsertRepository<T> {
             self.schema.check_key(key)?;
         }
         rows_in_request_order(keys, &self.lock())
+    }
+}
+
+/// The in-memory [`Backend`](crate::backend::Backend) (`memory://`): every table it
+/// opens is new and empty, and nothing persists.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryBackend;
+
+#[async_trait::async_trait]
+impl crate::backend::Backend for MemoryBackend {
+    const SCHEMES: &'static [&'static str] = &["memory"];
+
+    async fn connect(_url: &str) -> Result<Self, RepositoryError> {
+        Ok(MemoryBackend)
+    }
+
+    async fn state_table(
+        &self,
+        _table: &str,
+    ) -> Result<std::sync::Arc<dyn SingleStateRepository>, RepositoryError> {
+        Ok(std::sync::Arc::new(MemoryStateRepository::new()))
+    }
+
+    async fn row_table<T: Row>(
+        &self,
+    ) -> Result<std::sync::Arc<dyn UpsertRepository<T>>, RepositoryError> {
+        Ok(std::sync::Arc::new(MemoryUpsertRepository::<T>::new()))
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! # Contract
 //! - `get_all` returns one state per requested id, in request order; duplicates are fine
-//!   and ids absent from the store come back as [fresh](State::fresh) states (version 0).
+//!   and ids absent from the store come back as [fresh](crate::State::fresh) states (version 0).
 //! - Every write carries the version it read. A write whose version no longer matches
 //!   the store fails with [`RepositoryError::Conflict`] naming the ids, and changes
 //!   nothing (for `upsert_all`, nothing at all where [`Capabilities::atomic_batch_write`]
@@ -13,15 +13,13 @@
 //!   timestamps set.
 //! - Any number of ids may be passed; backends chunk to their native batch limit.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 
 use crate::id::PersistenceId;
 use crate::row::RowError;
-use crate::state::{RawState, State, StateCodecError};
+use crate::state::{RawState, StateCodecError};
 
 /// A boxed error from a backend driver.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -156,7 +154,7 @@ impl Capabilities {
     }
 }
 
-/// Stores per-key [`State`]s with their offset progress and last results.
+/// Stores per-key [`State`](crate::State)s with their offset progress and last results.
 ///
 /// See the [module documentation](self) for the contract. Implementations are shared
 /// between tasks (`&self`), so they hold a pool, not a connection.
@@ -225,244 +223,5 @@ impl<R: SingleStateRepository + ?Sized> SingleStateRepository for Box<R> {
     }
     async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
         (**self).upsert_all(states).await
-    }
-}
-
-/// One state write, validated and ready for a backend to persist.
-#[derive(Debug)]
-pub struct PreparedWrite<'a> {
-    /// The state as the caller passed it.
-    pub state: &'a RawState,
-    /// The encoded progress and last results.
-    pub internal: Vec<u8>,
-    /// The version the store must still hold for the write to apply (0: must not exist).
-    pub expected_version: u64,
-    /// The version the state gets.
-    pub new_version: u64,
-    /// Creation time to store (kept from the read state, or now).
-    pub created_at: DateTime<Utc>,
-    /// Update time to store (now).
-    pub updated_at: DateTime<Utc>,
-}
-
-impl PreparedWrite<'_> {
-    /// The state's id.
-    pub fn id(&self) -> &PersistenceId {
-        &self.state.id
-    }
-
-    /// The content bytes to store.
-    pub fn content(&self) -> Option<&[u8]> {
-        self.state.content.as_deref()
-    }
-
-    /// `expected_version` as the signed integer SQL stores use.
-    pub fn expected_version_i64(&self) -> i64 {
-        i64::try_from(self.expected_version).unwrap_or(i64::MAX)
-    }
-
-    /// `new_version` as the signed integer SQL stores use.
-    pub fn new_version_i64(&self) -> i64 {
-        i64::try_from(self.new_version).unwrap_or(i64::MAX)
-    }
-
-    /// The state as it is once this write succeeded.
-    pub fn written(&self) -> RawState {
-        let mut written = self.state.clone();
-        mark_written(&mut written, self.updated_at);
-        written
-    }
-}
-
-/// When a batch of [`prepare_writes`] was written (they share one time). Takes the
-/// writes, ending their borrow of the states, so that [`into_written`] can have them.
-pub fn write_time(writes: Vec<PreparedWrite<'_>>) -> DateTime<Utc> {
-    writes
-        .first()
-        .map_or_else(crate::state::now, |write| write.updated_at)
-}
-
-/// `states` (given to `upsert_all`) as the store holds them once every one was written
-/// at `now` ([`write_time`]): moved, not copied. [`PreparedWrite::written`] copies one
-/// state instead.
-pub fn into_written(mut states: Vec<RawState>, now: DateTime<Utc>) -> Vec<RawState> {
-    states.iter_mut().for_each(|state| mark_written(state, now));
-    states
-}
-
-/// Turns `state` into what a store holds once it is written at `now`: the next
-/// version, its creation time kept (or `now` for a new state), updated `now`.
-pub fn mark_written(state: &mut RawState, now: DateTime<Utc>) {
-    state.version += 1;
-    state.created_at = Some(state.created_at.unwrap_or(now));
-    state.updated_at = Some(now);
-}
-
-/// Checks a batch of writes: no duplicate ids, every state (content and internal blob)
-/// within `capabilities.max_state_size`. Sizes are computed, not encoded.
-pub fn check_writes(
-    states: &[RawState],
-    capabilities: &Capabilities,
-) -> Result<(), RepositoryError> {
-    let mut seen = HashSet::with_capacity(states.len());
-    for state in states {
-        if !seen.insert(&state.id) {
-            return Err(RepositoryError::DuplicateId {
-                id: state.id.clone(),
-            });
-        }
-        let size = state.stored_size();
-        if size > capabilities.max_state_size {
-            return Err(RepositoryError::StateTooLarge {
-                id: state.id.clone(),
-                size,
-                max: capabilities.max_state_size,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Validates a batch of writes ([`check_writes`]), encodes each state's internal blob
-/// and computes versions and timestamps.
-pub fn prepare_writes<'a>(
-    states: &'a [RawState],
-    capabilities: &Capabilities,
-) -> Result<Vec<PreparedWrite<'a>>, RepositoryError> {
-    check_writes(states, capabilities)?;
-    let now = crate::state::now();
-    Ok(states
-        .iter()
-        .map(|state| PreparedWrite {
-            state,
-            internal: state.encode_internal(),
-            expected_version: state.version,
-            new_version: state.version + 1,
-            created_at: state.created_at.unwrap_or(now),
-            updated_at: now,
-        })
-        .collect())
-}
-
-/// Arranges the states a backend found into request order: duplicates repeated, missing
-/// ids as fresh states.
-pub fn in_request_order(
-    ids: &[PersistenceId],
-    mut found: HashMap<PersistenceId, RawState>,
-) -> Vec<RawState> {
-    let mut remaining: HashMap<&PersistenceId, usize> = HashMap::new();
-    for id in ids {
-        *remaining.entry(id).or_default() += 1;
-    }
-    ids.iter()
-        .map(|id| {
-            let left = remaining.get_mut(id).map_or(0, |n| {
-                *n -= 1;
-                *n
-            });
-            // The last request for an id takes the state by value; earlier ones clone.
-            let state = if left == 0 {
-                found.remove(id)
-            } else {
-                found.get(id).cloned()
-            };
-            state.unwrap_or_else(|| State::fresh(id.clone()))
-        })
-        .collect()
-}
-
-/// The ids of `writes` that are not in `applied`, in write order: the conflicts.
-pub fn conflicting_ids<'a>(
-    writes: impl IntoIterator<Item = &'a PreparedWrite<'a>>,
-    applied: &HashSet<PersistenceId>,
-) -> Vec<PersistenceId> {
-    writes
-        .into_iter()
-        .filter(|w| !applied.contains(w.id()))
-        .map(|w| w.id().clone())
-        .collect()
-}
-
-/// Decodes an id read back from a store (stored as UTF-8 bytes); anything else is
-/// reported as a corrupt state rather than panicking or skipping the row.
-pub fn decode_stored_id(bytes: Vec<u8>) -> Result<PersistenceId, RepositoryError> {
-    let text = String::from_utf8(bytes).map_err(|e| RepositoryError::Corrupt {
-        id: String::from_utf8_lossy(e.as_bytes()).into_owned(),
-        source: StateCodecError::Invalid("id is not UTF-8"),
-    })?;
-    PersistenceId::new(&text).map_err(|_| RepositoryError::Corrupt {
-        id: text.clone(),
-        source: StateCodecError::Invalid("id is not a valid persistence id"),
-    })
-}
-
-/// Rebuilds a state from what a backend stored ([`RawState::from_stored`]), reporting an
-/// undecodable internal blob or a negative version as [`RepositoryError::Corrupt`] naming
-/// the id.
-pub fn decode_stored_state(
-    id: PersistenceId,
-    content: Option<Vec<u8>>,
-    internal: impl Into<prost::bytes::Bytes>,
-    version: i64,
-    created_at: Option<DateTime<Utc>>,
-    updated_at: Option<DateTime<Utc>>,
-) -> Result<RawState, RepositoryError> {
-    let stored_id = id.to_string();
-    RawState::from_stored(id, content, internal, version, created_at, updated_at).map_err(
-        |source| RepositoryError::Corrupt {
-            id: stored_id,
-            source,
-        },
-    )
-}
-
-/// The distinct ids of a request, in first-seen order.
-pub fn distinct_ids(ids: &[PersistenceId]) -> Vec<&PersistenceId> {
-    let mut seen = HashSet::with_capacity(ids.len());
-    ids.iter().filter(|id| seen.insert(*id)).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn id(s: &str) -> PersistenceId {
-        PersistenceId::new(s).unwrap()
-    }
-
-    #[test]
-    fn prepare_rejects_duplicates_and_oversized_states() {
-        let caps = Capabilities::new(100, 10);
-        let a = State::fresh(id("a")).with_content(vec![1]);
-        let dup = vec![a.clone(), a.clone()];
-        assert!(matches!(
-            prepare_writes(&dup, &caps),
-            Err(RepositoryError::DuplicateId { .. })
-        ));
-        let big = vec![State::fresh(id("b")).with_content(vec![0; 101])];
-        assert!(matches!(
-            prepare_writes(&big, &caps),
-            Err(RepositoryError::StateTooLarge { size, max: 100, .. }) if size > 100
-        ));
-        let ok = [a];
-        let prepared = prepare_writes(&ok, &caps).unwrap();
-        assert_eq!(prepared[0].expected_version, 0);
-        assert_eq!(prepared[0].new_version, 1);
-        let written = prepared[0].written();
-        assert_eq!(written.version, 1);
-        assert_eq!(written.created_at, written.updated_at);
-    }
-
-    #[test]
-    fn request_order_repeats_duplicates_and_fills_missing() {
-        let mut stored = State::fresh(id("x")).with_content(vec![9]);
-        stored.version = 3;
-        let found = HashMap::from([(id("x"), stored)]);
-        let states = in_request_order(&[id("x"), id("y"), id("x")], found);
-        assert_eq!(states.len(), 3);
-        assert_eq!(states[0].version, 3);
-        assert_eq!(states[1].version, 0);
-        assert_eq!(states[1].id, id("y"));
-        assert_eq!(states[2].content, Some(vec![9]));
     }
 }

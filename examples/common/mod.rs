@@ -7,11 +7,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flows::function::{PersistenceIdFn, StatefulFunction};
-use flows::kafka::ErrorPolicy;
-use flows::kafka::{EmbeddedKafka, Engine, EngineError, KafkaConfig, OutputProducer, Pipeline};
+use flows::EncodedRecord;
+use flows::kafka::{EmbeddedKafka, EngineError, OutputProducer};
+use flows::prelude::*;
 use flows::telemetry::{Telemetry, TelemetryGuard};
-use flows::{EncodedRecord, Json, Record, SingleStateRepository, Topic, Utf8};
 
 /// Where an example runs.
 pub struct Setup {

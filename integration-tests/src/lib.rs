@@ -9,13 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use flows::backend::ChangeBatch;
 use flows::kafka::rdkafka::consumer::{BaseConsumer, Consumer};
 use flows::kafka::rdkafka::message::{Headers as _, Message as _};
 use flows::kafka::rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use flows::kafka::{Backoff, KafkaConfig, OutputProducer};
 use flows::{
-    Capabilities, ChangeBatch, EncodedRecord, Headers, PersistenceId, PrimaryKey, RawState,
-    RepositoryError, Row, SingleStateRepository, TableSchema, UpsertRepository,
+    Capabilities, EncodedRecord, Headers, PersistenceId, PrimaryKey, RawState, RepositoryError,
+    Row, SingleStateRepository, TableSchema, UpsertRepository,
 };
 
 /// Logs to the test output when `RUST_LOG` is set.

@@ -12,11 +12,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use flows_core::backend::{ValidChange, write_isolating};
 use flows_core::function::{ErrorAction, StatefulProcessor, StatelessProcessor};
-use flows_core::row::write_isolating;
 use flows_core::{
     EncodedRecord, FunctionError, Message, ProcessError, RawMessage, RepositoryError, Row,
-    RowChange, SingleStateRepository, Topic, UpsertRepository, ValidChange,
+    RowChange, SingleStateRepository, Topic, UpsertRepository,
 };
 use tracing::Instrument;
 

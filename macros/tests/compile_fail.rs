@@ -1,4 +1,5 @@
-//! Mistakes in a `#[derive(Row)]` are compile errors that say what is wrong.
+//! Mistakes in a `#[derive(Row)]`, and builder mistakes that are type errors (a `&S`
+//! handler without an initial state), are compile errors that say what is wrong.
 
 #[test]
 fn row_mistakes_do_not_compile() {

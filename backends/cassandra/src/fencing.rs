@@ -2,7 +2,7 @@
 //! timestamps derived from the state so that last-write-wins picks the right write.
 
 use chrono::{DateTime, Utc};
-use flows_core::repository::PreparedWrite;
+use flows_core::backend::PreparedWrite;
 
 /// How [`CassandraStateRepository`](crate::CassandraStateRepository) keeps a stale
 /// instance's write from replacing a newer state.

@@ -136,3 +136,31 @@ pub const DEFAULT_MAX_STATE_SIZE: usize = 8 * 1024 * 1024;
 /// Statements in flight at once for one `get_all`, `upsert_all` or row batch; also
 /// declared as the batch size.
 pub const CONCURRENCY: usize = 64;
+
+#[async_trait::async_trait]
+impl flows_core::backend::Backend for CassandraStore {
+    const SCHEMES: &'static [&'static str] = &["cassandra"];
+
+    async fn connect(url: &str) -> Result<Self, flows_core::RepositoryError> {
+        CassandraStore::connect(url).await
+    }
+
+    async fn state_table(
+        &self,
+        table: &str,
+    ) -> Result<std::sync::Arc<dyn flows_core::SingleStateRepository>, flows_core::RepositoryError>
+    {
+        Ok(std::sync::Arc::new(
+            CassandraStateRepository::new(self.clone(), table).await?,
+        ))
+    }
+
+    async fn row_table<T: flows_core::Row>(
+        &self,
+    ) -> Result<std::sync::Arc<dyn flows_core::UpsertRepository<T>>, flows_core::RepositoryError>
+    {
+        Ok(std::sync::Arc::new(
+            CassandraUpsertRepository::<T>::new(self.clone()).await?,
+        ))
+    }
+}

@@ -94,7 +94,7 @@ mod conformance {
 /// What Cassandra refuses, refused alone: an empty partition key (checked before
 /// sending, so the kassandra imitation, which would take it, refuses it too).
 mod refusals {
-    use flows_core::row::{RowChangeRef, ValidChange, write_isolating};
+    use flows_core::backend::{RowChangeRef, ValidChange, write_isolating};
     use flows_core::{Row, UpsertRepository};
 
     use super::*;

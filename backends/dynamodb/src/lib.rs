@@ -62,3 +62,31 @@ pub const MAX_STATE_SIZE: usize = 400 * 1024 - 4 * 1024;
 
 /// States per `TransactWriteItems` call (the service's limit).
 pub const MAX_TRANSACTION_ITEMS: usize = 100;
+
+#[async_trait::async_trait]
+impl flows_core::backend::Backend for DynamoDbStore {
+    const SCHEMES: &'static [&'static str] = &["dynamodb"];
+
+    async fn connect(url: &str) -> Result<Self, flows_core::RepositoryError> {
+        DynamoDbStore::connect(url).await
+    }
+
+    async fn state_table(
+        &self,
+        table: &str,
+    ) -> Result<std::sync::Arc<dyn flows_core::SingleStateRepository>, flows_core::RepositoryError>
+    {
+        Ok(std::sync::Arc::new(
+            DynamoDbStateRepository::new(self.clone(), table).await?,
+        ))
+    }
+
+    async fn row_table<T: flows_core::Row>(
+        &self,
+    ) -> Result<std::sync::Arc<dyn flows_core::UpsertRepository<T>>, flows_core::RepositoryError>
+    {
+        Ok(std::sync::Arc::new(
+            DynamoDbUpsertRepository::<T>::new(self.clone()).await?,
+        ))
+    }
+}

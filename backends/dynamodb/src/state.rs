@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, ScalarAttributeType, TransactWriteItem};
 use chrono::{DateTime, Utc};
-use flows_core::repository::{
+use flows_core::backend::{
     PreparedWrite, decode_stored_id, decode_stored_state, distinct_ids, in_request_order,
     into_written, prepare_writes, write_time,
 };

@@ -9,10 +9,10 @@ use aws_sdk_dynamodb::types::{
     AttributeValue, DeleteRequest, PutRequest, ScalarAttributeType, WriteRequest,
 };
 use chrono::{DateTime, Utc};
-use flows_core::row::{ChangeBatch, rows_in_request_order};
+use flows_core::backend::{ChangeBatch, ValidChange, rows_in_request_order};
 use flows_core::{
     Capabilities, Column, ColumnType, PrimaryKey, RepositoryError, Row, RowError, TableName,
-    TableSchema, UpsertRepository, ValidChange, Value,
+    TableSchema, UpsertRepository, Value,
 };
 
 use crate::MAX_STATE_SIZE;

@@ -56,3 +56,31 @@ pub const DEFAULT_MAX_STATE_SIZE: usize = 15 * 1024 * 1024;
 
 /// Documents per `find` or `bulkWrite` round trip.
 pub const MAX_BATCH_SIZE: usize = 1_000;
+
+#[async_trait::async_trait]
+impl flows_core::backend::Backend for MongoStore {
+    const SCHEMES: &'static [&'static str] = &["mongodb", "mongodb+srv"];
+
+    async fn connect(url: &str) -> Result<Self, flows_core::RepositoryError> {
+        MongoStore::connect(url).await
+    }
+
+    async fn state_table(
+        &self,
+        table: &str,
+    ) -> Result<std::sync::Arc<dyn flows_core::SingleStateRepository>, flows_core::RepositoryError>
+    {
+        Ok(std::sync::Arc::new(
+            MongoStateRepository::new(self.clone(), table).await?,
+        ))
+    }
+
+    async fn row_table<T: flows_core::Row>(
+        &self,
+    ) -> Result<std::sync::Arc<dyn flows_core::UpsertRepository<T>>, flows_core::RepositoryError>
+    {
+        Ok(std::sync::Arc::new(
+            MongoUpsertRepository::<T>::new(self.clone()).await?,
+        ))
+    }
+}

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use flows_core::repository::{
+use flows_core::backend::{
     PreparedWrite, decode_stored_state, distinct_ids, in_request_order, into_written,
     prepare_writes, write_time,
 };

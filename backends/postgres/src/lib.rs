@@ -49,3 +49,31 @@ pub const DEFAULT_MAX_STATE_SIZE: usize = 16 * 1024 * 1024;
 
 /// States or rows per statement.
 pub const MAX_BATCH_SIZE: usize = 1_000;
+
+#[async_trait::async_trait]
+impl flows_core::backend::Backend for PostgresStore {
+    const SCHEMES: &'static [&'static str] = &["postgres", "postgresql"];
+
+    async fn connect(url: &str) -> Result<Self, flows_core::RepositoryError> {
+        PostgresStore::connect(url).await
+    }
+
+    async fn state_table(
+        &self,
+        table: &str,
+    ) -> Result<std::sync::Arc<dyn flows_core::SingleStateRepository>, flows_core::RepositoryError>
+    {
+        Ok(std::sync::Arc::new(
+            PostgresStateRepository::new(self.clone(), table).await?,
+        ))
+    }
+
+    async fn row_table<T: flows_core::Row>(
+        &self,
+    ) -> Result<std::sync::Arc<dyn flows_core::UpsertRepository<T>>, flows_core::RepositoryError>
+    {
+        Ok(std::sync::Arc::new(
+            PostgresUpsertRepository::<T>::new(self.clone()).await?,
+        ))
+    }
+}

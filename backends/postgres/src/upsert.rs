@@ -6,10 +6,10 @@ use std::marker::PhantomData;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Datelike, Utc};
-use flows_core::row::{ChangeBatch, rows_in_request_order};
+use flows_core::backend::{ChangeBatch, ValidChange, rows_in_request_order};
 use flows_core::{
     Capabilities, Column, ColumnType, PrimaryKey, RepositoryError, Row, RowError, TableName,
-    TableSchema, UpsertRepository, ValidChange, Value,
+    TableSchema, UpsertRepository, Value,
 };
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
 use sqlx::{AssertSqlSafe, Row as _};

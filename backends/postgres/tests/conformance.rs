@@ -58,7 +58,7 @@ mod refusals {
 
     use chrono::{TimeZone, Utc};
     use flows_conformance::RowStore;
-    use flows_core::row::{RowChangeRef, ValidChange, write_isolating};
+    use flows_core::backend::{RowChangeRef, ValidChange, write_isolating};
     use flows_core::{Row, UpsertRepository};
 
     use super::*;

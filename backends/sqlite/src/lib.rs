@@ -36,3 +36,31 @@ pub const DEFAULT_MAX_STATE_SIZE: usize = 16 * 1024 * 1024;
 /// States or rows per statement: keeps every statement well under SQLite's limit of
 /// 32,766 bound parameters.
 pub const MAX_BATCH_SIZE: usize = 500;
+
+#[async_trait::async_trait]
+impl flows_core::backend::Backend for SqliteStore {
+    const SCHEMES: &'static [&'static str] = &["sqlite"];
+
+    async fn connect(url: &str) -> Result<Self, flows_core::RepositoryError> {
+        SqliteStore::connect(url).await
+    }
+
+    async fn state_table(
+        &self,
+        table: &str,
+    ) -> Result<std::sync::Arc<dyn flows_core::SingleStateRepository>, flows_core::RepositoryError>
+    {
+        Ok(std::sync::Arc::new(
+            SqliteStateRepository::new(self.clone(), table).await?,
+        ))
+    }
+
+    async fn row_table<T: flows_core::Row>(
+        &self,
+    ) -> Result<std::sync::Arc<dyn flows_core::UpsertRepository<T>>, flows_core::RepositoryError>
+    {
+        Ok(std::sync::Arc::new(
+            SqliteUpsertRepository::<T>::new(self.clone()).await?,
+        ))
+    }
+}

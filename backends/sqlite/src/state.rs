@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use flows_core::repository::{
+use flows_core::backend::{
     PreparedWrite, conflicting_ids, decode_stored_id, decode_stored_state, distinct_ids,
     in_request_order, into_written, prepare_writes, write_time,
 };

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
 
 use async_trait::async_trait;
-use flows_core::row::{ChangeBatch, rows_in_request_order};
+use flows_core::backend::{ChangeBatch, rows_in_request_order};
 use flows_core::{
     Capabilities, ColumnType, PrimaryKey, RepositoryError, Row, RowError, TableName, TableSchema,
     UpsertRepository, Value,

@@ -52,7 +52,7 @@ mod refusals {
 
     use flows_conformance::RowStore;
     use flows_core::UpsertRepository;
-    use flows_core::row::{RowChangeRef, ValidChange, write_isolating};
+    use flows_core::backend::{RowChangeRef, ValidChange, write_isolating};
 
     use super::*;
 
