@@ -116,3 +116,42 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     Ok(())
 }
+
+/// The join through flows' test driver: both halves, every crash point replayed.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flows::MemoryStateRepository;
+    use flows::testing::{TestDriver, TestDriverError, assert_replays_exactly};
+
+    fn pipelines() -> Vec<Pipeline> {
+        let join = join();
+        vec![
+            join.rekey_pipeline(),
+            join.stateful_pipeline(MemoryStateRepository::new()),
+        ]
+    }
+
+    fn feed(driver: &mut TestDriver) -> Result<(), TestDriverError> {
+        let words = Topic::new("words", Utf8, Utf8);
+        let definitions = Topic::new("definitions", Utf8, Utf8);
+        driver.pipe(&words, Record::new("fox".into(), "fox".into()))?;
+        driver.pipe(
+            &definitions,
+            Record::new("fox".into(), "a quick animal".into()),
+        )?;
+        driver.pipe(&words, Record::new("fox".into(), "fox".into()))?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_card_joins_counts_and_definitions_through_every_crash() {
+        let mut driver = TestDriver::new(pipelines());
+        feed(&mut driver).unwrap();
+        driver.run().await.unwrap();
+        let cards = driver.read(&Topic::new("word-cards", Utf8, Utf8)).unwrap();
+        let last = cards.last().map(|m| m.value.as_str());
+        assert_eq!(last, Some("fox x2: a quick animal"));
+        assert_replays_exactly(pipelines, 1, feed).await;
+    }
+}

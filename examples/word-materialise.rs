@@ -73,3 +73,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     Ok(())
 }
+
+/// The materialisation through flows' test driver: rows written at least once, the
+/// last count of each word kept, through every crash point.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flows::MemoryUpsertRepository;
+    use flows::testing::{TestDriver, TestDriverError, assert_replays_exactly};
+
+    fn feed(driver: &mut TestDriver) -> Result<(), TestDriverError> {
+        let counts = Topic::new("word-counts", Utf8, Json::<i64>::new());
+        for (word, count) in [("fox", 1), ("hen", 1), ("fox", 2)] {
+            driver.pipe(&counts, Record::new(word.to_owned(), count))?;
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_table_keeps_the_last_count_of_each_word() {
+        let table = Arc::new(MemoryUpsertRepository::<WordCountRow>::new());
+        let mut driver = TestDriver::new([materialise(table.clone())]);
+        feed(&mut driver).unwrap();
+        driver.run().await.unwrap();
+        let fox = table
+            .get_all(&[flows::PrimaryKey::from("fox".to_owned())])
+            .await
+            .unwrap();
+        assert_eq!(fox[0].as_ref().map(|row| row.count), Some(2));
+        let fresh = || vec![materialise(Arc::new(MemoryUpsertRepository::new()))];
+        assert_replays_exactly(fresh, 1, feed).await;
+    }
+}

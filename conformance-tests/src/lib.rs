@@ -138,6 +138,72 @@ pub fn run_property<S: proptest::strategy::Strategy>(
     }
 }
 
+/// Checks a backend's table modes on tables named `table` (states) and `{table}_rows`
+/// (rows), which must not exist yet: [`TableMode::RequireExisting`] refuses a missing
+/// table with a configuration error and creates nothing; once the table was created,
+/// it opens it and sees what was written.
+///
+/// [`TableMode::RequireExisting`]: flows_core::backend::TableMode::RequireExisting
+pub async fn assert_table_modes<B: flows_core::backend::Backend>(backend: &B, table: &str) {
+    use flows_core::backend::TableMode::{CreateIfMissing, RequireExisting};
+    use flows_core::{PersistenceId, RepositoryError, State};
+
+    fn refused<T>(result: Result<T, RepositoryError>, what: &str) {
+        match result {
+            Err(RepositoryError::Configuration(message)) => {
+                assert!(message.contains("does not exist"), "{what}: {message}");
+            }
+            Err(other) => panic!("{what}: expected a configuration error, got {other}"),
+            Ok(_) => panic!("{what}: a missing table was opened"),
+        }
+    }
+    refused(
+        backend.open_state_table(table, RequireExisting).await,
+        "missing state table",
+    );
+    refused(
+        backend.open_state_table(table, RequireExisting).await,
+        "still missing: RequireExisting created nothing",
+    );
+    let created = backend
+        .open_state_table(table, CreateIfMissing)
+        .await
+        .expect("create the state table");
+    let id = PersistenceId::new("mode").expect("valid id");
+    created
+        .upsert(&State::fresh(id.clone()).with_content(b"kept".to_vec()))
+        .await
+        .expect("write a state");
+    let existing = backend
+        .open_state_table(table, RequireExisting)
+        .await
+        .expect("open the existing state table");
+    let read = existing.get(&id).await.expect("read the state");
+    assert_eq!(read.content.as_deref(), Some(&b"kept"[..]));
+
+    let rows = format!("{table}_rows");
+    refused(
+        backend
+            .open_row_table::<ConformanceRow>(&rows, RequireExisting)
+            .await,
+        "missing row table",
+    );
+    let row = ConformanceRow::sample("mode", 1, 1);
+    backend
+        .open_row_table::<ConformanceRow>(&rows, CreateIfMissing)
+        .await
+        .expect("create the row table")
+        .upsert_all(std::slice::from_ref(&row))
+        .await
+        .expect("write a row");
+    let existing = backend
+        .open_row_table::<ConformanceRow>(&rows, RequireExisting)
+        .await
+        .expect("open the existing row table");
+    let found = existing.get_all(&[row.key()]).await.expect("read the row");
+    assert_eq!(found, vec![Some(row)]);
+}
+
 /// Asserts that `Row` round trips through values: used by [`upsert`] cases and
 /// available to users testing their own row types.
 pub fn assert_row_round_trips<T: Row + PartialEq + std::fmt::Debug>(row: &T) {

@@ -23,6 +23,28 @@ pub use crate::row::{
 };
 pub use crate::state::{decode_internal, now};
 
+/// Whether opening a table creates it or requires it to exist; every backend's
+/// repositories take it in `open`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TableMode {
+    /// Create the table (and what it needs: indexes, a collection) if it does not exist.
+    /// Safe when many workers start at once.
+    #[default]
+    CreateIfMissing,
+    /// Fail with [`RepositoryError::Configuration`] if the table does not exist, for
+    /// deployments whose schema is managed separately (migrations, Terraform) and whose
+    /// workers may not create tables.
+    RequireExisting,
+}
+
+/// The error of a table that [`TableMode::RequireExisting`] did not find.
+pub fn missing_table(backend: &str, table: &str) -> RepositoryError {
+    RepositoryError::Configuration(format!(
+        "{backend} table {table} does not exist (TableMode::RequireExisting: create it first)"
+    ))
+}
+
 /// A store flows opens by URL: a backend's connection, on which state tables and row
 /// tables are opened (one connection serves both). Implementing it is what makes a
 /// backend available to `flows::Store::connect` and `flows::open_state_store`.
@@ -45,14 +67,36 @@ pub trait Backend: Sized + Send + Sync + 'static {
     /// Connects to the store `url` names.
     async fn connect(url: &str) -> Result<Self, RepositoryError>;
 
+    /// Opens the state table `table`, creating it or requiring it to exist per `mode`.
+    async fn open_state_table(
+        &self,
+        table: &str,
+        mode: TableMode,
+    ) -> Result<Arc<dyn SingleStateRepository>, RepositoryError>;
+
+    /// Opens the table of `T` under the name `table`, creating it or requiring it to
+    /// exist per `mode`.
+    async fn open_row_table<T: Row>(
+        &self,
+        table: &str,
+        mode: TableMode,
+    ) -> Result<Arc<dyn UpsertRepository<T>>, RepositoryError>;
+
     /// Opens the state table `table`, creating it if missing.
     async fn state_table(
         &self,
         table: &str,
-    ) -> Result<Arc<dyn SingleStateRepository>, RepositoryError>;
+    ) -> Result<Arc<dyn SingleStateRepository>, RepositoryError> {
+        self.open_state_table(table, TableMode::CreateIfMissing)
+            .await
+    }
 
     /// Opens the table of `T` (named by `T::schema()`), creating it if missing.
-    async fn row_table<T: Row>(&self) -> Result<Arc<dyn UpsertRepository<T>>, RepositoryError>;
+    async fn row_table<T: Row>(&self) -> Result<Arc<dyn UpsertRepository<T>>, RepositoryError> {
+        let schema = T::schema();
+        self.open_row_table::<T>(schema.table().as_str(), TableMode::CreateIfMissing)
+            .await
+    }
 }
 
 /// One state write, validated and ready for a backend to persist.

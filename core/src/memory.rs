@@ -212,16 +212,27 @@ impl crate::backend::Backend for MemoryBackend {
         Ok(MemoryBackend)
     }
 
-    async fn state_table(
+    /// A new, empty state table; under `RequireExisting` an error, since no in-memory
+    /// table outlives its opening.
+    async fn open_state_table(
         &self,
-        _table: &str,
+        table: &str,
+        mode: crate::backend::TableMode,
     ) -> Result<std::sync::Arc<dyn SingleStateRepository>, RepositoryError> {
+        if mode == crate::backend::TableMode::RequireExisting {
+            return Err(crate::backend::missing_table("in-memory", table));
+        }
         Ok(std::sync::Arc::new(MemoryStateRepository::new()))
     }
 
-    async fn row_table<T: Row>(
+    async fn open_row_table<T: Row>(
         &self,
+        table: &str,
+        mode: crate::backend::TableMode,
     ) -> Result<std::sync::Arc<dyn UpsertRepository<T>>, RepositoryError> {
+        if mode == crate::backend::TableMode::RequireExisting {
+            return Err(crate::backend::missing_table("in-memory", table));
+        }
         Ok(std::sync::Arc::new(MemoryUpsertRepository::<T>::new()))
     }
 }

@@ -1210,8 +1210,8 @@ async fn word_count_on_cassandra_or_its_kassandra_imitation() {
     word_count_with_a_restart(Arc::new(states)).await;
 }
 
-/// DynamoDB's state limit (`flows::dynamodb::MAX_STATE_SIZE`).
-const DYNAMODB_MAX_STATE_SIZE: usize = flows::dynamodb::MAX_STATE_SIZE;
+/// DynamoDB's state limit (`flows::dynamodb::DEFAULT_MAX_STATE_SIZE`).
+const DYNAMODB_MAX_STATE_SIZE: usize = flows::dynamodb::DEFAULT_MAX_STATE_SIZE;
 
 /// 10,000 messages of one key (a name of 36 bytes) in one default-sized batch: their
 /// outputs, kept for replay, are ~500 KB, over the store's limit. The engine writes the

@@ -93,8 +93,6 @@ pub use policy::{ErrorPolicy, Fallback, dead_letter_record};
 pub use producer::{DeliveryFailures, OutputProducer, kafka_headers};
 pub use rdkafka;
 pub use state_cache::StateCacheLimits;
-pub use stateful::{
-    BatchError, BatchOutput, MAX_CONFLICT_RETRIES, apply_batch, apply_batch_while_owner,
-};
+pub use stateful::{BatchError, BatchOutput, MAX_CONFLICT_RETRIES, apply_batch};
 #[cfg(feature = "otel")]
 pub use trace_context::otel::{remote_span_context, traceparent};

@@ -100,23 +100,6 @@ where
     P: StatefulProcessor + ?Sized,
     R: SingleStateRepository + ?Sized,
 {
-    apply_batch_while_owner(processor, store, messages, on_error, &|| true).await
-}
-
-/// [`apply_batch`] for a partition that can be taken away: after a write conflict the
-/// batch is retried only if `still_owner()` holds, otherwise it fails with
-/// [`BatchError::Fenced`] (the version check rejected this stale instance's write).
-pub async fn apply_batch_while_owner<P, R>(
-    processor: &P,
-    store: &R,
-    messages: &[RawMessage],
-    on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
-    still_owner: &(dyn Fn() -> bool + Send + Sync),
-) -> Result<BatchOutput, BatchError>
-where
-    P: StatefulProcessor + ?Sized,
-    R: SingleStateRepository + ?Sized,
-{
     let mut outputs = Outputs::default();
     let mut buffers = BatchBuffers::default();
     let reuse = Reuse {
@@ -128,7 +111,7 @@ where
         store,
         messages,
         on_error,
-        still_owner,
+        &|| true,
         reuse,
         &mut outputs,
     )
@@ -188,7 +171,10 @@ pub(crate) struct Reuse<'a> {
     pub(crate) buffers: &'a mut BatchBuffers,
 }
 
-/// [`apply_batch_while_owner`] reading states from the cache before the store, keeping
+/// [`apply_batch`] for the engine: after a write conflict the batch is retried only if
+/// `still_owner()` holds, otherwise it fails with [`BatchError::Fenced`] (the version
+/// check rejected this stale instance's write); states are read from the cache before
+/// the store, keeping
 /// the states it wrote there, and appending the outputs to `outputs`. Returns how many
 /// messages, from the first, it processed (see [`BatchOutput`]).
 pub(crate) async fn apply_batch_cached<P, R>(

@@ -214,7 +214,7 @@ async fn messages_without_a_valid_id_follow_the_error_policy() {
     assert_eq!(count_of(&store, "a").await, 2);
 }
 
-/// DynamoDB's state limit (the `flows-dynamodb` crate's `MAX_STATE_SIZE`).
+/// DynamoDB's state limit (the `flows-dynamodb` crate's `DEFAULT_MAX_STATE_SIZE`).
 const DYNAMODB_MAX_STATE_SIZE: usize = 400 * 1024 - 4 * 1024;
 
 fn dead_letter(m: &RawMessage, e: &ProcessError) -> ErrorAction {

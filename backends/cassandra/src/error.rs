@@ -71,6 +71,17 @@ fn is_transient_prepare(error: &PrepareError) -> bool {
     }
 }
 
+/// Whether preparing a statement failed because the server found it invalid (`Invalid`:
+/// for a statement on a validated table name, the table or keyspace does not exist).
+pub(crate) fn is_invalid_prepare(error: &PrepareError) -> bool {
+    matches!(
+        error,
+        PrepareError::AllAttemptsFailed {
+            first_attempt: RequestAttemptError::DbError(DbError::Invalid, _)
+        }
+    )
+}
+
 pub(crate) fn map_prepare(error: PrepareError) -> RepositoryError {
     if is_transient_prepare(&error) {
         RepositoryError::Unavailable(Box::new(error))

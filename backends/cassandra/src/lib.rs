@@ -51,9 +51,9 @@
 //! # Reads and writes
 //! Every statement but the `CREATE ... IF NOT EXISTS` of start-up is prepared once per
 //! repository, so the driver routes each to a replica of its key (token-aware). Reads are one `SELECT ... WHERE id = ?` per
-//! distinct key, [`CONCURRENCY`] in flight, never `IN` (which makes one coordinator fan
+//! distinct key, [`MAX_BATCH_SIZE`] in flight, never `IN` (which makes one coordinator fan
 //! out to every partition and wait for the slowest). Writes are one statement per
-//! state or row, [`CONCURRENCY`] in flight; nothing is atomic across keys, so every
+//! state or row, [`MAX_BATCH_SIZE`] in flight; nothing is atomic across keys, so every
 //! repository declares `atomic_batch_write: false`.
 //!
 //! A row upsert binds every column: a null is written as a cell tombstone (purged after
@@ -135,7 +135,7 @@ pub const DEFAULT_MAX_STATE_SIZE: usize = 8 * 1024 * 1024;
 
 /// Statements in flight at once for one `get_all`, `upsert_all` or row batch; also
 /// declared as the batch size.
-pub const CONCURRENCY: usize = 64;
+pub const MAX_BATCH_SIZE: usize = 64;
 
 #[async_trait::async_trait]
 impl flows_core::backend::Backend for CassandraStore {
@@ -145,22 +145,25 @@ impl flows_core::backend::Backend for CassandraStore {
         CassandraStore::connect(url).await
     }
 
-    async fn state_table(
+    async fn open_state_table(
         &self,
         table: &str,
+        mode: flows_core::backend::TableMode,
     ) -> Result<std::sync::Arc<dyn flows_core::SingleStateRepository>, flows_core::RepositoryError>
     {
         Ok(std::sync::Arc::new(
-            CassandraStateRepository::new(self.clone(), table).await?,
+            CassandraStateRepository::open(self.clone(), table, mode).await?,
         ))
     }
 
-    async fn row_table<T: flows_core::Row>(
+    async fn open_row_table<T: flows_core::Row>(
         &self,
+        table: &str,
+        mode: flows_core::backend::TableMode,
     ) -> Result<std::sync::Arc<dyn flows_core::UpsertRepository<T>>, flows_core::RepositoryError>
     {
         Ok(std::sync::Arc::new(
-            CassandraUpsertRepository::<T>::new(self.clone()).await?,
+            CassandraUpsertRepository::<T>::open(self.clone(), table, mode).await?,
         ))
     }
 }

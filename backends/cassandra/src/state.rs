@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flows_core::backend::{
-    PreparedWrite, decode_stored_state, distinct_ids, in_request_order, into_written,
+    PreparedWrite, TableMode, decode_stored_state, distinct_ids, in_request_order, into_written,
     prepare_writes, write_time,
 };
 use flows_core::state::StateCodecError;
@@ -21,13 +21,15 @@ use scylla::value::{CqlValue, Row};
 use crate::error::{malformed, map_execution};
 use crate::fencing::{Fencing, write_timestamp};
 use crate::store::CassandraStore;
-use crate::{CONCURRENCY, DEFAULT_MAX_STATE_SIZE};
+use crate::{DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE};
 
 /// States in one Cassandra table, fenced by lightweight transactions or by write
 /// timestamps (see [`Fencing`] and the crate documentation).
 #[derive(Clone, Debug)]
 pub struct CassandraStateRepository {
     store: CassandraStore,
+    /// The table, qualified by its keyspace.
+    table: String,
     fencing: Fencing,
     capabilities: Capabilities,
     select: PreparedStatement,
@@ -40,12 +42,32 @@ pub struct CassandraStateRepository {
     condition_bound: bool,
 }
 
+/// The `CREATE TABLE IF NOT EXISTS` statement of the state table `table` (qualified).
+fn state_ddl(table: &str) -> String {
+    format!("CREATE TABLE IF NOT EXISTS {table} (id text PRIMARY KEY, version bigint, state blob)")
+}
+
 impl CassandraStateRepository {
+    /// The `CREATE TABLE IF NOT EXISTS` statement of this table.
+    pub fn ddl(&self) -> String {
+        state_ddl(&self.table)
+    }
+
     /// Opens the state table `table` in the store's keyspace, creating it if missing,
     /// with the store's [`Fencing`]. The name must be a valid [`TableName`].
     pub async fn new(store: CassandraStore, table: &str) -> Result<Self, RepositoryError> {
+        Self::open(store, table, TableMode::CreateIfMissing).await
+    }
+
+    /// Opens the state table `table` with the store's [`Fencing`], creating it or
+    /// requiring it to exist per `mode`.
+    pub async fn open(
+        store: CassandraStore,
+        table: &str,
+        mode: TableMode,
+    ) -> Result<Self, RepositoryError> {
         let fencing = store.fencing();
-        Self::with_fencing(store, table, fencing).await
+        Self::open_with(store, table, fencing, mode).await
     }
 
     /// Opens the state table with an explicit [`Fencing`]. A table must be written in
@@ -56,12 +78,19 @@ impl CassandraStateRepository {
         table: &str,
         fencing: Fencing,
     ) -> Result<Self, RepositoryError> {
+        Self::open_with(store, table, fencing, TableMode::CreateIfMissing).await
+    }
+
+    async fn open_with(
+        store: CassandraStore,
+        table: &str,
+        fencing: Fencing,
+        mode: TableMode,
+    ) -> Result<Self, RepositoryError> {
         let name = TableName::new(table)?;
         let table = store.qualified(&name);
         store
-            .execute_ddl(&format!(
-                "CREATE TABLE IF NOT EXISTS {table} (id text PRIMARY KEY, version bigint, state blob)"
-            ))
+            .prepare_table(&table, &state_ddl(&table), mode)
             .await?;
         let select = store
             .prepare(
@@ -69,8 +98,8 @@ impl CassandraStateRepository {
                 true,
             )
             .await?;
-        let capabilities =
-            Capabilities::new(DEFAULT_MAX_STATE_SIZE, CONCURRENCY).with_atomic_batch_write(false);
+        let capabilities = Capabilities::new(DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE)
+            .with_atomic_batch_write(false);
         let (insert, update, capabilities, condition_bound) = match fencing {
             Fencing::LightweightTransactions => {
                 let insert = store
@@ -112,6 +141,7 @@ impl CassandraStateRepository {
         };
         Ok(Self {
             store,
+            table,
             fencing,
             capabilities,
             select,
@@ -353,7 +383,7 @@ impl SingleStateRepository for CassandraStateRepository {
         self.capabilities.clone()
     }
 
-    /// One prepared `SELECT ... WHERE id = ?` per distinct id, [`CONCURRENCY`] at a
+    /// One prepared `SELECT ... WHERE id = ?` per distinct id, [`MAX_BATCH_SIZE`] at a
     /// time: token-aware, each read goes straight to a replica of its key. (`IN` would
     /// make one coordinator fan out to every partition and wait for the slowest.)
     async fn get_all(&self, ids: &[PersistenceId]) -> Result<Vec<RawState>, RepositoryError> {
@@ -364,7 +394,7 @@ impl SingleStateRepository for CassandraStateRepository {
             .map(|id| async move { Ok::<_, RepositoryError>((id, self.read(id).await?)) })
             .collect();
         let read: Vec<(&PersistenceId, Option<RawState>)> = stream::iter(reads)
-            .buffer_unordered(CONCURRENCY)
+            .buffer_unordered(MAX_BATCH_SIZE)
             .try_collect()
             .await?;
         let found: HashMap<PersistenceId, RawState> = read
@@ -374,7 +404,7 @@ impl SingleStateRepository for CassandraStateRepository {
         Ok(in_request_order(ids, found))
     }
 
-    /// Every state is its own statement, [`CONCURRENCY`] at a time; not atomic: with
+    /// Every state is its own statement, [`MAX_BATCH_SIZE`] at a time; not atomic: with
     /// lightweight transactions, a conflict leaves the conflicting states untouched and
     /// the others written, and is reported naming every conflicting id.
     async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
@@ -383,7 +413,7 @@ impl SingleStateRepository for CassandraStateRepository {
             Fencing::LightweightTransactions => {
                 let calls: Vec<_> = writes.iter().map(|w| self.write_conditionally(w)).collect();
                 let outcomes: Vec<bool> = stream::iter(calls)
-                    .buffered(CONCURRENCY)
+                    .buffered(MAX_BATCH_SIZE)
                     .try_collect()
                     .await?;
                 let conflicts: Vec<PersistenceId> = writes
@@ -399,7 +429,7 @@ impl SingleStateRepository for CassandraStateRepository {
             Fencing::WriteTimestamps => {
                 let calls: Vec<_> = writes.iter().map(|w| self.write_timestamped(w)).collect();
                 stream::iter(calls)
-                    .buffer_unordered(CONCURRENCY)
+                    .buffer_unordered(MAX_BATCH_SIZE)
                     .try_collect::<()>()
                     .await?;
             }

@@ -1,6 +1,7 @@
 //! The connection shared by the repositories: one driver session (a pool per node),
 //! the keyspace and the fencing mode new state repositories use.
 
+use flows_core::backend::{TableMode, missing_table};
 use std::fmt;
 use std::sync::Arc;
 
@@ -10,7 +11,7 @@ use scylla::client::session_builder::SessionBuilder;
 use scylla::policies::timestamp_generator::MonotonicTimestampGenerator;
 use scylla::statement::prepared::PreparedStatement;
 
-use crate::error::{map_execution, map_new_session, map_prepare};
+use crate::error::{is_invalid_prepare, map_execution, map_new_session, map_prepare};
 use crate::fencing::Fencing;
 
 /// The native protocol port used when a host has none.
@@ -301,6 +302,26 @@ impl CassandraStore {
             .await
             .map_err(map_execution)?;
         Ok(())
+    }
+
+    /// Runs `ddl` or, under [`TableMode::RequireExisting`], checks that `table` (in this
+    /// store's keyspace) exists: the server finds a statement on a missing table
+    /// invalid ("unconfigured table"), reported as the missing table.
+    pub(crate) async fn prepare_table(
+        &self,
+        table: &str,
+        ddl: &str,
+        mode: TableMode,
+    ) -> Result<(), RepositoryError> {
+        if mode == TableMode::CreateIfMissing {
+            return self.execute_ddl(ddl).await;
+        }
+        let probe = format!("SELECT * FROM {table} LIMIT 1");
+        match self.session.prepare(probe).await {
+            Ok(_) => Ok(()),
+            Err(error) if is_invalid_prepare(&error) => Err(missing_table("Cassandra", table)),
+            Err(error) => Err(map_prepare(error)),
+        }
     }
 
     /// Prepares a statement once; every execution of it is then token-aware.

@@ -6,7 +6,7 @@ use std::marker::PhantomData;
 
 use async_trait::async_trait;
 use chrono::DateTime;
-use flows_core::backend::{ChangeBatch, ValidChange, rows_in_request_order};
+use flows_core::backend::{ChangeBatch, TableMode, ValidChange, rows_in_request_order};
 use flows_core::{
     Capabilities, Column, ColumnType, PrimaryKey, RepositoryError, Row, RowError, TableName,
     TableSchema, UpsertRepository, Value,
@@ -17,13 +17,15 @@ use scylla::value::{CqlValue, Row as CqlRow};
 
 use crate::error::{malformed, map_execution};
 use crate::store::CassandraStore;
-use crate::{CONCURRENCY, DEFAULT_MAX_STATE_SIZE};
+use crate::{DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE};
 
 /// Rows of type `T` in one Cassandra table, upserted by primary key. Not atomic: every
 /// change is its own statement (see the crate documentation).
 pub struct CassandraUpsertRepository<T> {
     store: CassandraStore,
     schema: TableSchema,
+    /// The `CREATE TABLE IF NOT EXISTS` statement of the table.
+    ddl: String,
     select: PreparedStatement,
     insert: PreparedStatement,
     delete: PreparedStatement,
@@ -58,18 +60,34 @@ impl<T: Row> CassandraUpsertRepository<T> {
     /// Opens the table named by `T::schema()` in the store's keyspace (created if
     /// missing).
     pub async fn new(store: CassandraStore) -> Result<Self, RepositoryError> {
-        Self::with_schema(store, T::schema()).await
+        Self::open_schema(store, T::schema(), TableMode::CreateIfMissing).await
     }
 
     /// Opens `T`'s rows in another table (created if missing).
     pub async fn with_table(store: CassandraStore, table: &str) -> Result<Self, RepositoryError> {
-        let name = TableName::new(table)?;
-        Self::with_schema(store, T::schema().with_table(name)).await
+        Self::open(store, table, TableMode::CreateIfMissing).await
     }
 
-    async fn with_schema(
+    /// Opens `T`'s rows in the table `table`, creating it or requiring it to exist per
+    /// `mode`.
+    pub async fn open(
+        store: CassandraStore,
+        table: &str,
+        mode: TableMode,
+    ) -> Result<Self, RepositoryError> {
+        let name = TableName::new(table)?;
+        Self::open_schema(store, T::schema().with_table(name), mode).await
+    }
+
+    /// The `CREATE TABLE IF NOT EXISTS` statement of this table.
+    pub fn ddl(&self) -> String {
+        self.ddl.clone()
+    }
+
+    async fn open_schema(
         store: CassandraStore,
         schema: TableSchema,
+        mode: TableMode,
     ) -> Result<Self, RepositoryError> {
         let table = store.qualified(schema.table());
         let name = |c: &Column| c.name.as_str().to_ascii_lowercase();
@@ -80,13 +98,12 @@ impl<T: Row> CassandraUpsertRepository<T> {
             .iter()
             .map(|c| format!("{} {}", name(c), cql_type(c.column_type)))
             .collect();
-        store
-            .execute_ddl(&format!(
-                "CREATE TABLE IF NOT EXISTS {table} ({}, PRIMARY KEY (({})))",
-                definitions.join(", "),
-                keys.join(", ")
-            ))
-            .await?;
+        let ddl = format!(
+            "CREATE TABLE IF NOT EXISTS {table} ({}, PRIMARY KEY (({})))",
+            definitions.join(", "),
+            keys.join(", ")
+        );
+        store.prepare_table(&table, &ddl, mode).await?;
         let key_filter = keys
             .iter()
             .map(|k| format!("{k} = ?"))
@@ -119,6 +136,7 @@ impl<T: Row> CassandraUpsertRepository<T> {
         Ok(Self {
             store,
             schema,
+            ddl,
             select,
             insert,
             delete,
@@ -226,7 +244,7 @@ fn from_cql(column: &Column, value: Option<CqlValue>) -> Result<Value, Repositor
 #[async_trait]
 impl<T: Row> UpsertRepository<T> for CassandraUpsertRepository<T> {
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(DEFAULT_MAX_STATE_SIZE, CONCURRENCY).with_atomic_batch_write(false)
+        Capabilities::new(DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE).with_atomic_batch_write(false)
     }
 
     fn schema(&self) -> &TableSchema {
@@ -240,7 +258,7 @@ impl<T: Row> UpsertRepository<T> for CassandraUpsertRepository<T> {
         }
     }
 
-    /// Every upsert and delete is its own prepared statement, [`CONCURRENCY`] at a
+    /// Every upsert and delete is its own prepared statement, [`MAX_BATCH_SIZE`] at a
     /// time: a batch holds at most one change per key, and every row is its own
     /// partition, so there is nothing to group (an unlogged batch of several partitions
     /// only moves the fan-out to a coordinator). Not atomic: after an error part of the
@@ -271,7 +289,7 @@ impl<T: Row> UpsertRepository<T> for CassandraUpsertRepository<T> {
             .map(|(statement, values)| session.execute_unpaged(statement, values))
             .collect();
         let results: Vec<_> = stream::iter(calls)
-            .buffer_unordered(CONCURRENCY)
+            .buffer_unordered(MAX_BATCH_SIZE)
             .collect()
             .await;
         for result in results {
@@ -296,7 +314,7 @@ impl<T: Row> UpsertRepository<T> for CassandraUpsertRepository<T> {
             .map(|key| async move { Ok::<_, RepositoryError>((key, self.read(key).await?)) })
             .collect();
         let read: Vec<(&PrimaryKey, Option<Vec<Value>>)> = stream::iter(reads)
-            .buffer_unordered(CONCURRENCY)
+            .buffer_unordered(MAX_BATCH_SIZE)
             .try_collect()
             .await?;
         let found: HashMap<PrimaryKey, Vec<Value>> = read

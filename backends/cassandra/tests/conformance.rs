@@ -157,3 +157,10 @@ mod refusals {
         assert!(stored.iter().all(Option::is_some), "{stored:?}");
     }
 }
+
+/// `TableMode::RequireExisting` refuses a missing table (the server's "unconfigured
+/// table" when preparing on it); opens an existing one.
+#[tokio::test]
+async fn table_modes() {
+    flows_conformance::assert_table_modes(&store().await, &unique_table("modes")).await;
+}

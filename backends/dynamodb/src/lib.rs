@@ -28,7 +28,7 @@
 //! ([`TableMode`]).
 //!
 //! # Batches and atomicity
-//! DynamoDB has no transaction larger than [`MAX_TRANSACTION_ITEMS`] items (and 4 MB),
+//! DynamoDB has no transaction larger than [`MAX_BATCH_SIZE`] items (and 4 MB),
 //! so no batch larger than that can be atomic, and the repositories declare
 //! [`atomic_batch_write`](flows_core::Capabilities::atomic_batch_write) `false`. The
 //! default [`WriteMode::Transactional`] still writes each chunk of up to 100 states as
@@ -38,7 +38,7 @@
 //!
 //! # Limits
 //! An item holds at most 400 KB, attribute names included: states are limited to
-//! [`MAX_STATE_SIZE`] bytes of content plus internal data and larger ones are rejected
+//! [`DEFAULT_MAX_STATE_SIZE`] bytes of content plus internal data and larger ones are rejected
 //! with [`StateTooLarge`](flows_core::RepositoryError::StateTooLarge) before any call.
 //! Table names need at least 3 characters. Throttling, server errors and connection
 //! failures are [`Unavailable`](flows_core::RepositoryError::Unavailable) (transient);
@@ -55,13 +55,14 @@ pub use state::{DynamoDbStateRepository, WriteMode};
 pub use store::{DynamoDbStore, TableMode};
 pub use upsert::{DynamoDbUpsertRepository, ROW_KEY_ATTRIBUTE};
 
-/// Largest state (content plus internal bytes): DynamoDB's 400 KB item limit
-/// (409,600 bytes) less 4 KiB for the id (up to 1 KiB), the other attributes and their
-/// names.
-pub const MAX_STATE_SIZE: usize = 400 * 1024 - 4 * 1024;
+/// Default largest state (content plus internal bytes), also the most DynamoDB allows:
+/// its 400 KB item limit (409,600 bytes) less 4 KiB for the id (up to 1 KiB), the other
+/// attributes and their names. Named as every backend names its default.
+pub const DEFAULT_MAX_STATE_SIZE: usize = 400 * 1024 - 4 * 1024;
 
-/// States per `TransactWriteItems` call (the service's limit).
-pub const MAX_TRANSACTION_ITEMS: usize = 100;
+/// States per `TransactWriteItems` call (the service's limit): the batch size, named as
+/// every backend names it.
+pub const MAX_BATCH_SIZE: usize = 100;
 
 #[async_trait::async_trait]
 impl flows_core::backend::Backend for DynamoDbStore {
@@ -71,22 +72,25 @@ impl flows_core::backend::Backend for DynamoDbStore {
         DynamoDbStore::connect(url).await
     }
 
-    async fn state_table(
+    async fn open_state_table(
         &self,
         table: &str,
+        mode: flows_core::backend::TableMode,
     ) -> Result<std::sync::Arc<dyn flows_core::SingleStateRepository>, flows_core::RepositoryError>
     {
         Ok(std::sync::Arc::new(
-            DynamoDbStateRepository::new(self.clone(), table).await?,
+            DynamoDbStateRepository::open(self.clone(), table, mode).await?,
         ))
     }
 
-    async fn row_table<T: flows_core::Row>(
+    async fn open_row_table<T: flows_core::Row>(
         &self,
+        table: &str,
+        mode: flows_core::backend::TableMode,
     ) -> Result<std::sync::Arc<dyn flows_core::UpsertRepository<T>>, flows_core::RepositoryError>
     {
         Ok(std::sync::Arc::new(
-            DynamoDbUpsertRepository::<T>::new(self.clone()).await?,
+            DynamoDbUpsertRepository::<T>::open(self.clone(), table, mode).await?,
         ))
     }
 }

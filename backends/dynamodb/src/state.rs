@@ -23,7 +23,7 @@ use futures::{FutureExt, StreamExt, stream};
 use crate::batch::{self, Item, chunked_by_size};
 use crate::error::{Backoff, Cancellation, build_err, classify_cancellation, map_sdk_err};
 use crate::store::{DynamoDbStore, TableMode};
-use crate::{MAX_STATE_SIZE, MAX_TRANSACTION_ITEMS};
+use crate::{DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE};
 
 /// Attribute names of a state item.
 mod attr {
@@ -45,7 +45,7 @@ const PUT_CONCURRENCY: usize = 16;
 /// How [`upsert_all`](SingleStateRepository::upsert_all) writes a batch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WriteMode {
-    /// `TransactWriteItems` per chunk of up to [`MAX_TRANSACTION_ITEMS`] states (and
+    /// `TransactWriteItems` per chunk of up to [`MAX_BATCH_SIZE`] states (and
     /// 4 MB), chunks one after another. A chunk is all or nothing: a stale version
     /// anywhere in it writes none of it. Chunks before a failed one stay written, later
     /// ones are not attempted, so a batch that fits one chunk is atomic and a larger one
@@ -100,7 +100,7 @@ impl DynamoDbStateRepository {
             table,
             // Batches of more than one transaction are not atomic, so a store that
             // chunks cannot claim it (see `WriteMode::Transactional`).
-            capabilities: Capabilities::new(MAX_STATE_SIZE, MAX_TRANSACTION_ITEMS)
+            capabilities: Capabilities::new(DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE)
                 .with_atomic_batch_write(false),
             write_mode: WriteMode::default(),
         })
@@ -112,10 +112,10 @@ impl DynamoDbStateRepository {
         self
     }
 
-    /// Lowers the largest state accepted (default and ceiling [`MAX_STATE_SIZE`]: the
+    /// Lowers the largest state accepted (default and ceiling [`DEFAULT_MAX_STATE_SIZE`]: the
     /// DynamoDB item limit cannot be raised).
     pub fn with_max_state_size(mut self, max_state_size: usize) -> Self {
-        self.capabilities.max_state_size = max_state_size.min(MAX_STATE_SIZE);
+        self.capabilities.max_state_size = max_state_size.min(DEFAULT_MAX_STATE_SIZE);
         self
     }
 
@@ -381,12 +381,9 @@ impl SingleStateRepository for DynamoDbStateRepository {
         let writes = prepare_writes(&states, &self.capabilities)?;
         match self.write_mode {
             WriteMode::Transactional => {
-                for chunk in chunked_by_size(
-                    &writes,
-                    MAX_TRANSACTION_ITEMS,
-                    MAX_TRANSACTION_BYTES,
-                    item_size,
-                ) {
+                for chunk in
+                    chunked_by_size(&writes, MAX_BATCH_SIZE, MAX_TRANSACTION_BYTES, item_size)
+                {
                     if let [single] = chunk {
                         if !self.put_conditional(single).await? {
                             return Err(RepositoryError::Conflict {
@@ -439,7 +436,7 @@ mod tests {
         state.progress.record(TopicPartition::new("t", 3), 42);
         state.version = 4;
         let states = [state];
-        let caps = Capabilities::new(MAX_STATE_SIZE, MAX_TRANSACTION_ITEMS);
+        let caps = Capabilities::new(DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE);
         let writes = prepare_writes(&states, &caps).expect("prepare");
         let item = state_item(&writes[0]);
         assert_eq!(
@@ -456,7 +453,7 @@ mod tests {
             State::fresh(id("a")),
             State::fresh(id("b")).with_content(Vec::new()),
         ];
-        let caps = Capabilities::new(MAX_STATE_SIZE, MAX_TRANSACTION_ITEMS);
+        let caps = Capabilities::new(DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE);
         let writes = prepare_writes(&none, &caps).expect("prepare");
         assert!(!state_item(&writes[0]).contains_key(attr::CONTENT));
         let back = decode_item(state_item(&writes[1])).expect("decodes");
@@ -468,7 +465,7 @@ mod tests {
         let mut existing = State::fresh(id("x"));
         existing.version = 7;
         let states = [State::fresh(id("new")), existing];
-        let caps = Capabilities::new(MAX_STATE_SIZE, MAX_TRANSACTION_ITEMS);
+        let caps = Capabilities::new(DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE);
         let writes = prepare_writes(&states, &caps).expect("prepare");
         let (insert, _, values) = version_condition(&writes[0]);
         assert_eq!(insert, "attribute_not_exists(#id)");

@@ -24,18 +24,7 @@ const LOCAL_REGION: &str = "us-east-1";
 /// How long to wait for a new table to become `ACTIVE`.
 const TABLE_ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Whether a repository creates its table or requires it to exist.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum TableMode {
-    /// Create the table (on-demand, `PAY_PER_REQUEST` billing) if it does not exist and
-    /// wait until it is `ACTIVE`. Safe when many workers start at once.
-    #[default]
-    CreateIfMissing,
-    /// Fail with [`RepositoryError::Configuration`] if the table does not exist, for
-    /// deployments where tables are managed separately (CloudFormation, Terraform) and
-    /// the workers' credentials lack `dynamodb:CreateTable`.
-    RequireExisting,
-}
+pub use flows_core::backend::TableMode;
 
 /// Where to connect, parsed from a `dynamodb://` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -207,9 +196,10 @@ impl DynamoDbStore {
         let description = match self.describe(table).await? {
             Some(description) => description,
             None if mode == TableMode::RequireExisting => {
-                return Err(RepositoryError::Configuration(format!(
-                    "DynamoDB table {table} does not exist (TableMode::RequireExisting)"
-                )));
+                return Err(flows_core::backend::missing_table(
+                    "DynamoDB",
+                    table.as_str(),
+                ));
             }
             None => {
                 self.create(table, key, key_type.clone()).await?;

@@ -15,7 +15,7 @@ use flows_core::{
     TableSchema, UpsertRepository, Value,
 };
 
-use crate::MAX_STATE_SIZE;
+use crate::DEFAULT_MAX_STATE_SIZE;
 use crate::batch::{self, Item, WRITE_CHUNK};
 use crate::error::build_err;
 use crate::store::{DynamoDbStore, TableMode};
@@ -63,32 +63,26 @@ impl<T> std::fmt::Debug for DynamoDbUpsertRepository<T> {
 impl<T: Row> DynamoDbUpsertRepository<T> {
     /// Opens the table named by `T::schema()`, creating it if missing.
     pub async fn new(store: DynamoDbStore) -> Result<Self, RepositoryError> {
-        Self::open(store, T::schema(), TableMode::CreateIfMissing).await
+        Self::open_schema(store, T::schema(), TableMode::CreateIfMissing).await
     }
 
     /// Opens `T`'s table under another name, creating it if missing.
     pub async fn with_table(store: DynamoDbStore, table: &str) -> Result<Self, RepositoryError> {
-        let table = TableName::new(table)?;
-        Self::open(
-            store,
-            T::schema().with_table(table),
-            TableMode::CreateIfMissing,
-        )
-        .await
+        Self::open(store, table, TableMode::CreateIfMissing).await
     }
 
     /// Opens `T`'s table under the name `table`, creating it or requiring it to exist
     /// per `mode`. An existing table must have the single partition key `_pk` (string).
-    pub async fn with_table_mode(
+    pub async fn open(
         store: DynamoDbStore,
         table: &str,
         mode: TableMode,
     ) -> Result<Self, RepositoryError> {
         let table = TableName::new(table)?;
-        Self::open(store, T::schema().with_table(table), mode).await
+        Self::open_schema(store, T::schema().with_table(table), mode).await
     }
 
-    async fn open(
+    async fn open_schema(
         store: DynamoDbStore,
         schema: TableSchema,
         mode: TableMode,
@@ -235,7 +229,7 @@ fn decode_row(schema: &TableSchema, mut item: Item) -> Result<Vec<Value>, RowErr
 impl<T: Row> UpsertRepository<T> for DynamoDbUpsertRepository<T> {
     /// Not atomic, and writes carry no condition (rows are replaced by key).
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(MAX_STATE_SIZE, WRITE_CHUNK)
+        Capabilities::new(DEFAULT_MAX_STATE_SIZE, WRITE_CHUNK)
             .with_atomic_batch_write(false)
             .with_conditional_write(false)
     }

@@ -89,3 +89,9 @@ async fn dynamodb_refuses_rows_over_its_item_limit_alone() {
         ["450-kb", "17-mb"]
     );
 }
+
+/// `TableMode::RequireExisting` refuses a missing table; opens an existing one.
+#[tokio::test]
+async fn table_modes() {
+    flows_conformance::assert_table_modes(&store().await, &unique_table("modes")).await;
+}

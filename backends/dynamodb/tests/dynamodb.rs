@@ -4,7 +4,7 @@
 
 use flows_core::{PersistenceId, RawState, RepositoryError, SingleStateRepository, State};
 use flows_dynamodb::{
-    DynamoDbStateRepository, DynamoDbStore, MAX_STATE_SIZE, TableMode, WriteMode,
+    DEFAULT_MAX_STATE_SIZE, DynamoDbStateRepository, DynamoDbStore, TableMode, WriteMode,
 };
 
 fn url() -> String {
@@ -41,7 +41,7 @@ async fn largest_state_with_longest_id_fits_one_item() {
     let long_id = id(&"é".repeat(PersistenceId::MAX_LEN / 2));
     let mut state: RawState = State::fresh(long_id.clone());
     let internal = state.encode_internal().len();
-    state.content = Some(vec![0xAB; MAX_STATE_SIZE - internal]);
+    state.content = Some(vec![0xAB; DEFAULT_MAX_STATE_SIZE - internal]);
     // Alone (PutItem) and in a transaction with a second state (TransactWriteItems).
     store.upsert(&state).await.expect("largest state alone");
     let mut other = state.clone();

@@ -65,22 +65,25 @@ impl flows_core::backend::Backend for MongoStore {
         MongoStore::connect(url).await
     }
 
-    async fn state_table(
+    async fn open_state_table(
         &self,
         table: &str,
+        mode: flows_core::backend::TableMode,
     ) -> Result<std::sync::Arc<dyn flows_core::SingleStateRepository>, flows_core::RepositoryError>
     {
         Ok(std::sync::Arc::new(
-            MongoStateRepository::new(self.clone(), table).await?,
+            MongoStateRepository::open(self.clone(), table, mode).await?,
         ))
     }
 
-    async fn row_table<T: flows_core::Row>(
+    async fn open_row_table<T: flows_core::Row>(
         &self,
+        table: &str,
+        mode: flows_core::backend::TableMode,
     ) -> Result<std::sync::Arc<dyn flows_core::UpsertRepository<T>>, flows_core::RepositoryError>
     {
         Ok(std::sync::Arc::new(
-            MongoUpsertRepository::<T>::new(self.clone()).await?,
+            MongoUpsertRepository::<T>::open(self.clone(), table, mode).await?,
         ))
     }
 }

@@ -1,5 +1,6 @@
 //! [`SingleStateRepository`] on MongoDB.
 
+use flows_core::backend::TableMode;
 use std::collections::HashMap;
 
 use async_trait::async_trait;
@@ -33,21 +34,34 @@ impl MongoStateRepository {
     /// Opens the state collection `collection` (created with its index if missing). The
     /// name must be a valid [`TableName`].
     pub async fn new(store: MongoStore, collection: &str) -> Result<Self, RepositoryError> {
-        let repository = Self::without_migration(store, collection)?;
-        repository.migrate().await?;
-        Ok(repository)
+        Self::open(store, collection, TableMode::CreateIfMissing).await
     }
 
-    /// Opens the collection without creating it or its index.
-    pub fn without_migration(store: MongoStore, collection: &str) -> Result<Self, RepositoryError> {
+    /// Opens the state collection `collection`, creating it (with its index) or
+    /// requiring it to exist per `mode`.
+    pub async fn open(
+        store: MongoStore,
+        collection: &str,
+        mode: TableMode,
+    ) -> Result<Self, RepositoryError> {
         let name = TableName::new(collection)?;
         let capabilities = Capabilities::new(DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE)
             .with_atomic_batch_write(store.transactions());
-        Ok(Self {
+        let repository = Self {
             collection: store.database().collection(name.as_str()),
             store,
             capabilities,
-        })
+        };
+        match mode {
+            TableMode::RequireExisting => {
+                repository
+                    .store
+                    .prepare_collection(name.as_str(), mode)
+                    .await?
+            }
+            _ => repository.migrate().await?,
+        }
+        Ok(repository)
     }
 
     /// Changes the largest state accepted (default [`DEFAULT_MAX_STATE_SIZE`]; MongoDB

@@ -1,6 +1,7 @@
 //! The connection, what the deployment supports, and the bulk-write cycle shared by
 //! both repositories.
 
+use flows_core::backend::{TableMode, missing_table};
 use std::time::Duration;
 
 use flows_core::RepositoryError;
@@ -90,6 +91,28 @@ impl MongoStore {
             // NamespaceExists: another worker (or an earlier start) created it.
             Err(e) if matches!(e.kind.as_ref(), ErrorKind::Command(c) if c.code == 48) => Ok(()),
             Err(e) => Err(map_err(e)),
+        }
+    }
+
+    /// Whether the collection `name` exists, under [`TableMode::RequireExisting`];
+    /// otherwise creates it if missing.
+    pub(crate) async fn prepare_collection(
+        &self,
+        name: &str,
+        mode: TableMode,
+    ) -> Result<(), RepositoryError> {
+        if mode == TableMode::CreateIfMissing {
+            return self.create_collection(name).await;
+        }
+        let found = self
+            .database
+            .list_collection_names()
+            .filter(doc! { "name": name })
+            .await
+            .map_err(map_err)?;
+        match found.is_empty() {
+            false => Ok(()),
+            true => Err(missing_table("MongoDB", name)),
         }
     }
 

@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 
 use async_trait::async_trait;
 use chrono::DateTime;
-use flows_core::backend::{ChangeBatch, ValidChange, rows_in_request_order};
+use flows_core::backend::{ChangeBatch, TableMode, ValidChange, rows_in_request_order};
 use flows_core::{
     Capabilities, Column, ColumnType, PrimaryKey, RepositoryError, Row, RowError, TableName,
     TableSchema, UpsertRepository, Value,
@@ -39,17 +39,33 @@ impl<T> std::fmt::Debug for MongoUpsertRepository<T> {
 impl<T: Row> MongoUpsertRepository<T> {
     /// Opens the collection named by `T::schema()` (created if missing).
     pub async fn new(store: MongoStore) -> Result<Self, RepositoryError> {
-        Self::with_schema(store, T::schema()).await
+        Self::open_schema(store, T::schema(), TableMode::CreateIfMissing).await
     }
 
     /// Opens `T`'s rows in another collection (created if missing).
     pub async fn with_table(store: MongoStore, collection: &str) -> Result<Self, RepositoryError> {
-        let name = TableName::new(collection)?;
-        Self::with_schema(store, T::schema().with_table(name)).await
+        Self::open(store, collection, TableMode::CreateIfMissing).await
     }
 
-    async fn with_schema(store: MongoStore, schema: TableSchema) -> Result<Self, RepositoryError> {
-        store.create_collection(schema.table().as_str()).await?;
+    /// Opens `T`'s rows in the collection `collection`, creating it or requiring it to
+    /// exist per `mode`.
+    pub async fn open(
+        store: MongoStore,
+        collection: &str,
+        mode: TableMode,
+    ) -> Result<Self, RepositoryError> {
+        let name = TableName::new(collection)?;
+        Self::open_schema(store, T::schema().with_table(name), mode).await
+    }
+
+    async fn open_schema(
+        store: MongoStore,
+        schema: TableSchema,
+        mode: TableMode,
+    ) -> Result<Self, RepositoryError> {
+        store
+            .prepare_collection(schema.table().as_str(), mode)
+            .await?;
         Ok(Self {
             collection: store.database().collection(schema.table().as_str()),
             store,

@@ -82,3 +82,9 @@ async fn mongodb_refuses_rows_over_its_document_limit_alone() {
     );
     assert_eq!(flows_conformance::refused_rows(&table).await, ["17-mb"]);
 }
+
+/// `TableMode::RequireExisting` refuses a missing collection; opens an existing one.
+#[tokio::test]
+async fn table_modes() {
+    flows_conformance::assert_table_modes(&store(true).await, &unique("modes")).await;
+}

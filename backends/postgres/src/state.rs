@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use flows_core::backend::{
-    PreparedWrite, conflicting_ids, decode_stored_id, decode_stored_state, distinct_ids,
+    PreparedWrite, TableMode, conflicting_ids, decode_stored_id, decode_stored_state, distinct_ids,
     in_request_order, into_written, prepare_writes, write_time,
 };
 use flows_core::{
@@ -97,22 +97,28 @@ impl PostgresStateRepository {
     /// Opens the state table `table` (created if missing). The name must be a valid
     /// [`TableName`].
     pub async fn new(store: PostgresStore, table: &str) -> Result<Self, RepositoryError> {
-        let repository = Self::without_migration(store, table)?;
-        repository.migrate().await?;
-        Ok(repository)
+        Self::open(store, table, TableMode::CreateIfMissing).await
     }
 
-    /// Opens the state table `table` without creating it, for deployments where the
-    /// schema is managed separately (call [`migrate`](Self::migrate) or apply
-    /// [`ddl`](Self::ddl) yourself).
-    pub fn without_migration(store: PostgresStore, table: &str) -> Result<Self, RepositoryError> {
+    /// Opens the state table `table`, creating it or requiring it to exist per `mode`
+    /// (for a schema managed separately, apply [`ddl`](Self::ddl) yourself).
+    pub async fn open(
+        store: PostgresStore,
+        table: &str,
+        mode: TableMode,
+    ) -> Result<Self, RepositoryError> {
         let table = TableName::new(table)?;
-        Ok(Self {
+        let repository = Self {
             store,
             sql: Statements::new(&table),
             table,
             capabilities: Capabilities::new(DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE),
-        })
+        };
+        repository
+            .store
+            .prepare_table(&repository.table, repository.ddl(), mode)
+            .await?;
+        Ok(repository)
     }
 
     /// Changes the largest state accepted (default [`DEFAULT_MAX_STATE_SIZE`]; PostgreSQL

@@ -4,6 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use flows_core::backend::{TableMode, missing_table};
 use flows_core::{RepositoryError, TableName};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
@@ -94,5 +95,27 @@ impl PostgresStore {
             .await
             .map_err(map_err)?;
         tx.commit().await.map_err(map_err)
+    }
+
+    /// Creates the table with `ddl` or, under [`TableMode::RequireExisting`], checks that
+    /// it exists (in the search path).
+    pub(crate) async fn prepare_table(
+        &self,
+        table: &TableName,
+        ddl: String,
+        mode: TableMode,
+    ) -> Result<(), RepositoryError> {
+        if mode == TableMode::CreateIfMissing {
+            return self.create_table(table, ddl).await;
+        }
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(format!("\"{table}\""))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map_err)?;
+        match exists {
+            true => Ok(()),
+            false => Err(missing_table("PostgreSQL", table.as_str())),
+        }
     }
 }

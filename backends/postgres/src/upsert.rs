@@ -6,7 +6,7 @@ use std::marker::PhantomData;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Datelike, Utc};
-use flows_core::backend::{ChangeBatch, ValidChange, rows_in_request_order};
+use flows_core::backend::{ChangeBatch, TableMode, ValidChange, rows_in_request_order};
 use flows_core::{
     Capabilities, Column, ColumnType, PrimaryKey, RepositoryError, Row, RowError, TableName,
     TableSchema, UpsertRepository, Value,
@@ -253,18 +253,29 @@ fn read_value(row: &PgRow, index: usize, column: &Column) -> Result<Value, Repos
 impl<T: Row> PostgresUpsertRepository<T> {
     /// Opens the table named by `T::schema()` (created if missing).
     pub async fn new(store: PostgresStore) -> Result<Self, RepositoryError> {
-        Self::with_schema(store, T::schema()).await
+        Self::open_schema(store, T::schema(), TableMode::CreateIfMissing).await
     }
 
     /// Opens `T`'s table under another name (created if missing).
     pub async fn with_table(store: PostgresStore, table: &str) -> Result<Self, RepositoryError> {
-        let table = TableName::new(table)?;
-        Self::with_schema(store, T::schema().with_table(table)).await
+        Self::open(store, table, TableMode::CreateIfMissing).await
     }
 
-    async fn with_schema(
+    /// Opens `T`'s table under the name `table`, creating it or requiring it to exist
+    /// per `mode`.
+    pub async fn open(
+        store: PostgresStore,
+        table: &str,
+        mode: TableMode,
+    ) -> Result<Self, RepositoryError> {
+        let table = TableName::new(table)?;
+        Self::open_schema(store, T::schema().with_table(table), mode).await
+    }
+
+    async fn open_schema(
         store: PostgresStore,
         schema: TableSchema,
+        mode: TableMode,
     ) -> Result<Self, RepositoryError> {
         let repository = Self {
             store,
@@ -272,7 +283,10 @@ impl<T: Row> PostgresUpsertRepository<T> {
             schema,
             _row: PhantomData,
         };
-        repository.migrate().await?;
+        repository
+            .store
+            .prepare_table(repository.schema.table(), repository.ddl(), mode)
+            .await?;
         Ok(repository)
     }
 

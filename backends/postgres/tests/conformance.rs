@@ -147,3 +147,9 @@ mod refusals {
         assert_eq!(stored, [Some(Event { at, n: 2 })]);
     }
 }
+
+/// `TableMode::RequireExisting` refuses a missing table; opens an existing one.
+#[tokio::test]
+async fn table_modes() {
+    flows_conformance::assert_table_modes(&store().await, &unique_table("modes")).await;
+}

@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use flows_core::backend::{
-    PreparedWrite, conflicting_ids, decode_stored_id, decode_stored_state, distinct_ids,
+    PreparedWrite, TableMode, conflicting_ids, decode_stored_id, decode_stored_state, distinct_ids,
     in_request_order, into_written, prepare_writes, write_time,
 };
 use flows_core::{
@@ -29,13 +29,25 @@ impl SqliteStateRepository {
     /// Opens the state table `table` (created if missing). The name must be a valid
     /// [`TableName`].
     pub async fn new(store: SqliteStore, table: &str) -> Result<Self, RepositoryError> {
+        Self::open(store, table, TableMode::CreateIfMissing).await
+    }
+
+    /// Opens the state table `table`, creating it or requiring it to exist per `mode`.
+    pub async fn open(
+        store: SqliteStore,
+        table: &str,
+        mode: TableMode,
+    ) -> Result<Self, RepositoryError> {
         let table = TableName::new(table)?;
         let repository = Self {
             store,
             table,
             capabilities: Capabilities::new(DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE),
         };
-        repository.migrate().await?;
+        repository
+            .store
+            .prepare_table(repository.table.as_str(), repository.ddl(), mode)
+            .await?;
         Ok(repository)
     }
 
@@ -50,9 +62,9 @@ impl SqliteStateRepository {
         &self.table
     }
 
-    /// Creates the table if it does not exist. Idempotent; called by [`new`](Self::new).
-    pub async fn migrate(&self) -> Result<(), RepositoryError> {
-        let sql = format!(
+    /// The `CREATE TABLE IF NOT EXISTS` statement of this table.
+    pub fn ddl(&self) -> String {
+        format!(
             "CREATE TABLE IF NOT EXISTS \"{}\" (\
                 id BLOB PRIMARY KEY NOT NULL, \
                 content BLOB, \
@@ -62,12 +74,15 @@ impl SqliteStateRepository {
                 updated_at INTEGER NOT NULL\
             ) WITHOUT ROWID",
             self.table
-        );
-        sqlx::query(AssertSqlSafe(sql))
-            .execute(self.store.pool())
+        )
+    }
+
+    /// Creates the table if it does not exist. Idempotent; called by [`new`](Self::new).
+    pub async fn migrate(&self) -> Result<(), RepositoryError> {
+        let table = self.table.as_str();
+        self.store
+            .prepare_table(table, self.ddl(), TableMode::CreateIfMissing)
             .await
-            .map_err(map_err)?;
-        Ok(())
     }
 
     /// Writes one chunk of states, all new (`expected_version == 0`: insert if absent) or

@@ -4,11 +4,46 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use flows_core::RepositoryError;
+use flows_core::backend::{TableMode, missing_table};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
 use crate::error::map_err;
+
+impl SqliteStore {
+    /// Whether the table `table` exists.
+    pub(crate) async fn has_table(&self, table: &str) -> Result<bool, RepositoryError> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?")
+                .bind(table)
+                .fetch_optional(self.pool())
+                .await
+                .map_err(map_err)?;
+        Ok(found.is_some())
+    }
+
+    /// Creates the table with `ddl` or, under [`TableMode::RequireExisting`], checks that
+    /// it exists.
+    pub(crate) async fn prepare_table(
+        &self,
+        table: &str,
+        ddl: String,
+        mode: TableMode,
+    ) -> Result<(), RepositoryError> {
+        if mode == TableMode::RequireExisting {
+            return match self.has_table(table).await? {
+                true => Ok(()),
+                false => Err(missing_table("SQLite", table)),
+            };
+        }
+        sqlx::query(sqlx::AssertSqlSafe(ddl))
+            .execute(self.pool())
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+}
 
 /// Attempts at opening a database that another connection is switching to WAL.
 const OPEN_ATTEMPTS: u32 = 20;

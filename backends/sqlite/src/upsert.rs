@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
 
 use async_trait::async_trait;
-use flows_core::backend::{ChangeBatch, rows_in_request_order};
+use flows_core::backend::{ChangeBatch, TableMode, rows_in_request_order};
 use flows_core::{
     Capabilities, ColumnType, PrimaryKey, RepositoryError, Row, RowError, TableName, TableSchema,
     UpsertRepository, Value,
@@ -116,27 +116,45 @@ fn read_value(
 impl<T: Row> SqliteUpsertRepository<T> {
     /// Opens the table named by `T::schema()` (created if missing).
     pub async fn new(store: SqliteStore) -> Result<Self, RepositoryError> {
-        Self::with_schema(store, T::schema()).await
+        Self::open_schema(store, T::schema(), TableMode::CreateIfMissing).await
     }
 
     /// Opens `T`'s table under another name (created if missing).
     pub async fn with_table(store: SqliteStore, table: &str) -> Result<Self, RepositoryError> {
-        let table = TableName::new(table)?;
-        Self::with_schema(store, T::schema().with_table(table)).await
+        Self::open(store, table, TableMode::CreateIfMissing).await
     }
 
-    async fn with_schema(store: SqliteStore, schema: TableSchema) -> Result<Self, RepositoryError> {
+    /// Opens `T`'s table under the name `table`, creating it or requiring it to exist
+    /// per `mode`.
+    pub async fn open(
+        store: SqliteStore,
+        table: &str,
+        mode: TableMode,
+    ) -> Result<Self, RepositoryError> {
+        let table = TableName::new(table)?;
+        Self::open_schema(store, T::schema().with_table(table), mode).await
+    }
+
+    async fn open_schema(
+        store: SqliteStore,
+        schema: TableSchema,
+        mode: TableMode,
+    ) -> Result<Self, RepositoryError> {
         let repository = Self {
             store,
             schema,
             _row: PhantomData,
         };
-        repository.migrate().await?;
+        let table = repository.schema.table().as_str();
+        repository
+            .store
+            .prepare_table(table, repository.ddl(), mode)
+            .await?;
         Ok(repository)
     }
 
-    /// Creates the table if it does not exist. Idempotent; called on construction.
-    pub async fn migrate(&self) -> Result<(), RepositoryError> {
+    /// The `CREATE TABLE IF NOT EXISTS` statement of this table.
+    pub fn ddl(&self) -> String {
         let columns: Vec<String> = self
             .schema
             .columns()
@@ -150,17 +168,20 @@ impl<T: Row> SqliteUpsertRepository<T> {
                 )
             })
             .collect();
-        let sql = format!(
+        format!(
             "CREATE TABLE IF NOT EXISTS \"{}\" ({}, PRIMARY KEY ({}))",
             self.schema.table(),
             columns.join(", "),
             quoted_list(self.schema.key_columns().map(|c| &c.name))
-        );
-        sqlx::query(AssertSqlSafe(sql))
-            .execute(self.store.pool())
+        )
+    }
+
+    /// Creates the table if it does not exist. Idempotent; called on construction.
+    pub async fn migrate(&self) -> Result<(), RepositoryError> {
+        let table = self.schema.table().as_str();
+        self.store
+            .prepare_table(table, self.ddl(), TableMode::CreateIfMissing)
             .await
-            .map_err(map_err)?;
-        Ok(())
     }
 
     fn rows_per_statement(&self) -> usize {

@@ -110,3 +110,9 @@ mod refusals {
         }
     }
 }
+
+/// `TableMode::RequireExisting` refuses a missing table; opens an existing one.
+#[tokio::test]
+async fn table_modes() {
+    flows_conformance::assert_table_modes(&file_store().await, &unique_table("modes")).await;
+}
