@@ -23,6 +23,53 @@ pub use crate::row::{
 };
 pub use crate::state::{decode_internal, now};
 
+#[doc(hidden)]
+pub use async_trait::async_trait as __async_trait;
+
+/// Implements [`Backend`] for a backend's connection type whose repositories follow the
+/// names every backend shares: `States::open(connection, table, mode)` and
+/// `Rows::<T>::open(connection, table, mode)`, with the connection cloned for each.
+///
+/// ```text
+/// flows_core::impl_backend!(SqliteStore, schemes: ["sqlite"],
+///     states: SqliteStateRepository, rows: SqliteUpsertRepository);
+/// ```
+#[macro_export]
+macro_rules! impl_backend {
+    ($connection:ty, schemes: [$($scheme:literal),+ $(,)?], states: $states:ident, rows: $rows:ident $(,)?) => {
+        #[$crate::backend::__async_trait]
+        impl $crate::backend::Backend for $connection {
+            const SCHEMES: &'static [&'static str] = &[$($scheme),+];
+
+            async fn connect(url: &str) -> ::core::result::Result<Self, $crate::RepositoryError> {
+                <$connection>::connect(url).await
+            }
+
+            async fn open_state_table(
+                &self,
+                table: &str,
+                mode: $crate::backend::TableMode,
+            ) -> ::core::result::Result<
+                ::std::sync::Arc<dyn $crate::SingleStateRepository>,
+                $crate::RepositoryError,
+            > {
+                Ok(::std::sync::Arc::new($states::open(self.clone(), table, mode).await?))
+            }
+
+            async fn open_row_table<T: $crate::Row>(
+                &self,
+                table: &str,
+                mode: $crate::backend::TableMode,
+            ) -> ::core::result::Result<
+                ::std::sync::Arc<dyn $crate::UpsertRepository<T>>,
+                $crate::RepositoryError,
+            > {
+                Ok(::std::sync::Arc::new($rows::<T>::open(self.clone(), table, mode).await?))
+            }
+        }
+    };
+}
+
 /// Whether opening a table creates it or requires it to exist; every backend's
 /// repositories take it in `open`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

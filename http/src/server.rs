@@ -214,13 +214,24 @@ impl HttpServer {
         }
         let handles = running.iter().map(RunningPipeline::handle).collect();
         let server = self.start(addr, engine.config(), handles).await?;
+        // Resolves when any pipeline stops (a wait for a condition that never holds
+        // returns only then), without polling.
         let stopped = async {
-            loop {
-                if running.iter().any(RunningPipeline::is_stopping) {
-                    return;
+            let mut waits: Vec<_> = running
+                .iter()
+                .map(|pipeline| Box::pin(pipeline.wait_for(|_| false)))
+                .collect();
+            std::future::poll_fn(|cx| {
+                let any = waits
+                    .iter_mut()
+                    .any(|wait| wait.as_mut().poll(cx).is_ready());
+                if any {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            })
+            .await
         };
         tokio::select! {
             () = flows_kafka::shutdown_signal() => tracing::info!("shutdown requested"),

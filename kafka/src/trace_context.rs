@@ -135,18 +135,7 @@ pub(crate) mod otel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flows_core::EncodedRecord;
-
-    fn record(value: &str) -> EncodedRecord {
-        EncodedRecord {
-            topic: "out".into(),
-            partition: None,
-            key: None,
-            value: Some(value.as_bytes().to_vec()),
-            headers: flows_core::Headers::new(),
-            timestamp: None,
-        }
-    }
+    use crate::worker::tests::record;
 
     /// An output inherits its input's trace context unless it carries its own; inputs
     /// without one leave their outputs alone.

@@ -633,10 +633,11 @@ async fn dead_letter_refused(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn record(value: &str) -> EncodedRecord {
+    /// An output record with `value` on topic `out`.
+    pub(crate) fn record(value: &str) -> EncodedRecord {
         EncodedRecord {
             topic: "out".into(),
             partition: None,

@@ -137,33 +137,9 @@ pub const DEFAULT_MAX_STATE_SIZE: usize = 8 * 1024 * 1024;
 /// declared as the batch size.
 pub const MAX_BATCH_SIZE: usize = 64;
 
-#[async_trait::async_trait]
-impl flows_core::backend::Backend for CassandraStore {
-    const SCHEMES: &'static [&'static str] = &["cassandra"];
-
-    async fn connect(url: &str) -> Result<Self, flows_core::RepositoryError> {
-        CassandraStore::connect(url).await
-    }
-
-    async fn open_state_table(
-        &self,
-        table: &str,
-        mode: flows_core::backend::TableMode,
-    ) -> Result<std::sync::Arc<dyn flows_core::SingleStateRepository>, flows_core::RepositoryError>
-    {
-        Ok(std::sync::Arc::new(
-            CassandraStateRepository::open(self.clone(), table, mode).await?,
-        ))
-    }
-
-    async fn open_row_table<T: flows_core::Row>(
-        &self,
-        table: &str,
-        mode: flows_core::backend::TableMode,
-    ) -> Result<std::sync::Arc<dyn flows_core::UpsertRepository<T>>, flows_core::RepositoryError>
-    {
-        Ok(std::sync::Arc::new(
-            CassandraUpsertRepository::<T>::open(self.clone(), table, mode).await?,
-        ))
-    }
-}
+flows_core::impl_backend!(
+    CassandraStore,
+    schemes: ["cassandra"],
+    states: CassandraStateRepository,
+    rows: CassandraUpsertRepository,
+);

@@ -64,33 +64,9 @@ pub const DEFAULT_MAX_STATE_SIZE: usize = 400 * 1024 - 4 * 1024;
 /// every backend names it.
 pub const MAX_BATCH_SIZE: usize = 100;
 
-#[async_trait::async_trait]
-impl flows_core::backend::Backend for DynamoDbStore {
-    const SCHEMES: &'static [&'static str] = &["dynamodb"];
-
-    async fn connect(url: &str) -> Result<Self, flows_core::RepositoryError> {
-        DynamoDbStore::connect(url).await
-    }
-
-    async fn open_state_table(
-        &self,
-        table: &str,
-        mode: flows_core::backend::TableMode,
-    ) -> Result<std::sync::Arc<dyn flows_core::SingleStateRepository>, flows_core::RepositoryError>
-    {
-        Ok(std::sync::Arc::new(
-            DynamoDbStateRepository::open(self.clone(), table, mode).await?,
-        ))
-    }
-
-    async fn open_row_table<T: flows_core::Row>(
-        &self,
-        table: &str,
-        mode: flows_core::backend::TableMode,
-    ) -> Result<std::sync::Arc<dyn flows_core::UpsertRepository<T>>, flows_core::RepositoryError>
-    {
-        Ok(std::sync::Arc::new(
-            DynamoDbUpsertRepository::<T>::open(self.clone(), table, mode).await?,
-        ))
-    }
-}
+flows_core::impl_backend!(
+    DynamoDbStore,
+    schemes: ["dynamodb"],
+    states: DynamoDbStateRepository,
+    rows: DynamoDbUpsertRepository,
+);

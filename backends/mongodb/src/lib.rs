@@ -57,33 +57,9 @@ pub const DEFAULT_MAX_STATE_SIZE: usize = 15 * 1024 * 1024;
 /// Documents per `find` or `bulkWrite` round trip.
 pub const MAX_BATCH_SIZE: usize = 1_000;
 
-#[async_trait::async_trait]
-impl flows_core::backend::Backend for MongoStore {
-    const SCHEMES: &'static [&'static str] = &["mongodb", "mongodb+srv"];
-
-    async fn connect(url: &str) -> Result<Self, flows_core::RepositoryError> {
-        MongoStore::connect(url).await
-    }
-
-    async fn open_state_table(
-        &self,
-        table: &str,
-        mode: flows_core::backend::TableMode,
-    ) -> Result<std::sync::Arc<dyn flows_core::SingleStateRepository>, flows_core::RepositoryError>
-    {
-        Ok(std::sync::Arc::new(
-            MongoStateRepository::open(self.clone(), table, mode).await?,
-        ))
-    }
-
-    async fn open_row_table<T: flows_core::Row>(
-        &self,
-        table: &str,
-        mode: flows_core::backend::TableMode,
-    ) -> Result<std::sync::Arc<dyn flows_core::UpsertRepository<T>>, flows_core::RepositoryError>
-    {
-        Ok(std::sync::Arc::new(
-            MongoUpsertRepository::<T>::open(self.clone(), table, mode).await?,
-        ))
-    }
-}
+flows_core::impl_backend!(
+    MongoStore,
+    schemes: ["mongodb", "mongodb+srv"],
+    states: MongoStateRepository,
+    rows: MongoUpsertRepository,
+);

@@ -50,33 +50,9 @@ pub const DEFAULT_MAX_STATE_SIZE: usize = 16 * 1024 * 1024;
 /// States or rows per statement.
 pub const MAX_BATCH_SIZE: usize = 1_000;
 
-#[async_trait::async_trait]
-impl flows_core::backend::Backend for PostgresStore {
-    const SCHEMES: &'static [&'static str] = &["postgres", "postgresql"];
-
-    async fn connect(url: &str) -> Result<Self, flows_core::RepositoryError> {
-        PostgresStore::connect(url).await
-    }
-
-    async fn open_state_table(
-        &self,
-        table: &str,
-        mode: flows_core::backend::TableMode,
-    ) -> Result<std::sync::Arc<dyn flows_core::SingleStateRepository>, flows_core::RepositoryError>
-    {
-        Ok(std::sync::Arc::new(
-            PostgresStateRepository::open(self.clone(), table, mode).await?,
-        ))
-    }
-
-    async fn open_row_table<T: flows_core::Row>(
-        &self,
-        table: &str,
-        mode: flows_core::backend::TableMode,
-    ) -> Result<std::sync::Arc<dyn flows_core::UpsertRepository<T>>, flows_core::RepositoryError>
-    {
-        Ok(std::sync::Arc::new(
-            PostgresUpsertRepository::<T>::open(self.clone(), table, mode).await?,
-        ))
-    }
-}
+flows_core::impl_backend!(
+    PostgresStore,
+    schemes: ["postgres", "postgresql"],
+    states: PostgresStateRepository,
+    rows: PostgresUpsertRepository,
+);

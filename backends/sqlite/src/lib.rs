@@ -37,33 +37,9 @@ pub const DEFAULT_MAX_STATE_SIZE: usize = 16 * 1024 * 1024;
 /// 32,766 bound parameters.
 pub const MAX_BATCH_SIZE: usize = 500;
 
-#[async_trait::async_trait]
-impl flows_core::backend::Backend for SqliteStore {
-    const SCHEMES: &'static [&'static str] = &["sqlite"];
-
-    async fn connect(url: &str) -> Result<Self, flows_core::RepositoryError> {
-        SqliteStore::connect(url).await
-    }
-
-    async fn open_state_table(
-        &self,
-        table: &str,
-        mode: flows_core::backend::TableMode,
-    ) -> Result<std::sync::Arc<dyn flows_core::SingleStateRepository>, flows_core::RepositoryError>
-    {
-        Ok(std::sync::Arc::new(
-            SqliteStateRepository::open(self.clone(), table, mode).await?,
-        ))
-    }
-
-    async fn open_row_table<T: flows_core::Row>(
-        &self,
-        table: &str,
-        mode: flows_core::backend::TableMode,
-    ) -> Result<std::sync::Arc<dyn flows_core::UpsertRepository<T>>, flows_core::RepositoryError>
-    {
-        Ok(std::sync::Arc::new(
-            SqliteUpsertRepository::<T>::open(self.clone(), table, mode).await?,
-        ))
-    }
-}
+flows_core::impl_backend!(
+    SqliteStore,
+    schemes: ["sqlite"],
+    states: SqliteStateRepository,
+    rows: SqliteUpsertRepository,
+);
