@@ -48,7 +48,7 @@ pub use flows_core::{
     UpsertRepository, Utf8, Value,
 };
 pub use flows_core::{
-    backend, format, function, id, memory, message, repository, row, state, topic,
+    backend, cache, format, function, id, memory, message, repository, row, state, topic,
 };
 
 /// What pipelines are written with: `use flows::prelude::*;`.

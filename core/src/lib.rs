@@ -9,6 +9,7 @@
 //! | [`state`] | [`State`]: content, offset progress and last results, versioned |
 //! | [`repository`] | the [`SingleStateRepository`] trait, [`Capabilities`], [`RepositoryError`] |
 //! | [`row`] | [`Row`] and the [`UpsertRepository`] trait for materialisation |
+//! | [`cache`] | [`StateCache`](cache::StateCache): recently written states, as a layer over any store |
 //! | [`memory`] | in-memory stores: the reference model for tests and demos |
 //! | [`function`] | stateless and stateful function types and the replay-aware [`fold`](mod@function::fold) |
 //!
@@ -20,6 +21,7 @@
 extern crate self as flows_core;
 
 pub mod backend;
+pub mod cache;
 pub mod format;
 pub mod function;
 pub mod id;

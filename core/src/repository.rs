@@ -186,6 +186,16 @@ pub trait SingleStateRepository: Send + Sync {
     /// The states are handed over, so a store can return them as written without
     /// copying them.
     async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError>;
+
+    /// [`upsert_all`](Self::upsert_all) for a caller that does not need the states
+    /// back: returns the vector emptied, its capacity kept for the next batch. A layer
+    /// that keeps written states ([`StateCache`](crate::cache::StateCache)) takes them
+    /// without a copy.
+    async fn write_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
+        let mut written = self.upsert_all(states).await?;
+        written.clear();
+        Ok(written)
+    }
 }
 
 #[async_trait]
@@ -205,6 +215,9 @@ impl<R: SingleStateRepository + ?Sized> SingleStateRepository for Arc<R> {
     async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
         (**self).upsert_all(states).await
     }
+    async fn write_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
+        (**self).write_all(states).await
+    }
 }
 
 #[async_trait]
@@ -223,5 +236,8 @@ impl<R: SingleStateRepository + ?Sized> SingleStateRepository for Box<R> {
     }
     async fn upsert_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
         (**self).upsert_all(states).await
+    }
+    async fn write_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
+        (**self).write_all(states).await
     }
 }

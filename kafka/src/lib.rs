@@ -74,7 +74,6 @@ mod metrics;
 mod pipeline;
 pub mod policy;
 mod producer;
-mod state_cache;
 mod stateful;
 pub mod testing;
 mod trace_context;
@@ -86,13 +85,13 @@ pub use engine::{
     Engine, PipelineHandle, RunningPipeline, select, select_from_env, shutdown_signal,
 };
 pub use error::EngineError;
+pub use flows_core::cache::StateCacheLimits;
 pub use join::{Join, intermediate_record};
 pub use metrics::{HistogramSnapshot, Histograms, Metrics, MetricsSnapshot, PartitionStats};
 pub use pipeline::{MessageFailed, Pipeline};
 pub use policy::{ErrorPolicy, Fallback, dead_letter_record};
 pub use producer::{DeliveryFailures, OutputProducer, kafka_headers};
 pub use rdkafka;
-pub use state_cache::StateCacheLimits;
 pub use stateful::{BatchError, BatchOutput, MAX_CONFLICT_RETRIES, apply_batch};
 #[cfg(feature = "otel")]
 pub use trace_context::otel::{remote_span_context, traceparent};

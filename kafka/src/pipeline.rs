@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use flows_core::backend::{ValidChange, write_isolating};
+use flows_core::cache::{CachedStates, StateCache, StateCacheLimits};
 use flows_core::function::{ErrorAction, StatefulProcessor, StatelessProcessor};
 use flows_core::{
     EncodedRecord, FunctionError, Message, ProcessError, RawMessage, RepositoryError, Row,
@@ -23,10 +24,7 @@ use tracing::Instrument;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::policy::{ErrorPolicy, Fallback};
-use crate::state_cache::{StateCache, StateCacheLimits};
-use crate::stateful::{
-    BatchBuffers, BatchError, Reuse, apply_batch_cached, replace_stored_outputs,
-};
+use crate::stateful::{BatchBuffers, BatchError, apply_batch_with, replace_stored_outputs};
 
 /// Decides what a failed message becomes (from the pipeline's [`ErrorPolicy`]).
 pub(crate) type OnError<'a> = dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync + 'a;
@@ -71,7 +69,7 @@ impl Outputs {
 /// so two runs of one never share a cache).
 pub(crate) struct StageContext<'a> {
     pub(crate) metrics: &'a Metrics,
-    pub(crate) cache: Option<&'a Mutex<StateCache>>,
+    pub(crate) cache: Option<&'a StateCache>,
 }
 
 /// Why a stage could not turn a batch into outputs.
@@ -265,6 +263,14 @@ impl<F, R: SingleStateRepository> StatefulStage<F, R> {
         // Buffers hold no invariant between batches: a poisoned pool is still usable.
         self.buffers.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// The store behind the run's state cache, if it has one.
+    fn layered<'a>(&'a self, context: &StageContext<'a>) -> CachedStates<'a, R> {
+        match context.cache {
+            Some(cache) => cache.layer(&self.store),
+            None => CachedStates::uncached(&self.store),
+        }
+    }
 }
 
 #[async_trait]
@@ -297,25 +303,21 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         context: &StageContext<'_>,
     ) -> Result<usize, StageError> {
         let metrics = context.metrics;
-        let cache = context.cache;
+        let store = self.layered(context);
         let mut buffers = self.buffers().pop().unwrap_or_default();
-        let reuse = Reuse {
-            cache,
-            buffers: &mut buffers,
-        };
-        let result = apply_batch_cached(
+        let result = apply_batch_with(
             &self.function,
-            &self.store,
+            &store,
             batch,
             on_error,
             still_owner,
-            reuse,
+            &mut buffers,
             outputs,
         )
         .await;
         let reads = buffers.reads;
-        metrics.add_state_cache_hits(reads.cached);
-        metrics.add_states_read(reads.stored);
+        metrics.add_state_cache_hits(store.hits());
+        metrics.add_states_read(store.misses());
         metrics.add_state_conflicts(reads.conflicts);
         metrics.observe_stage(
             reads.fold_time,
@@ -336,11 +338,9 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         still_owner: &StillOwner<'_>,
         context: &StageContext<'_>,
     ) -> Result<(), StageError> {
-        let cache = context.cache;
         replace_stored_outputs(
             &self.function,
-            &self.store,
-            cache,
+            &self.layered(context),
             replacements,
             still_owner,
         )
@@ -542,8 +542,8 @@ impl Pipeline {
     }
 
     /// A new, empty cache for one run of this pipeline, if it keeps one.
-    pub(crate) fn new_state_cache(&self) -> Option<Mutex<StateCache>> {
-        self.stage.state_cache(self.cache_limits).map(Mutex::new)
+    pub(crate) fn new_state_cache(&self) -> Option<StateCache> {
+        self.stage.state_cache(self.cache_limits)
     }
 
     /// Sets a librdkafka property of this pipeline's producer, over the engine's

@@ -1,6 +1,7 @@
-//! One batch of a stateful pipeline against the store: one `get_all` (of the states not
-//! in the pipeline's cache of recently written ones), one fold per persistence id, one
-//! `upsert_all`; outputs in input order.
+//! One batch of a stateful pipeline against the store: one `get_all`, one fold per
+//! persistence id, one `upsert_all`; outputs in input order. The engine's store is
+//! layered with the run's [`StateCache`](flows_core::cache::StateCache), so hot keys'
+//! reads skip the database.
 //!
 //! This is the store half of a partition worker's cycle (read states → fold → write
 //! states → publish outputs → commit offsets), kept free of Kafka so it can be tested
@@ -8,7 +9,6 @@
 
 // foldhash: keys come from input messages, hashed per message; a seeded fast hash.
 use foldhash::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tracing::Instrument;
@@ -23,7 +23,6 @@ use flows_core::{
 };
 
 use crate::pipeline::Outputs;
-use crate::state_cache::{StateCache, lock};
 
 /// How many times a batch re-reads and re-folds the states whose write conflicted
 /// before giving up (a conflict means another writer changed the state in between).
@@ -102,17 +101,13 @@ where
 {
     let mut outputs = Outputs::default();
     let mut buffers = BatchBuffers::default();
-    let reuse = Reuse {
-        cache: None,
-        buffers: &mut buffers,
-    };
-    let processed = apply_batch_cached(
+    let processed = apply_batch_with(
         processor,
         store,
         messages,
         on_error,
         &|| true,
-        reuse,
+        &mut buffers,
         &mut outputs,
     )
     .await?;
@@ -133,9 +128,8 @@ pub(crate) struct BatchBuffers {
     per_message: Vec<Vec<EncodedRecord>>,
     /// Each grouped message's outputs, in group order.
     folded: Vec<Vec<EncodedRecord>>,
-    /// The states read, in group order (and their slots while reading the cache).
+    /// The states read, in group order.
     states: Vec<RawState>,
-    slots: Vec<Option<RawState>>,
     /// The states to write (the store hands the vector back with the written states).
     writes: Vec<RawState>,
     /// Where the last batch's states came from, and how long the store took.
@@ -147,13 +141,9 @@ pub(crate) struct BatchBuffers {
     part_limit: Option<usize>,
 }
 
-/// Where a batch's states came from and where its time went, over all its attempts.
+/// Where a batch's time went, over all its attempts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct StateReads {
-    /// Found in the cache of recently written states.
-    pub(crate) cached: u64,
-    /// Read from the store.
-    pub(crate) stored: u64,
     /// Writes that conflicted with another writer's.
     pub(crate) conflicts: u64,
     /// Time in the function and the engine's grouping, folding and encoding.
@@ -164,26 +154,18 @@ pub(crate) struct StateReads {
     pub(crate) write_time: Duration,
 }
 
-/// What a batch may reuse: the pipeline's cache of recently written states, and
-/// buffers of earlier batches.
-pub(crate) struct Reuse<'a> {
-    pub(crate) cache: Option<&'a Mutex<StateCache>>,
-    pub(crate) buffers: &'a mut BatchBuffers,
-}
-
 /// [`apply_batch`] for the engine: after a write conflict the batch is retried only if
 /// `still_owner()` holds, otherwise it fails with [`BatchError::Fenced`] (the version
-/// check rejected this stale instance's write); states are read from the cache before
-/// the store, keeping
-/// the states it wrote there, and appending the outputs to `outputs`. Returns how many
-/// messages, from the first, it processed (see [`BatchOutput`]).
-pub(crate) async fn apply_batch_cached<P, R>(
+/// check rejected this stale instance's write); `buffers` are an earlier batch's, and
+/// the outputs are appended to `outputs`. Returns how many messages, from the first, it
+/// processed (see [`BatchOutput`]).
+pub(crate) async fn apply_batch_with<P, R>(
     processor: &P,
     store: &R,
     messages: &[RawMessage],
     on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
     still_owner: &(dyn Fn() -> bool + Send + Sync),
-    reuse: Reuse<'_>,
+    buffers: &mut BatchBuffers,
     outputs: &mut Outputs,
 ) -> Result<usize, BatchError>
 where
@@ -195,11 +177,10 @@ where
         per_message,
         folded,
         states,
-        slots,
         writes,
         reads,
         part_limit,
-    } = reuse.buffers;
+    } = buffers;
     *reads = StateReads::default();
     let max_state_size = store.capabilities().max_state_size;
     // Shortened when a state would outgrow the store (see `Oversized`) or after a
@@ -210,7 +191,6 @@ where
     };
     let mut refuse_first: Option<TooLarge> = None;
     let mut probe = false;
-    let mut first_read = true;
     let mut conflicts = 0;
     let mut group: Vec<&RawMessage> = Vec::new();
     let mut regroup = true;
@@ -227,18 +207,28 @@ where
             }
             regroup = false;
         }
-        let cache = reuse.cache.filter(|_| first_read);
-        first_read = false;
         let reading = Instant::now();
-        let read = read_states(store, &groups.ids, cache, slots, states)
+        // `get_all` answers in request order, one state per id. A state read again
+        // after a conflict or a cut is not in the cache any more (a read takes it out).
+        *states = store
+            .get_all(&groups.ids)
             .instrument(tracing::info_span!(
                 "flows.store.read",
                 states = groups.ids.len() as i64
             ))
             .await?;
+        if states.len() != groups.ids.len() {
+            return Err(RepositoryError::Backend(
+                format!(
+                    "get_all returned {} states for {} ids",
+                    states.len(),
+                    groups.ids.len()
+                )
+                .into(),
+            )
+            .into());
+        }
         reads.read_time += reading.elapsed();
-        reads.cached += read.cached;
-        reads.stored += read.stored;
         let folding = Instant::now();
         writes.clear();
         folded.clear();
@@ -328,7 +318,7 @@ where
         let writing = Instant::now();
         let writes_len = writes.len();
         let result = store
-            .upsert_all(std::mem::take(writes))
+            .write_all(std::mem::take(writes))
             .instrument(tracing::info_span!(
                 "flows.store.write",
                 states = writes_len as i64
@@ -336,15 +326,8 @@ where
             .await;
         reads.write_time += writing.elapsed();
         match result {
-            Ok(mut written) => {
-                match cache {
-                    Some(cache) => {
-                        let mut cache = lock(cache);
-                        written.drain(..).for_each(|state| cache.put(state));
-                    }
-                    None => written.clear(),
-                }
-                *writes = written;
+            Ok(emptied) => {
+                *writes = emptied;
                 for (&index, records) in groups.order.iter().zip(folded.drain(..)) {
                     per_message[index] = records;
                 }
@@ -544,7 +527,6 @@ fn flatten_into(per_message: &mut Vec<Vec<EncodedRecord>>, outputs: &mut Outputs
 pub(crate) async fn replace_stored_outputs<P, R>(
     processor: &P,
     store: &R,
-    cache: Option<&Mutex<StateCache>>,
     replacements: &[(&RawMessage, Vec<EncodedRecord>)],
     still_owner: &(dyn Fn() -> bool + Send + Sync),
 ) -> Result<(), BatchError>
@@ -570,11 +552,6 @@ where
     let mut ids: Vec<PersistenceId> = targets.iter().map(|t| t.0.clone()).collect();
     ids.sort();
     ids.dedup();
-    if let Some(cache) = cache {
-        // The states change here: the next batch reads them from the store.
-        let mut cache = lock(cache);
-        ids.iter().for_each(|id| drop(cache.take(id)));
-    }
     let max_state_size = store.capabilities().max_state_size;
     for _ in 0..=MAX_CONFLICT_RETRIES {
         let mut states = store.get_all(&ids).await?;
@@ -726,58 +703,6 @@ impl Groups {
     }
 }
 
-/// The states of `ids` into `states`, in request order: from `cache` where present, the
-/// rest from one `get_all`. `slots` is a working buffer.
-async fn read_states<R: SingleStateRepository + ?Sized>(
-    store: &R,
-    ids: &[PersistenceId],
-    cache: Option<&Mutex<StateCache>>,
-    slots: &mut Vec<Option<RawState>>,
-    states: &mut Vec<RawState>,
-) -> Result<StateReads, RepositoryError> {
-    states.clear();
-    let Some(cache) = cache else {
-        // `get_all` answers in request order, one state per id.
-        *states = store.get_all(ids).await?;
-        return Ok(StateReads {
-            stored: ids.len() as u64,
-            ..StateReads::default()
-        });
-    };
-    slots.clear();
-    {
-        let mut cache = lock(cache);
-        slots.extend(ids.iter().map(|id| cache.take(id)));
-    }
-    let missing: Vec<PersistenceId> = ids
-        .iter()
-        .zip(slots.iter())
-        .filter(|(_, state)| state.is_none())
-        .map(|(id, _)| id.clone())
-        .collect();
-    let reads = StateReads {
-        cached: (ids.len() - missing.len()) as u64,
-        stored: missing.len() as u64,
-        ..StateReads::default()
-    };
-    let mut read = if missing.is_empty() {
-        Vec::new()
-    } else {
-        store.get_all(&missing).await?
-    }
-    .into_iter();
-    for slot in slots.iter_mut().filter(|slot| slot.is_none()) {
-        *slot = read.next();
-    }
-    // `get_all` returns one state per requested id; anything else is a store bug.
-    for (state, id) in slots.drain(..).zip(ids) {
-        states.push(state.ok_or_else(|| {
-            RepositoryError::Backend(format!("get_all returned no state for {id}").into())
-        })?);
-    }
-    Ok(reads)
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -786,8 +711,11 @@ mod tests {
     use flows_core::function::{PersistenceIdFn, StatefulFunction};
     use flows_core::{Capabilities, Json, MemoryStateRepository, Record, Topic, Utf8};
 
+    use std::sync::Mutex;
+
+    use flows_core::cache::{StateCache, StateCacheLimits};
+
     use super::*;
-    use crate::state_cache::StateCacheLimits;
 
     fn counter() -> StatefulFunction<i64> {
         StatefulFunction::new(Json::<i64>::new()).one_to_one(
@@ -864,44 +792,45 @@ mod tests {
     async fn run(
         f: &StatefulFunction<i64>,
         store: &Spy,
-        cache: &Mutex<StateCache>,
+        cache: &StateCache,
         batch: &[RawMessage],
     ) -> Result<Vec<EncodedRecord>, BatchError> {
         let abort = |_: &RawMessage, _: &ProcessError| ErrorAction::Abort;
-        run_with(f, store, cache, &mut BatchBuffers::default(), batch, &abort).await
+        let buffers = &mut BatchBuffers::default();
+        let (outputs, _) = run_with(f, store, cache, buffers, batch, &abort).await?;
+        Ok(outputs)
     }
 
-    /// One batch with the given buffers and error policy.
+    /// One batch with the given buffers and error policy, through `cache`; also
+    /// returns how many states came (from the cache, from the store).
     async fn run_with(
         f: &StatefulFunction<i64>,
         store: &Spy,
-        cache: &Mutex<StateCache>,
+        cache: &StateCache,
         buffers: &mut BatchBuffers,
         batch: &[RawMessage],
         on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
-    ) -> Result<Vec<EncodedRecord>, BatchError> {
+    ) -> Result<(Vec<EncodedRecord>, (u64, u64)), BatchError> {
+        let store = cache.layer(store);
         // In parts, as the worker does when a batch is split.
         let mut rest = batch;
         let mut records = Vec::new();
         while !rest.is_empty() {
-            let reuse = Reuse {
-                cache: Some(cache),
-                buffers: &mut *buffers,
-            };
             let mut outputs = Outputs::default();
             let processed =
-                apply_batch_cached(f, store, rest, on_error, &|| true, reuse, &mut outputs).await?;
+                apply_batch_with(f, &store, rest, on_error, &|| true, buffers, &mut outputs)
+                    .await?;
             assert_eq!(outputs.inputs.len(), outputs.records.len());
             records.extend(outputs.records);
             rest = &rest[processed.clamp(1, rest.len())..];
         }
-        Ok(records)
+        Ok((records, (store.hits(), store.misses())))
     }
 
     /// Another instance, without a cache, counts `times` more "a" (from partition 1) in
     /// `store`, behind the back of any cache of this one.
     async fn count_a_elsewhere(f: &StatefulFunction<i64>, store: &Spy, times: i64) {
-        let other = Mutex::new(StateCache::new(StateCacheLimits::disabled()));
+        let other = StateCache::new(StateCacheLimits::disabled());
         let elsewhere: Vec<RawMessage> = (0..times)
             .map(|i| RawMessage::raw("words", 1, i, Some(&b"a"[..]), Some(&b"a"[..])))
             .collect();
@@ -925,7 +854,7 @@ mod tests {
     #[tokio::test]
     async fn states_written_by_a_batch_are_not_read_again_by_the_next() {
         let (f, store) = (counter(), Spy::default());
-        let cache = Mutex::new(StateCache::new(StateCacheLimits::default()));
+        let cache = StateCache::new(StateCacheLimits::default());
         let first = run(&f, &store, &cache, &words(0, &["a", "b", "a"])).await;
         assert_eq!(counts(&first.expect("first")), [1, 1, 2]);
         assert_eq!(store.reads(), ["a", "b"]);
@@ -946,7 +875,7 @@ mod tests {
         // One set of buffers through batches of every shape: with ids, without any id
         // (all dead-lettered), mixed. Each batch's outputs are its own, in input order.
         let (f, store) = (counter(), Spy::default());
-        let cache = Mutex::new(StateCache::new(StateCacheLimits::default()));
+        let cache = StateCache::new(StateCacheLimits::default());
         let mut buffers = BatchBuffers::default();
         let keyless = |offset| RawMessage::raw("words", 0, offset, None, Some(&b"?"[..]));
         let batches = [
@@ -957,11 +886,11 @@ mod tests {
         ];
         let (mut counted, mut sources) = (Vec::new(), Vec::new());
         for batch in &batches {
-            let outputs = run_with(&f, &store, &cache, &mut buffers, batch, &dead_letter)
+            let (outputs, source) = run_with(&f, &store, &cache, &mut buffers, batch, &dead_letter)
                 .await
                 .expect("batch");
             counted.push(counts(&outputs));
-            sources.push((buffers.reads.cached, buffers.reads.stored));
+            sources.push(source);
         }
         assert_eq!(
             counted,
@@ -974,7 +903,7 @@ mod tests {
     #[tokio::test]
     async fn a_state_changed_behind_the_cache_conflicts_and_is_read_again() {
         let (f, store) = (counter(), Spy::default());
-        let cache = Mutex::new(StateCache::new(StateCacheLimits::default()));
+        let cache = StateCache::new(StateCacheLimits::default());
         run(&f, &store, &cache, &words(0, &["a"]))
             .await
             .expect("first");
@@ -995,7 +924,7 @@ mod tests {
     #[tokio::test]
     async fn a_conflict_retry_keeps_dead_letters_and_folds_again() {
         let (f, store) = (counter(), Spy::default());
-        let cache = Mutex::new(StateCache::new(StateCacheLimits::default()));
+        let cache = StateCache::new(StateCacheLimits::default());
         run(&f, &store, &cache, &words(0, &["a"]))
             .await
             .expect("first");
@@ -1009,7 +938,7 @@ mod tests {
         ]
         .concat();
         let mut buffers = BatchBuffers::default();
-        let outputs = run_with(&f, &store, &cache, &mut buffers, &batch, &dead_letter)
+        let (outputs, _) = run_with(&f, &store, &cache, &mut buffers, &batch, &dead_letter)
             .await
             .expect("batch");
         assert_eq!(
@@ -1024,7 +953,7 @@ mod tests {
     #[tokio::test]
     async fn a_conflict_halves_the_batch_and_the_parts_grow_back() {
         let (f, store) = (counter(), Spy::default());
-        let cache = Mutex::new(StateCache::new(StateCacheLimits::default()));
+        let cache = StateCache::new(StateCacheLimits::default());
         let mut buffers = BatchBuffers::default();
         run_with(
             &f,
@@ -1039,17 +968,14 @@ mod tests {
         count_a_elsewhere(&f, &store, 1).await;
         let batch = words(1, &["a", "b", "c", "d", "e", "f", "g", "h"]);
         let mut outputs = Outputs::default();
-        let reuse = Reuse {
-            cache: Some(&cache),
-            buffers: &mut buffers,
-        };
-        let processed = apply_batch_cached(
+        let cached = cache.layer(&store);
+        let processed = apply_batch_with(
             &f,
-            &store,
+            &cached,
             &batch,
             &dead_letter,
             &|| true,
-            reuse,
+            &mut buffers,
             &mut outputs,
         )
         .await
@@ -1066,18 +992,14 @@ mod tests {
         for part in [rest, &more[..]] {
             rest = part;
             while !rest.is_empty() {
-                let reuse = Reuse {
-                    cache: Some(&cache),
-                    buffers: &mut buffers,
-                };
                 let mut outputs = Outputs::default();
-                let processed = apply_batch_cached(
+                let processed = apply_batch_with(
                     &f,
-                    &store,
+                    &cached,
                     rest,
                     &dead_letter,
                     &|| true,
-                    reuse,
+                    &mut buffers,
                     &mut outputs,
                 )
                 .await
@@ -1092,7 +1014,7 @@ mod tests {
     #[tokio::test]
     async fn after_a_failed_write_the_batch_reads_the_store_again() {
         let (f, store) = (counter(), Spy::default());
-        let cache = Mutex::new(StateCache::new(StateCacheLimits::default()));
+        let cache = StateCache::new(StateCacheLimits::default());
         run(&f, &store, &cache, &words(0, &["a"]))
             .await
             .expect("first");

@@ -37,7 +37,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use flows_core::{EncodedRecord, Message, ProcessError, RawMessage, Record, Topic};
@@ -45,8 +45,8 @@ use flows_core::{EncodedRecord, Message, ProcessError, RawMessage, Record, Topic
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pipeline::{Outputs, Pipeline, StageContext, StageError};
-use crate::state_cache::StateCache;
 use crate::trace_context::propagate_trace_context;
+use flows_core::cache::StateCache;
 
 /// Where a batch crashes: what of its cycle happened before the worker died.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,7 +114,7 @@ type Origin = (usize, Arc<str>, i32, i64);
 struct Driven {
     pipeline: Pipeline,
     /// The run's cache of recently written states (a crash loses it).
-    cache: Option<Mutex<StateCache>>,
+    cache: Option<StateCache>,
     committed: HashMap<(Arc<str>, i32), i64>,
     /// Batches processed so far (crashed ones included).
     batches: usize,

@@ -8,8 +8,8 @@
 //! its [`PartitionControl`], and the consumer thread commits it (G4: only offsets of
 //! batches whose state is durable and whose outputs were acknowledged ever get there).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flows_core::function::ErrorAction;
@@ -25,8 +25,8 @@ use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pipeline::{MessageFailed, Outputs, Pipeline, StageContext, StageError};
 use crate::producer::OutputProducer;
-use crate::state_cache::StateCache;
 use crate::trace_context::{batch_span, propagate_trace_context};
+use flows_core::cache::StateCache;
 
 /// Shared between a partition's worker and the consumer thread.
 #[derive(Debug)]
@@ -139,7 +139,7 @@ pub(crate) struct WorkerContext {
     pub(crate) backoff: Backoff,
     pub(crate) metrics: Metrics,
     /// This run's cache of recently written states, shared by its partition workers.
-    pub(crate) cache: Option<Mutex<StateCache>>,
+    pub(crate) cache: Option<StateCache>,
 }
 
 impl WorkerContext {
