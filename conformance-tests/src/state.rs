@@ -218,6 +218,30 @@ pub async fn versions_and_timestamps_advance(factory: StateFactory) {
     assert_eq!(read.updated_at, second.updated_at);
 }
 
+/// `write_all` writes as `upsert_all` does and hands back the vector emptied.
+pub async fn write_all_stores_like_upsert_all(factory: StateFactory) {
+    let store = factory.create().await;
+    let back = store
+        .write_all(vec![with_content("w1", b"1"), with_content("w2", b"2")])
+        .await
+        .expect("write_all");
+    assert!(back.is_empty(), "write_all hands back an empty vector");
+    let read = store.get_all(&[id("w2"), id("w1")]).await.expect("get_all");
+    let seen: Vec<(u64, Option<&[u8]>)> = read
+        .iter()
+        .map(|s| (s.version, s.content.as_deref()))
+        .collect();
+    assert_eq!(seen, [(1, Some(&b"2"[..])), (1, Some(&b"1"[..]))]);
+    if store.capabilities().conditional_write {
+        // Conditional as upsert_all is: a write from the never-written version conflicts.
+        let stale = store.write_all(vec![with_content("w1", b"stale")]).await;
+        assert!(
+            matches!(stale, Err(RepositoryError::Conflict { .. })),
+            "{stale:?}"
+        );
+    }
+}
+
 /// `get_all` answers in request order, repeats duplicates and fills in fresh states.
 pub async fn get_all_keeps_request_order_duplicates_and_missing(factory: StateFactory) {
     let store = factory.create().await;
