@@ -30,6 +30,38 @@ impl Default for BatchConfig {
     }
 }
 
+impl BatchConfig {
+    /// The throughput-oriented defaults ([`Default`]): a batch waits up to 50 ms to
+    /// fill, so under light load every message waits for the ones after it.
+    pub fn throughput() -> Self {
+        Self::default()
+    }
+
+    /// Latency first: a batch never waits to fill (`max_delay` zero), so a message
+    /// arriving at an idle partition is processed at once, and the producer does not
+    /// linger either (see [`KafkaConfig::producer_properties`]). Under load, batches
+    /// still grow to what arrived while the previous one was processed (up to the same
+    /// `max_messages` and `max_bytes`): throughput stays close to the defaults', and
+    /// what it costs is more store round trips and acknowledgement waits per message
+    /// when input trickles in (docs/performance.md measures both).
+    pub fn low_latency() -> Self {
+        Self {
+            max_delay: Duration::ZERO,
+            ..Self::default()
+        }
+    }
+
+    /// The preset named `throughput` or `low-latency` (as `FLOWS_BATCH_PRESET` names
+    /// them).
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "throughput" => Some(Self::throughput()),
+            "low-latency" => Some(Self::low_latency()),
+            _ => None,
+        }
+    }
+}
+
 /// Where and how the engine talks to Kafka: a builder from [`KafkaConfig::new`] (or
 /// [`KafkaConfig::from_env`]), with `get_*` accessors.
 ///
@@ -101,7 +133,8 @@ impl KafkaConfig {
     /// | `FLOWS_BROKERS` | `bootstrap.servers` |
     /// | `FLOWS_GROUP_PREFIX` | consumer group prefix |
     /// | `FLOWS_INSTANCE_ID` | static group membership ([`KafkaConfig::instance_id`]) |
-    /// | `FLOWS_BATCH_MAX_MESSAGES`, `FLOWS_BATCH_MAX_BYTES`, `FLOWS_BATCH_MAX_DELAY_MS` | batching |
+    /// | `FLOWS_BATCH_PRESET` | `throughput` (the default) or `low-latency` ([`BatchConfig::low_latency`]) |
+    /// | `FLOWS_BATCH_MAX_MESSAGES`, `FLOWS_BATCH_MAX_BYTES`, `FLOWS_BATCH_MAX_DELAY_MS` | batching (after the preset) |
     /// | `FLOWS_CONSUMER_PROPERTIES`, `FLOWS_PRODUCER_PROPERTIES` | `key=value,key=value` librdkafka overrides |
     pub fn from_env() -> Result<Option<Self>, crate::EngineError> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
@@ -120,6 +153,14 @@ impl KafkaConfig {
                 ))
             })
         };
+        if let Some(value) = var("FLOWS_BATCH_PRESET") {
+            config.batch = BatchConfig::preset(value.trim()).ok_or_else(|| {
+                crate::EngineError::Configuration(format!(
+                    "FLOWS_BATCH_PRESET is `{}`: expected `throughput` or `low-latency`",
+                    value.trim()
+                ))
+            })?;
+        }
         if let Some(value) = var("FLOWS_BATCH_MAX_MESSAGES") {
             config.batch.max_messages = number("FLOWS_BATCH_MAX_MESSAGES", value)?.max(1) as usize;
         }
@@ -308,12 +349,15 @@ impl KafkaConfig {
     /// Producer properties: idempotent (no duplicates from internal retries, order kept
     /// per partition), `acks=all`, and batching (`linger.ms`, `batch.size`) tuned for
     /// throughput; the engine awaits every acknowledgement before committing.
+    /// `linger.ms` is 5, or the batch's `max_delay` when that is shorter: a batch that
+    /// may not wait for input is not held back on its way out either.
     pub fn producer_properties(&self) -> Vec<(String, String)> {
+        let linger = self.batch.max_delay.as_millis().min(5).to_string();
         let defaults = [
             ("bootstrap.servers", self.brokers.as_str()),
             ("enable.idempotence", "true"),
             ("acks", "all"),
-            ("linger.ms", "5"),
+            ("linger.ms", linger.as_str()),
             ("batch.size", "1000000"),
             ("batch.num.messages", "10000"),
             ("queue.buffering.max.messages", "200000"),
@@ -625,6 +669,30 @@ mod tests {
             .instance_id("worker-3")
             .consumer_properties("g");
         assert_eq!(get(&fixed, "group.instance.id"), Some("worker-3"));
+    }
+
+    #[test]
+    fn the_low_latency_preset_neither_waits_for_input_nor_lingers_on_output() {
+        let preset = BatchConfig::preset("low-latency").expect("a preset");
+        assert_eq!(preset, BatchConfig::low_latency());
+        assert_eq!(preset.max_delay, Duration::ZERO);
+        assert_eq!(preset.max_messages, BatchConfig::default().max_messages);
+        let config = KafkaConfig::new("b").batch_config(preset);
+        assert_eq!(get(&config.producer_properties(), "linger.ms"), Some("0"));
+        let throughput = KafkaConfig::new("b").batch_config(BatchConfig::throughput());
+        assert_eq!(
+            get(&throughput.producer_properties(), "linger.ms"),
+            Some("5")
+        );
+        let short = KafkaConfig::new("b").batch(100, Duration::from_millis(2));
+        assert_eq!(get(&short.producer_properties(), "linger.ms"), Some("2"));
+        // An explicit linger still wins.
+        let lingering = config.producer_property("linger.ms", "10");
+        assert_eq!(
+            get(&lingering.producer_properties(), "linger.ms"),
+            Some("10")
+        );
+        assert_eq!(BatchConfig::preset("fast"), None);
     }
 
     #[test]
