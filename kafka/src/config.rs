@@ -38,8 +38,9 @@ impl BatchConfig {
     }
 
     /// Latency first: a batch never waits to fill (`max_delay` zero), so a message
-    /// arriving at an idle partition is processed at once, and the producer does not
-    /// linger either (see [`KafkaConfig::producer_properties`]). Under load, batches
+    /// arriving at an idle partition is processed at once; the producer does not linger
+    /// and the consumer's fetches wait at most 5 ms for data (see
+    /// [`KafkaConfig::producer_properties`] and [`KafkaConfig::consumer_properties`]). Under load, batches
     /// still grow to what arrived while the previous one was processed (up to the same
     /// `max_messages` and `max_bytes`): throughput stays close to the defaults', and
     /// what it costs is more store round trips and acknowledgement waits per message
@@ -298,9 +299,15 @@ impl KafkaConfig {
     /// is durable (so `enable.auto.commit` and `enable.auto.offset.store` are off),
     /// read-committed isolation, cooperative rebalancing so unaffected partitions keep
     /// working, and a read-ahead of about one batch per partition, refilled without
-    /// delay, so memory stays bounded whatever the backlog.
+    /// delay, so memory stays bounded whatever the backlog. `fetch.wait.max.ms` is twice
+    /// the batch's `max_delay`, between 5 and 100 ms.
     pub fn consumer_properties(&self, group_id: &str) -> Vec<(String, String)> {
         let read_ahead = self.batch.max_messages.max(1).to_string();
+        // A consumer whose batches may not wait for input should not wait for a fetch
+        // either: twice the batch delay, 5 to 100 ms (100 at the default 50 ms).
+        let fetch_wait = (self.batch.max_delay.as_millis() * 2)
+            .clamp(5, 100)
+            .to_string();
         let defaults = [
             ("bootstrap.servers", self.brokers.as_str()),
             ("group.id", group_id),
@@ -310,7 +317,7 @@ impl KafkaConfig {
             ("isolation.level", "read_committed"),
             ("partition.assignment.strategy", "cooperative-sticky"),
             ("fetch.min.bytes", "1"),
-            ("fetch.wait.max.ms", "100"),
+            ("fetch.wait.max.ms", fetch_wait.as_str()),
             // Read-ahead per partition (each assigned partition has its own queue): one
             // batch. librdkafka keeps fetching a partition while its queue holds fewer
             // than `queued.min.messages`, and every fetched message costs ~250 bytes of
@@ -679,6 +686,10 @@ mod tests {
         assert_eq!(preset.max_messages, BatchConfig::default().max_messages);
         let config = KafkaConfig::new("b").batch_config(preset);
         assert_eq!(get(&config.producer_properties(), "linger.ms"), Some("0"));
+        let consumer = config.consumer_properties("g");
+        assert_eq!(get(&consumer, "fetch.wait.max.ms"), Some("5"));
+        let defaults = KafkaConfig::new("b").consumer_properties("g");
+        assert_eq!(get(&defaults, "fetch.wait.max.ms"), Some("100"));
         let throughput = KafkaConfig::new("b").batch_config(BatchConfig::throughput());
         assert_eq!(
             get(&throughput.producer_properties(), "linger.ms"),

@@ -15,16 +15,28 @@
 //! - (c) `count-memory`, `count-sqlite`, `count-postgres`: flows word count;
 //! - (d) `count-by-hand`, `count-by-hand-postgres`: the least any word count does,
 //!   written by hand against rdkafka (in memory; with a batched upsert per partition
-//!   batch into PostgreSQL), without flows' guarantees: the ceiling for (c).
+//!   batch into PostgreSQL), without flows' guarantees: the ceiling for (c);
+//! - (e) `quix-at-least-once`, `quix-exactly-once`: the same word count in Quix Streams
+//!   (pinned, from PyPI into a cached venv by `scripts/quix-venv`), first round only.
+//!
+//! Then, in the same run: `latency` (end-to-end latency at 10/50/90% of the word
+//! counts' measured rates, default and low-latency batching, [`latency`]),
+//! `scale-out` (one and two worker processes in one group, [`scale_out`]) and
+//! `restart` (start to first batch with 0 and 1,000,000 states, [`restart`]).
 //!
 //! Each program reports its own numbers: messages per second from the assignment of its
 //! partitions to its last acknowledged output (group join excluded), CPU seconds and peak
 //! resident memory (from `/proc/self`). The driver adds the CPU the broker (when its PID
 //! is known) and local PostgreSQL processes used meanwhile. The programs run in
 //! `FLOWS_BENCH_ROUNDS` interleaved rounds (default 3); each row is a program's median
-//! run. `FLOWS_BENCH_ONLY=mode,mode` picks programs. Default engine settings throughout.
+//! run. `FLOWS_BENCH_ONLY=mode,mode` picks programs and measurements. Default engine
+//! settings throughout.
 
 #![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
+
+mod latency;
+mod restart;
+mod scale_out;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -77,6 +89,8 @@ struct Report {
     seconds: f64,
     cpu_seconds: f64,
     peak_rss_mb: f64,
+    /// What a measurement adds (latency percentiles, timings), in its own order.
+    extra: Vec<f64>,
 }
 
 impl Report {
@@ -90,6 +104,12 @@ impl Report {
             {
                 eprintln!("  {line}");
             }
+            let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+            eprintln!(
+                "  minor page faults {}; CPU s by thread name (user, system): {}",
+                stat_ticks(&stat, &[7]),
+                cpu_by_thread()
+            );
         }
         let peak_kb = status
             .lines()
@@ -101,14 +121,19 @@ impl Report {
             seconds,
             cpu_seconds,
             peak_rss_mb: peak_kb / 1024.0,
+            extra: Vec::new(),
         }
     }
 
     fn line(&self) -> String {
-        format!(
+        let mut line = format!(
             "REPORT {} {:.3} {:.2} {:.1}",
             self.messages, self.seconds, self.cpu_seconds, self.peak_rss_mb
-        )
+        );
+        for value in &self.extra {
+            write!(line, " {value}").unwrap();
+        }
+        line
     }
 
     fn parse(line: &str) -> Option<Self> {
@@ -118,6 +143,7 @@ impl Report {
             seconds: parts.next()?.parse().ok()?,
             cpu_seconds: parts.next()?.parse().ok()?,
             peak_rss_mb: parts.next()?.parse().ok()?,
+            extra: parts.filter_map(|v| v.parse().ok()).collect(),
         })
     }
 }
@@ -165,8 +191,18 @@ impl Broker {
                 process: None,
             };
         }
+        Self::start_mock(&[("words", PARTITIONS)])
+    }
+
+    /// librdkafka's mock cluster in a process of its own, with `topics` (name,
+    /// partitions).
+    fn start_mock(topics: &[(&str, i32)]) -> Self {
         let mut process = Command::new(env!("CARGO_BIN_EXE_embedded-kafka"))
-            .arg(format!("words:{PARTITIONS}"))
+            .args(
+                topics
+                    .iter()
+                    .map(|(name, partitions)| format!("{name}:{partitions}")),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -206,6 +242,29 @@ impl Drop for Broker {
     }
 }
 
+/// Creates `topics` (name, partitions) on the broker at `brokers`.
+fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let created = runtime
+        .block_on(admin.create_topics(&new, &AdminOptions::new()))
+        .unwrap();
+    for result in created {
+        if let Err((name, code)) = result
+            && code != RDKafkaErrorCode::TopicAlreadyExists
+        {
+            panic!("create topic {name}: {code}");
+        }
+    }
+}
+
 /// Fills topic `words` of the broker at `brokers` with `total` messages.
 fn feed(brokers: &str, total: u64) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -236,7 +295,7 @@ fn feed(brokers: &str, total: u64) {
 }
 
 /// The programs, in the order each round runs them: label and `--child` mode.
-const PROGRAMS: [(&str, &str); 8] = [
+const PROGRAMS: [(&str, &str); 10] = [
     (
         "(a) passthrough, a thread per partition queue",
         "passthrough",
@@ -251,7 +310,21 @@ const PROGRAMS: [(&str, &str); 8] = [
         "(d) word count by hand, PostgreSQL",
         "count-by-hand-postgres",
     ),
+    (
+        "(e) Quix Streams 3.28.1 word count, at least once",
+        "quix-at-least-once",
+    ),
+    (
+        "(e) Quix Streams 3.28.1 word count, exactly once",
+        "quix-exactly-once",
+    ),
 ];
+
+/// Whether `mode` runs in `round`: Quix Streams, some 40 times slower, runs in the first
+/// round only (a million messages take it over a minute).
+fn runs_in_round(mode: &str, round: usize) -> bool {
+    !mode.starts_with("quix") || round == 1
+}
 
 /// One run of a program: its label, its report, and the CPU others used meanwhile.
 type Run<'a> = (&'a str, Report, OtherCpu);
@@ -276,11 +349,10 @@ fn driver() {
     let fresh_per_program = restart.is_some() || std::env::var("FLOWS_BENCH_BROKERS").is_err();
     let mut broker: Option<Broker> = None;
     let mut runs: Vec<Run<'_>> = Vec::new();
-    let only = std::env::var("FLOWS_BENCH_ONLY").unwrap_or_default();
     let rounds = rounds();
     for round in 1..=rounds {
         for (label, mode) in PROGRAMS {
-            if !only.is_empty() && !only.split(',').any(|m| m == mode) {
+            if !selected(mode) || !runs_in_round(mode, round) {
                 continue;
             }
             if broker.is_none() || fresh_per_program {
@@ -308,6 +380,74 @@ fn driver() {
     }
     drop(broker);
     print_table(total, rounds, &runs);
+    print_quix_ratios(&runs);
+    let median_rate = |mode: &str| {
+        let label = PROGRAMS.iter().find(|(_, m)| *m == mode)?.0;
+        let mut rates: Vec<f64> = runs
+            .iter()
+            .filter(|(l, ..)| *l == label)
+            .map(|(_, r, _)| r.messages as f64 / r.seconds)
+            .collect();
+        rates.sort_by(f64::total_cmp);
+        rates.get((rates.len().max(1) - 1) / 2).copied()
+    };
+    let fresh_broker = || {
+        if let Some(command) = &restart {
+            let status = Command::new("sh").args(["-c", command]).status().unwrap();
+            assert!(status.success(), "broker restart failed: {status}");
+        }
+        Broker::start()
+    };
+    if selected("latency") {
+        latency::measure(&fresh_broker, &median_rate);
+    }
+    if selected("scale-out") {
+        scale_out::measure(&fresh_broker, total);
+    }
+    if selected("restart") {
+        restart::measure(&fresh_broker);
+    }
+}
+
+/// Whether `FLOWS_BENCH_ONLY` (a comma-separated list of modes and of `latency`,
+/// `scale-out`, `restart`) selects `name`; everything runs without it.
+fn selected(name: &str) -> bool {
+    let only = std::env::var("FLOWS_BENCH_ONLY").unwrap_or_default();
+    only.is_empty() || only.split(',').any(|m| m.trim() == name)
+}
+
+/// flows' word count on PostgreSQL against Quix Streams' (median runs): the rate and
+/// the CPU seconds per million messages.
+fn print_quix_ratios(runs: &[Run<'_>]) {
+    let median_of = |mode: &str| {
+        let label = PROGRAMS.iter().find(|(_, m)| *m == mode)?.0;
+        let mut of_mode: Vec<&Report> = runs
+            .iter()
+            .filter(|(l, ..)| *l == label)
+            .map(|(_, r, _)| r)
+            .collect();
+        of_mode.sort_by(|a, b| {
+            (a.messages as f64 / a.seconds).total_cmp(&(b.messages as f64 / b.seconds))
+        });
+        (!of_mode.is_empty()).then(|| median(&of_mode))
+    };
+    let Some(flows) = median_of("count-postgres") else {
+        return;
+    };
+    let rate = |r: &Report| r.messages as f64 / r.seconds;
+    let per_million = |r: &Report| r.cpu_seconds * 1e6 / r.messages as f64;
+    for mode in ["quix-at-least-once", "quix-exactly-once"] {
+        if let Some(quix) = median_of(mode) {
+            println!(
+                "flows word count on PostgreSQL / Quix Streams ({}): {:.1}x the rate, \
+                 {:.1} vs {:.1} CPU-s per million messages",
+                mode.trim_start_matches("quix-"),
+                rate(flows) / rate(quix),
+                per_million(flows),
+                per_million(quix),
+            );
+        }
+    }
 }
 
 /// Runs one program against `broker`: its report and the CPU others used meanwhile.
@@ -436,6 +576,30 @@ fn local_postgres_cpu_seconds() -> f64 {
         .sum()
 }
 
+/// This process's CPU seconds so far per thread name (user, system), largest first.
+fn cpu_by_thread() -> String {
+    let mut by_name: HashMap<String, (f64, f64)> = HashMap::new();
+    let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten();
+    for task in tasks.filter_map(Result::ok) {
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let name = stat
+            .split_once('(')
+            .and_then(|(_, rest)| rest.rsplit_once(')'))
+            .map_or("?", |(name, _)| name)
+            .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-' || c == '#');
+        let entry = by_name.entry(name.to_owned()).or_default();
+        entry.0 += stat_ticks(&stat, &[11]) / 100.0;
+        entry.1 += stat_ticks(&stat, &[12]) / 100.0;
+    }
+    let mut names: Vec<_> = by_name.into_iter().collect();
+    names.sort_by(|a, b| (b.1.0 + b.1.1).total_cmp(&(a.1.0 + a.1.1)));
+    names
+        .iter()
+        .map(|(name, (user, system))| format!("{name} {user:.2}/{system:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// CPU seconds (user + system) used so far by process `pid`.
 fn cpu_seconds_of(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -461,6 +625,12 @@ async fn child(mode: &str, brokers: &str) -> Report {
         "passthrough-one-thread" => by_hand_mode(|| passthrough(brokers, total, Threads::One)),
         "count-by-hand" => by_hand_mode(|| count_by_hand(brokers, total)),
         "count-by-hand-postgres" => by_hand_mode(|| count_by_hand_postgres(brokers, total)),
+        "quix-at-least-once" | "quix-exactly-once" => {
+            by_hand_mode(|| quix(brokers, total, mode.trim_start_matches("quix-")))
+        }
+        latency if latency.starts_with("latency:") => latency::child(latency, brokers).await,
+        scale if scale.starts_with("scale-out:") => scale_out::child(scale, brokers).await,
+        restart if restart.starts_with("restart:") => restart::child(restart, brokers).await,
         "stateless" => {
             let copy = StatelessFunction::one_to_one(
                 Topic::new("words", Utf8, Utf8),
@@ -493,14 +663,49 @@ async fn child(mode: &str, brokers: &str) -> Report {
     }
 }
 
+/// Quix Streams' word count (`quix_word_count.py`, in the venv of `scripts/quix-venv`)
+/// in `mode` (`at-least-once`, `exactly-once`): its own report.
+fn quix(brokers: &str, total: u64, mode: &str) -> Report {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let venv = Command::new(format!("{root}/scripts/quix-venv"))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(venv.status.success(), "scripts/quix-venv failed");
+    let python = String::from_utf8(venv.stdout).unwrap();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/benches/engine/quix_word_count.py"
+    );
+    let output = Command::new(python.trim())
+        .args([script, brokers, &total.to_string(), mode])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    stdout
+        .lines()
+        .find_map(Report::parse)
+        .unwrap_or_else(|| panic!("Quix Streams ({mode}) gave no report: {:?}", output.status))
+}
+
 /// Runs a hand-written (blocking) program from the runtime.
 fn by_hand_mode(program: impl FnOnce() -> Report) -> Report {
     tokio::task::block_in_place(program)
 }
 
 fn word_count(name: &str, store: Arc<dyn flows::SingleStateRepository>) -> Pipeline {
+    word_count_from("words", name, store)
+}
+
+/// The word count of `input` into `<name>-out`.
+fn word_count_from(
+    input: &str,
+    name: &str,
+    store: Arc<dyn flows::SingleStateRepository>,
+) -> Pipeline {
     let count = StatefulFunction::new(Json::<i64>::new()).one_to_one(
-        Topic::new("words", Utf8, Utf8),
+        Topic::new(input, Utf8, Utf8),
         Topic::new(format!("{name}-out"), Utf8, Json::<i64>::new()),
         PersistenceIdFn::key(),
         |count: Option<&i64>, word| {
@@ -521,22 +726,26 @@ fn bench_config(brokers: &str) -> KafkaConfig {
 async fn run_flows(brokers: &str, pipeline: Pipeline, total: u64) -> Report {
     let config = bench_config(brokers);
     let running = Engine::new(config).start(&pipeline).unwrap();
-    let mut started = None;
-    loop {
-        let snapshot = running.metrics().snapshot();
-        // The clock starts when the group has assigned the partitions (join excluded),
-        // as the passthrough's starts when it assigns them itself.
-        if started.is_none() && snapshot.rebalances > 0 {
-            started = Some(Instant::now());
-        }
-        if snapshot.committed >= total {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let seconds = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    // The clock starts when the group has assigned the partitions (join excluded), as
+    // the passthrough's starts when it assigns them itself.
+    running
+        .wait_for(|m| m.rebalances > 0)
+        .await
+        .expect("partitions assigned");
+    let started = Instant::now();
+    let done = running
+        .wait_for(|m| m.committed >= total)
+        .await
+        .expect("every message processed");
+    let seconds = started.elapsed().as_secs_f64();
     running.shutdown().await.unwrap();
-    Report::measure(total, seconds)
+    let mut report = Report::measure(total, seconds);
+    // For the log: how the work was cut (batches, states read from the store and from
+    // the cache), which explains a run's CPU time.
+    report.extra = [done.batches, done.states_read, done.state_cache_hits]
+        .map(|n| n as f64)
+        .to_vec();
+    report
 }
 
 /// The ceiling: consume-and-produce written directly against rdkafka.
