@@ -285,6 +285,7 @@ macro_rules! __state_suite {
                 idempotent_re_upserts: future,
                 stale_version_rejected: future,
                 stale_insert_rejected: future,
+                stale_write_all_rejected: future,
                 stale_batch_rejected_and_nothing_changed: future,
                 conflict_names_every_stale_id: future,
                 duplicate_ids_in_batch_rejected: future,

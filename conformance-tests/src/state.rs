@@ -232,14 +232,20 @@ pub async fn write_all_stores_like_upsert_all(factory: StateFactory) {
         .map(|s| (s.version, s.content.as_deref()))
         .collect();
     assert_eq!(seen, [(1, Some(&b"2"[..])), (1, Some(&b"1"[..]))]);
-    if store.capabilities().conditional_write {
-        // Conditional as upsert_all is: a write from the never-written version conflicts.
-        let stale = store.write_all(vec![with_content("w1", b"stale")]).await;
-        assert!(
-            matches!(stale, Err(RepositoryError::Conflict { .. })),
-            "{stale:?}"
-        );
-    }
+}
+
+/// `write_all` is conditional as `upsert_all` is: a write from a stale version conflicts
+/// and changes nothing.
+pub async fn stale_write_all_rejected(factory: StateFactory) {
+    let store = factory.create().await;
+    write(&store, with_content("w", b"first")).await;
+    let stale = store.write_all(vec![with_content("w", b"stale")]).await;
+    assert!(
+        matches!(stale, Err(RepositoryError::Conflict { .. })),
+        "{stale:?}"
+    );
+    let read = store.get(&id("w")).await.expect("get");
+    assert_eq!(read.content.as_deref(), Some(&b"first"[..]));
 }
 
 /// `get_all` answers in request order, repeats duplicates and fills in fresh states.

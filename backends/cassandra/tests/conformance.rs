@@ -40,6 +40,7 @@ mod conformance {
         real_server_only("real-server-only: needs a real Cassandra/ScyllaDB (set FLOWS_TEST_CASSANDRA_URL)"): [
             stale_version_rejected,
             stale_insert_rejected,
+            stale_write_all_rejected,
             stale_batch_rejected_and_nothing_changed,
             conflict_names_every_stale_id,
             concurrent_increments_lose_no_update,
