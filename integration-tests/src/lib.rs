@@ -195,7 +195,7 @@ pub fn example_binary(name: &str) -> std::path::PathBuf {
     let binary = profile_dir().join("examples").join(name);
     assert!(
         binary.exists(),
-        "{} is missing: build it with `cargo build --examples --all-features` (cargo test builds it)",
+        "{} is missing: build it with `cargo build --examples --all-features` (scripts/test does)",
         binary.display()
     );
     binary
