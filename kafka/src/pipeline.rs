@@ -348,12 +348,9 @@ impl<F: StatefulProcessor, R: SingleStateRepository> Stage for StatefulStage<F, 
         .map_err(StageError::from)
     }
 
-    /// None for a store that cannot tell a stale cached state: one that fences by
-    /// last-write-wins accepts a write from a stale state without a conflict.
+    /// None when disabled. (Over a store that fences by last-write-wins the layer
+    /// keeps nothing: see `StateCache::layer`.)
     fn state_cache(&self, limits: StateCacheLimits) -> Option<StateCache> {
-        if self.store.capabilities().versioned_last_write_wins {
-            return None;
-        }
         let cache = StateCache::new(limits);
         cache.is_enabled().then_some(cache)
     }
@@ -606,44 +603,18 @@ fn sorted_names(topics: Vec<Arc<str>>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use flows_core::function::StatefulFunction;
-    use flows_core::{Capabilities, Json, MemoryStateRepository, PersistenceId, RawState};
+    use flows_core::{Json, MemoryStateRepository};
 
     use super::*;
 
-    /// The in-memory store, declaring last-write-wins fencing.
-    struct LastWriteWins(MemoryStateRepository);
-
-    #[async_trait]
-    impl SingleStateRepository for LastWriteWins {
-        fn capabilities(&self) -> Capabilities {
-            let mut capabilities = self.0.capabilities();
-            capabilities.versioned_last_write_wins = true;
-            capabilities
-        }
-        async fn get_all(&self, ids: &[PersistenceId]) -> Result<Vec<RawState>, RepositoryError> {
-            self.0.get_all(ids).await
-        }
-        async fn upsert_all(
-            &self,
-            states: Vec<RawState>,
-        ) -> Result<Vec<RawState>, RepositoryError> {
-            self.0.upsert_all(states).await
-        }
-    }
-
     #[test]
-    fn a_store_that_cannot_report_stale_writes_gets_no_state_cache() {
+    fn each_run_gets_its_own_cache_unless_it_is_disabled() {
         let function = || StatefulFunction::new(Json::<i64>::new());
-        let conflicts = Pipeline::stateful("a", function(), MemoryStateRepository::new());
-        assert!(conflicts.new_state_cache().is_some());
-        let lww = Pipeline::stateful("b", function(), LastWriteWins(MemoryStateRepository::new()));
-        assert!(lww.new_state_cache().is_none());
-        // Not even when asked for explicitly.
-        let lww = lww.state_cache(StateCacheLimits::default());
-        assert!(lww.new_state_cache().is_none());
-        let disabled = conflicts.clone().state_cache(StateCacheLimits::disabled());
+        let cached = Pipeline::stateful("a", function(), MemoryStateRepository::new());
+        assert!(cached.new_state_cache().is_some());
+        let disabled = cached.clone().state_cache(StateCacheLimits::disabled());
         assert!(disabled.new_state_cache().is_none());
         // A value: the clone it came from keeps its cache.
-        assert!(conflicts.new_state_cache().is_some());
+        assert!(cached.new_state_cache().is_some());
     }
 }
