@@ -329,10 +329,10 @@ impl<R: SingleStateRepository + ?Sized> SingleStateRepository for CachedStates<'
 
     async fn write_all(&self, states: Vec<RawState>) -> Result<Vec<RawState>, RepositoryError> {
         let mut written = self.written(self.store.upsert_all(states).await)?;
-        if let Some(cache) = self.cache {
-            cache.put_all(written.drain(..));
+        match self.cache {
+            Some(cache) => cache.put_all(written.drain(..)),
+            None => written.clear(),
         }
-        written.clear();
         Ok(written)
     }
 }

@@ -128,11 +128,9 @@ pub(crate) struct BatchBuffers {
     per_message: Vec<Vec<EncodedRecord>>,
     /// Each grouped message's outputs, in group order.
     folded: Vec<Vec<EncodedRecord>>,
-    /// The states read, in group order.
-    states: Vec<RawState>,
-    /// The states to write (the store hands the vector back with the written states).
+    /// The states to write (`write_all` hands the vector back emptied).
     writes: Vec<RawState>,
-    /// Where the last batch's states came from, and how long the store took.
+    /// Where the last batch's time went.
     pub(crate) reads: StateReads,
     /// After write conflicts: how many messages to process at most, the size that last
     /// got through; doubled after every batch written without a conflict until it no
@@ -176,7 +174,6 @@ where
         groups,
         per_message,
         folded,
-        states,
         writes,
         reads,
         part_limit,
@@ -210,7 +207,7 @@ where
         let reading = Instant::now();
         // `get_all` answers in request order, one state per id. A state read again
         // after a conflict or a cut is not in the cache any more (a read takes it out).
-        *states = store
+        let states = store
             .get_all(&groups.ids)
             .instrument(tracing::info_span!(
                 "flows.store.read",
@@ -233,7 +230,7 @@ where
         writes.clear();
         folded.clear();
         let mut oversized = Oversized::None;
-        for (state, members) in states.drain(..).zip(groups.members()) {
+        for (state, members) in states.into_iter().zip(groups.members()) {
             group.clear();
             group.extend(members.iter().map(|&i| &messages[i]));
             // While probing, a copy of the state as read: the fold consumes it.

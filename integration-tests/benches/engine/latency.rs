@@ -22,7 +22,9 @@ use flows::kafka::rdkafka::producer::{
 use flows::kafka::rdkafka::{Offset, TopicPartitionList};
 use flows::kafka::{BatchConfig, Engine};
 
-use super::{Broker, DISTINCT, PARTITIONS, Report, bench_config, create_topics, postgres_url};
+use super::{
+    Broker, PARTITIONS, Report, bench_config, create_topics, postgres_url, unix_millis, write_word,
+};
 
 const LOADS: [u32; 3] = [10, 50, 90];
 
@@ -173,7 +175,7 @@ pub async fn child(spec: &str, brokers: &str) -> Report {
     };
     let config = bench_config(brokers).batch_config(BatchConfig::preset(preset).unwrap());
     let pipeline = super::word_count_from(input, &name, store);
-    let running = Engine::new(config.clone()).start(&pipeline).unwrap();
+    let running = Engine::new(config).start(&pipeline).unwrap();
     running
         .wait_for(|m| m.rebalances > 0)
         .await
@@ -207,13 +209,6 @@ pub async fn child(spec: &str, brokers: &str) -> Report {
     report
 }
 
-fn unix_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 /// Sends `total` words to `topic` at `rate` per second (in steps of a millisecond).
 fn feed_at(brokers: &str, topic: &str, rate: u64, total: u64) {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
@@ -229,9 +224,7 @@ fn feed_at(brokers: &str, topic: &str, rate: u64, total: u64) {
     while sent < total {
         let due = ((started.elapsed().as_secs_f64() * rate as f64) as u64).min(total);
         while sent < due {
-            word.clear();
-            let index = sent.wrapping_mul(2_654_435_761) % DISTINCT as u64;
-            std::fmt::Write::write_fmt(&mut word, format_args!("word{index}")).unwrap();
+            write_word(sent, &mut word);
             let record = BaseRecord::<str, str>::to(topic).key(&word).payload(&word);
             match producer.send(record) {
                 Ok(()) => sent += 1,

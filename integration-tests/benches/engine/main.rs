@@ -125,6 +125,11 @@ impl Report {
         }
     }
 
+    /// Messages per second.
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.seconds
+    }
+
     fn line(&self) -> String {
         let mut line = format!(
             "REPORT {} {:.3} {:.2} {:.1}",
@@ -176,16 +181,7 @@ struct Broker {
 impl Broker {
     fn start() -> Self {
         if let Ok(bootstrap) = std::env::var("FLOWS_BENCH_BROKERS") {
-            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .create()
-                .unwrap();
-            let topic = NewTopic::new("words", PARTITIONS, TopicReplication::Fixed(1));
-            let runtime = tokio::runtime::Runtime::new().unwrap();
-            let created = runtime
-                .block_on(admin.create_topics([&topic], &AdminOptions::new()))
-                .unwrap();
-            eprintln!("external broker {bootstrap}: create topic words: {created:?}");
+            create_topics(&bootstrap, &[("words", PARTITIONS)]);
             return Self {
                 bootstrap,
                 process: None,
@@ -265,6 +261,26 @@ fn create_topics(brokers: &str, topics: &[(&str, i32)]) {
     }
 }
 
+/// The `i`th input word into `out` (cleared first): a deterministic, skewed choice
+/// among `DISTINCT` words.
+fn write_word(i: u64, out: &mut String) {
+    out.clear();
+    write!(
+        out,
+        "word{}",
+        i.wrapping_mul(2_654_435_761) % DISTINCT as u64
+    )
+    .unwrap();
+}
+
+/// Now, in milliseconds since the Unix epoch (as Kafka timestamps are).
+fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 /// Fills topic `words` of the broker at `brokers` with `total` messages.
 fn feed(brokers: &str, total: u64) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -275,8 +291,8 @@ fn feed(brokers: &str, total: u64) {
         while sent < total {
             let records: Vec<EncodedRecord> = (sent..(sent + chunk).min(total))
                 .map(|i| {
-                    // Deterministic, skewed word choice.
-                    let word = format!("word{}", (i.wrapping_mul(2_654_435_761) % DISTINCT as u64));
+                    let mut word = String::new();
+                    write_word(i, &mut word);
                     EncodedRecord {
                         topic: "words".into(),
                         partition: None,
@@ -381,16 +397,7 @@ fn driver() {
     drop(broker);
     print_table(total, rounds, &runs);
     print_quix_ratios(&runs);
-    let median_rate = |mode: &str| {
-        let label = PROGRAMS.iter().find(|(_, m)| *m == mode)?.0;
-        let mut rates: Vec<f64> = runs
-            .iter()
-            .filter(|(l, ..)| *l == label)
-            .map(|(_, r, _)| r.messages as f64 / r.seconds)
-            .collect();
-        rates.sort_by(f64::total_cmp);
-        rates.get((rates.len().max(1) - 1) / 2).copied()
-    };
+    let median_rate = |mode: &str| median_run(&runs, mode).map(Report::rate);
     let fresh_broker = || {
         if let Some(command) = &restart {
             let status = Command::new("sh").args(["-c", command]).status().unwrap();
@@ -409,6 +416,18 @@ fn driver() {
     }
 }
 
+/// The median run (by rate) of the program run as `mode`, if it ran.
+fn median_run<'a>(runs: &'a [Run<'_>], mode: &str) -> Option<&'a Report> {
+    let label = PROGRAMS.iter().find(|(_, m)| *m == mode)?.0;
+    let mut of_mode: Vec<&Report> = runs
+        .iter()
+        .filter(|(l, ..)| *l == label)
+        .map(|(_, r, _)| r)
+        .collect();
+    of_mode.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    (!of_mode.is_empty()).then(|| median(&of_mode))
+}
+
 /// Whether `FLOWS_BENCH_ONLY` (a comma-separated list of modes and of `latency`,
 /// `scale-out`, `restart`) selects `name`; everything runs without it.
 fn selected(name: &str) -> bool {
@@ -419,22 +438,11 @@ fn selected(name: &str) -> bool {
 /// flows' word count on PostgreSQL against Quix Streams' (median runs): the rate and
 /// the CPU seconds per million messages.
 fn print_quix_ratios(runs: &[Run<'_>]) {
-    let median_of = |mode: &str| {
-        let label = PROGRAMS.iter().find(|(_, m)| *m == mode)?.0;
-        let mut of_mode: Vec<&Report> = runs
-            .iter()
-            .filter(|(l, ..)| *l == label)
-            .map(|(_, r, _)| r)
-            .collect();
-        of_mode.sort_by(|a, b| {
-            (a.messages as f64 / a.seconds).total_cmp(&(b.messages as f64 / b.seconds))
-        });
-        (!of_mode.is_empty()).then(|| median(&of_mode))
-    };
+    let median_of = |mode: &str| median_run(runs, mode);
     let Some(flows) = median_of("count-postgres") else {
         return;
     };
-    let rate = |r: &Report| r.messages as f64 / r.seconds;
+    let rate = Report::rate;
     let per_million = |r: &Report| r.cpu_seconds * 1e6 / r.messages as f64;
     for mode in ["quix-at-least-once", "quix-exactly-once"] {
         if let Some(quix) = median_of(mode) {
@@ -492,7 +500,7 @@ fn median<'a, T>(sorted: &[&'a T]) -> &'a T {
 /// its rates and its largest peak RSS over the rounds; ratios to the faster
 /// passthrough's median.
 fn print_table(total: u64, rounds: usize, runs: &[Run<'_>]) {
-    let rate = |r: &Report| r.messages as f64 / r.seconds;
+    let rate = Report::rate;
     let rows: Vec<(&str, Vec<&Run<'_>>)> = PROGRAMS
         .iter()
         .map(|(label, _)| {

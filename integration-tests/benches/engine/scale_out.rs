@@ -8,12 +8,12 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use flows::kafka::Engine;
 use flows_integration_tests::committed_total;
 
-use super::{Broker, PARTITIONS, Report, bench_config, feed, postgres_url};
+use super::{Broker, PARTITIONS, Report, bench_config, feed, postgres_url, unix_millis};
 
 /// Runs one and two workers, each time on a fresh broker fed `total` messages.
 pub fn measure(fresh_broker: &dyn Fn() -> Broker, total: u64) {
@@ -96,13 +96,6 @@ fn stop(child: &mut Child) -> Report {
     report
 }
 
-fn unix_millis() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as f64
-}
-
 /// One worker: `scale-out:<group>:<table>`. Reports the messages it processed, and as
 /// extras when it first had partitions and when it last finished a batch.
 pub async fn child(spec: &str, brokers: &str) -> Report {
@@ -126,11 +119,11 @@ pub async fn child(spec: &str, brokers: &str) -> Report {
     loop {
         let snapshot = running.metrics().snapshot();
         if first_assigned.is_none() && snapshot.rebalances > 0 {
-            first_assigned = Some(unix_millis());
+            first_assigned = Some(unix_millis() as f64);
         }
         if snapshot.committed > committed {
             committed = snapshot.committed;
-            last_batch = unix_millis();
+            last_batch = unix_millis() as f64;
         }
         if stop_rx.try_recv().is_ok() {
             break;
