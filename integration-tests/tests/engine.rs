@@ -694,9 +694,11 @@ async fn two_instances_in_one_group_share_partitions_without_regressions() {
     assert_word_count(&brokers, store.as_ref(), &expected).await;
 }
 
-/// G5: instance A stalls while writing a batch (its store holds the write); instance B
-/// joins, A's revoke cannot finish, A exceeds `max.poll.interval.ms` and is dropped from
-/// the group, B takes the partitions and processes the same messages. When A's write is
+/// G5: instance A stalls while writing a batch (its store holds the write), as a frozen
+/// or cut-off process would; instance B joins and A's revoke blocks on the held write.
+/// Then C joins: the group rebalances without A, which cannot rejoin in time and is
+/// dropped (a real broker drops it after `max.poll.interval.ms`, the mock cluster after
+/// the session timeout), and B and C process the same messages. When A's write is
 /// finally let through, the version check rejects it and A drops that batch: nothing of
 /// it is published or committed. Final state exact; outputs in order; repeats identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -706,9 +708,7 @@ async fn a_stalled_instance_is_fenced_by_the_version_check() {
     let shared = Arc::new(MemoryStateRepository::new());
     let stalled_store = Arc::new(FaultyStore::new(Arc::clone(&shared)));
 
-    let stalled_config = test_config(&brokers)
-        .consumer_property("max.poll.interval.ms", "7000")
-        .drain_timeout(Duration::from_secs(60));
+    let stalled_config = test_config(&brokers).drain_timeout(Duration::from_secs(60));
     let a = Engine::new(stalled_config)
         .start(&Pipeline::stateful(
             "count",
@@ -724,13 +724,18 @@ async fn a_stalled_instance_is_fenced_by_the_version_check() {
         "both of A's partition workers are stuck writing"
     );
 
-    let b = Engine::new(test_config(&brokers))
-        .start(&Pipeline::stateful("count", counter(), Arc::clone(&shared)))
-        .unwrap();
+    let rebalances = a.metrics().snapshot().rebalances;
+    let fresh = || Pipeline::stateful("count", counter(), Arc::clone(&shared));
+    let b = Engine::new(test_config(&brokers)).start(&fresh()).unwrap();
+    assert!(
+        wait_until(WAIT, || a.metrics().snapshot().rebalances > rebalances).await,
+        "A's revoke began"
+    );
+    let c = Engine::new(test_config(&brokers)).start(&fresh()).unwrap();
     let expected = tally(input.iter().map(String::as_str));
     assert!(
         wait_until(WAIT, || all_counted(&shared, &expected)).await,
-        "B processed everything while A was stalled"
+        "B and C processed everything while A was stalled"
     );
     stalled_store.release_writes();
     assert!(
@@ -742,6 +747,7 @@ async fn a_stalled_instance_is_fenced_by_the_version_check() {
     assert!(stalled_store.write_log().contains(&"conflict"));
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
+    c.shutdown().await.unwrap();
     assert_word_count(&brokers, shared.as_ref(), &expected).await;
 }
 
@@ -1368,10 +1374,18 @@ async fn an_abandoned_batchs_outputs_never_land_after_the_next_owners() {
     let brokers = kafka.bootstrap_servers();
     let store = Arc::new(MemoryStateRepository::new());
     let pipeline = Pipeline::stateful("count", counter(), Arc::clone(&store));
-    let linger = Duration::from_secs(20);
+    // A revoke that outlasts the group's rebalance timeout gets the member dropped from
+    // the group with its outputs still queued (the engine refuses such a configuration
+    // for a real broker, whose timeout is max.poll.interval.ms). The mock cluster drops a
+    // member that does not rejoin within its session timeout, and waits the session
+    // timeout less a second for members to join, so: B joins 11 s after it starts, A's
+    // outputs linger 16 s, and A's revoke waits the rest, well within 12 s.
+    let session = ("session.timeout.ms", "12000");
+    let linger = Duration::from_secs(16);
     // Each partition's input in one batch: the states are written before any ack.
     let slow = test_config(&brokers)
-        .producer_property("linger.ms", "20000")
+        .consumer_property(session.0, session.1)
+        .producer_property("linger.ms", linger.as_millis().to_string())
         .drain_timeout(Duration::from_secs(1))
         .batch(10_000, Duration::from_millis(500));
     let first = words(200, 20, 15);
@@ -1387,7 +1401,19 @@ async fn an_abandoned_batchs_outputs_never_land_after_the_next_owners() {
 
     // B joins and takes a partition while A's batch is unacknowledged, then finds
     // newer input for the same keys waiting.
-    let b = Engine::new(test_config(&brokers)).start(&pipeline).unwrap();
+    let rebalances = a.metrics().snapshot().rebalances;
+    let b = Engine::new(test_config(&brokers).consumer_property(session.0, session.1))
+        .start(&pipeline)
+        .unwrap();
+    assert!(
+        wait_until(WAIT, || a.metrics().snapshot().rebalances > rebalances).await,
+        "B's joining moves partitions"
+    );
+    assert_eq!(
+        a.metrics().snapshot().published,
+        0,
+        "the group rebalanced while A's outputs were queued (else this test shows nothing)"
+    );
     let second = words(200, 20, 16);
     produce(&brokers, &word_records("words", &second)).await;
     let all: Vec<&str> = first.iter().chain(&second).map(String::as_str).collect();

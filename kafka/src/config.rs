@@ -232,7 +232,9 @@ impl KafkaConfig {
     /// Sets the longest wait, when partitions are revoked or the engine shuts down, for
     /// in-flight batches to finish before they are abandoned (default 30 s). An
     /// abandoned batch is neither published nor committed; its messages are processed
-    /// again by the next owner, replaying any stored outputs.
+    /// again by the next owner, replaying any stored outputs. A revoke must end within
+    /// the group's rebalance timeout (`max.poll.interval.ms`), so the engine refuses a
+    /// drain timeout that, with the producer's `message.timeout.ms`, could outlast it.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.drain_timeout = timeout;
         self
@@ -370,7 +372,12 @@ impl KafkaConfig {
             ("queue.buffering.max.messages", "200000"),
             ("queue.buffering.max.kbytes", "131072"),
             ("compression.type", "lz4"),
-            ("message.timeout.ms", "300000"),
+            // Every record is settled (delivered or failed) within this time. A revoke
+            // waits that long at most for an abandoned batch's outputs, and it must end
+            // within the group's rebalance timeout (`max.poll.interval.ms`, 300 s), or the
+            // group drops the member while they can still land. A failed record is sent
+            // again by the batch, so a shorter timeout loses nothing.
+            ("message.timeout.ms", "120000"),
             // Java's partitioner (murmur2 of the key; keyless records spread randomly):
             // a key lands on the same partition as from Java producers and Kafka
             // Streams, so co-partitioned topics stay co-partitioned whoever writes them.

@@ -40,6 +40,18 @@ const ABANDON_GRACE: Duration = Duration::from_secs(5);
 /// How much longer than the producer's `message.timeout.ms` an abandoned batch's
 /// outputs are waited for: librdkafka reports every record by then.
 const SETTLE_MARGIN: Duration = Duration::from_secs(5);
+
+/// The longest a revoke can block the group's rebalance: the drain, the grace, then the
+/// wait for an abandoned batch's outputs to settle (bounded by `delivery_timeout`, or by
+/// the drain timeout again when records never time out). A member that blocks longer
+/// than its group's rebalance timeout is dropped from the group while its outputs may
+/// still be queued, and they could land after the next owner's.
+pub(crate) fn longest_revoke(
+    drain_timeout: Duration,
+    delivery_timeout: Option<Duration>,
+) -> Duration {
+    drain_timeout + ABANDON_GRACE + delivery_timeout.map_or(drain_timeout, |t| t + SETTLE_MARGIN)
+}
 /// Attempts of a synchronous commit (revoke, shutdown), and the first wait between them.
 const SYNC_COMMIT_ATTEMPTS: u32 = 4;
 const SYNC_COMMIT_BACKOFF: Duration = Duration::from_millis(100);
@@ -265,7 +277,13 @@ impl Shared {
             for (_, slot) in &released {
                 slot.control.abandon();
             }
-            self.wait_for_tasks(&mut released, tokio::time::Instant::now() + ABANDON_GRACE);
+            // A batch already sending does not stop at a step (it waits below), so the
+            // grace is only for the others: the group waits for this revoke.
+            self.wait_for_tasks_where(
+                &mut released,
+                tokio::time::Instant::now() + ABANDON_GRACE,
+                |control| !control.sending(),
+            );
             // A batch whose outputs are queued in the producer is waited for until they
             // are settled; aborting it would leave them to land later.
             let settling: Vec<&TopicPartition> = released
@@ -309,9 +327,20 @@ impl Shared {
         released: &mut [(TopicPartition, Slot)],
         deadline: tokio::time::Instant,
     ) {
+        self.wait_for_tasks_where(released, deadline, |_| true);
+    }
+
+    /// Waits until every task of `released` whose control passes `which` finished, or
+    /// `deadline` passed.
+    fn wait_for_tasks_where(
+        &self,
+        released: &mut [(TopicPartition, Slot)],
+        deadline: tokio::time::Instant,
+        which: impl Fn(&PartitionControl) -> bool,
+    ) {
         self.runtime.block_on(async {
             for (_, slot) in released.iter_mut() {
-                if !slot.task.is_finished() {
+                if !slot.task.is_finished() && which(&slot.control) {
                     let _ = tokio::time::timeout_at(deadline, &mut slot.task).await;
                 }
             }
@@ -416,15 +445,22 @@ impl ConsumerContext for EngineContext {
                 shared.worker.metrics.add_rebalances(1);
                 let partitions = partitions_of(list);
                 tracing::info!(pipeline = %name, assigned = %list_partitions(&partitions), "partitions assigned");
-                for tp in partitions {
-                    if shared.slots().contains_key(&tp) {
-                        continue;
-                    }
-                    match shared.start_worker(&tp) {
-                        Ok(slot) => {
-                            shared.slots().insert(tp, slot);
+                if shared.stop.load(Ordering::Acquire) {
+                    // Closing the consumer can rejoin the group (a member dropped from it
+                    // does) and be handed partitions it will give back in a moment: the
+                    // consumer is going, so no worker is started for them.
+                    tracing::info!(pipeline = %name, "stopping: partitions assigned during close are left to the group");
+                } else {
+                    for tp in partitions {
+                        if shared.slots().contains_key(&tp) {
+                            continue;
                         }
-                        Err(error) => shared.fail(error),
+                        match shared.start_worker(&tp) {
+                            Ok(slot) => {
+                                shared.slots().insert(tp, slot);
+                            }
+                            Err(error) => shared.fail(error),
+                        }
                     }
                 }
             }

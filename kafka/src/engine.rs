@@ -2,13 +2,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::oneshot;
 
 use crate::config::{KafkaConfig, client_error};
-use crate::consumer::{EngineContext, Shared, poll_loop};
+use crate::consumer::{EngineContext, Shared, longest_revoke, poll_loop};
 use crate::error::EngineError;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::pipeline::Pipeline;
@@ -48,6 +49,14 @@ impl Engine {
             .producer_overrides
             .extend(pipeline.producer_overrides.iter().cloned());
         let producer = OutputProducer::new(&producer_config)?;
+        let properties = self
+            .config
+            .consumer_properties(&self.config.group_id(&pipeline.name));
+        check_revoke_fits_rebalance(
+            &properties,
+            self.config.drain_timeout,
+            producer.delivery_timeout(),
+        )?;
         let worker = Arc::new(WorkerContext {
             pipeline: pipeline.clone(),
             producer,
@@ -59,9 +68,6 @@ impl Engine {
         let shared = Arc::new(Shared::new(worker, runtime, self.config.drain_timeout));
 
         let mut client = ClientConfig::new();
-        let properties = self
-            .config
-            .consumer_properties(&self.config.group_id(&pipeline.name));
         for (key, value) in &properties {
             client.set(key, value);
         }
@@ -137,8 +143,41 @@ async fn first_stopped(running: &[RunningPipeline]) -> usize {
         if let Some(index) = running.iter().position(RunningPipeline::is_stopping) {
             return index;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// librdkafka's default `max.poll.interval.ms`, which is also the rebalance timeout the
+/// consumer announces to its group.
+const DEFAULT_REBALANCE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Refuses a configuration under which a revoke may outlast the group's rebalance
+/// timeout (`max.poll.interval.ms`): the group would drop the member while an abandoned
+/// batch's outputs are still queued in its producer, and they could land after the next
+/// owner's, leaving an older value last for their keys.
+fn check_revoke_fits_rebalance(
+    consumer_properties: &[(String, String)],
+    drain_timeout: Duration,
+    delivery_timeout: Option<Duration>,
+) -> Result<(), EngineError> {
+    let rebalance_timeout = consumer_properties
+        .iter()
+        .rev()
+        .find(|(key, _)| key == "max.poll.interval.ms")
+        .and_then(|(_, value)| value.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_REBALANCE_TIMEOUT, Duration::from_millis);
+    let longest = longest_revoke(drain_timeout, delivery_timeout);
+    if longest < rebalance_timeout {
+        return Ok(());
+    }
+    Err(EngineError::Configuration(format!(
+        "a revoke may block the consumer group for {longest:?} (drain_timeout {drain_timeout:?}, \
+         then up to the producer's message.timeout.ms {} for an abandoned batch's outputs to \
+         settle), not less than max.poll.interval.ms ({rebalance_timeout:?}): the group would \
+         drop this member while those outputs can still land after the next owner's. Lower \
+         drain_timeout or message.timeout.ms, or raise max.poll.interval.ms",
+        delivery_timeout.map_or_else(|| "(never)".to_owned(), |t| format!("{t:?}"))
+    )))
 }
 
 /// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
@@ -401,5 +440,50 @@ mod tests {
         assert_eq!(select(&all, Some(" b ")).unwrap()[0].name(), "b");
         let error = select(&all, Some("c")).unwrap_err().to_string();
         assert!(error.contains("known: a, b"), "{error}");
+    }
+
+    /// The check a revoke's longest wait is held to, with the producer's timeout as the
+    /// engine reads it.
+    fn check(config: &KafkaConfig) -> Result<(), EngineError> {
+        let producer = OutputProducer::new(config).unwrap();
+        check_revoke_fits_rebalance(
+            &config.consumer_properties("group"),
+            config.drain_timeout,
+            producer.delivery_timeout(),
+        )
+    }
+
+    #[test]
+    fn the_default_revoke_fits_the_default_rebalance_timeout() {
+        let config = KafkaConfig::new("127.0.0.1:1");
+        check(&config).unwrap();
+        // The join's re-key producer never times records out: its wait is the drain's.
+        check(&config.clone().producer_property("message.timeout.ms", "0")).unwrap();
+    }
+
+    #[test]
+    fn a_revoke_that_could_outlast_the_rebalance_timeout_is_refused() {
+        // librdkafka's own producer default: 30 s drain + 300 s settle > 300 s.
+        let config =
+            KafkaConfig::new("127.0.0.1:1").producer_property("message.timeout.ms", "300000");
+        let error = check(&config).unwrap_err().to_string();
+        assert!(error.contains("max.poll.interval.ms"), "{error}");
+        assert!(error.contains("message.timeout.ms"), "{error}");
+        // Either side can make it fit.
+        check(
+            &config
+                .clone()
+                .consumer_property("max.poll.interval.ms", "600000"),
+        )
+        .unwrap();
+        check(
+            &config
+                .clone()
+                .drain_timeout(Duration::from_secs(1))
+                .producer_property("delivery.timeout.ms", "60000"),
+        )
+        .unwrap();
+        let slow_drain = KafkaConfig::new("127.0.0.1:1").drain_timeout(Duration::from_secs(200));
+        assert!(check(&slow_drain).is_err());
     }
 }
