@@ -2,8 +2,9 @@
 //!
 //! One database file (or an in-memory database) per process, opened in WAL mode so reads
 //! never wait for writes; writes take the database lock up front (`BEGIN IMMEDIATE`) so
-//! concurrent tasks of one process queue instead of failing. Every batch write is one
-//! transaction, so [`upsert_all`](flows_core::SingleStateRepository::upsert_all) is atomic.
+//! concurrent tasks of one process queue instead of failing. Every batch write is atomic
+//! (a savepoint); writes that queue behind each other share one transaction and one
+//! commit (group commit), and each returns only once it is committed.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), flows_core::RepositoryError> {
@@ -22,6 +23,7 @@
 //! JSON) or `BLOB`.
 
 mod error;
+mod group;
 mod state;
 mod store;
 mod upsert;

@@ -85,6 +85,28 @@ impl SqliteStateRepository {
             .await
     }
 
+    /// Writes `writes`, or fails with the ids whose version had changed (then the caller
+    /// undoes what was written).
+    async fn write_states(
+        &self,
+        connection: &mut sqlx::SqliteConnection,
+        writes: &[PreparedWrite<'_>],
+    ) -> Result<(), RepositoryError> {
+        let mut applied = HashSet::with_capacity(writes.len());
+        for chunk in writes.chunks(MAX_BATCH_SIZE) {
+            let (inserts, updates): (Vec<_>, Vec<_>) =
+                chunk.iter().partition(|w| w.expected_version == 0);
+            self.write_chunk(connection, &inserts, &mut applied).await?;
+            self.write_chunk(connection, &updates, &mut applied).await?;
+        }
+        let conflicts = conflicting_ids(writes, &applied);
+        if conflicts.is_empty() {
+            Ok(())
+        } else {
+            Err(RepositoryError::Conflict { ids: conflicts })
+        }
+    }
+
     /// Writes one chunk of states, all new (`expected_version == 0`: insert if absent) or
     /// all existing (update where the version is still the one read), and records which
     /// ids it applied. Row values: id, content, internal, new version, then `created_at`
@@ -182,20 +204,12 @@ impl SingleStateRepository for SqliteStateRepository {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.store.begin_write().await?;
-        let mut applied = HashSet::with_capacity(writes.len());
-        for chunk in writes.chunks(MAX_BATCH_SIZE) {
-            let (inserts, updates): (Vec<_>, Vec<_>) =
-                chunk.iter().partition(|w| w.expected_version == 0);
-            self.write_chunk(&mut tx, &inserts, &mut applied).await?;
-            self.write_chunk(&mut tx, &updates, &mut applied).await?;
-        }
-        let conflicts = conflicting_ids(&writes, &applied);
-        if !conflicts.is_empty() {
-            tx.rollback().await.map_err(map_err)?;
-            return Err(RepositoryError::Conflict { ids: conflicts });
-        }
-        tx.commit().await.map_err(map_err)?;
+        let mut write = self.store.join_write().await?;
+        let outcome = match write.connection() {
+            Ok(connection) => self.write_states(connection, &writes).await,
+            Err(error) => Err(error),
+        };
+        write.finish(outcome).await?;
         let now = write_time(writes);
         Ok(into_written(states, now))
     }

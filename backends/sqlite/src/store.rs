@@ -10,6 +10,7 @@ use sqlx::sqlite::{
 };
 
 use crate::error::map_err;
+use crate::group::{GroupCommit, GroupWrite};
 
 impl SqliteStore {
     /// Whether the table `table` exists.
@@ -60,6 +61,8 @@ const MAX_FILE_CONNECTIONS: u32 = 1;
 #[derive(Clone, Debug)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The write transaction its writers share (see [`GroupCommit`]).
+    pub(crate) group: GroupCommit,
 }
 
 impl SqliteStore {
@@ -139,12 +142,15 @@ impl SqliteStore {
                 },
             }
         };
-        Ok(Self { pool })
+        Ok(Self::from_pool(pool))
     }
 
     /// Wraps an existing pool (the caller chose its options).
     pub fn from_pool(pool: SqlitePool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            group: GroupCommit::default(),
+        }
     }
 
     /// The underlying pool.
@@ -152,15 +158,12 @@ impl SqliteStore {
         &self.pool
     }
 
-    /// Starts a write transaction. `BEGIN IMMEDIATE` takes the write lock now, so two
-    /// tasks never both read under a shared lock and then deadlock upgrading it.
-    pub(crate) async fn begin_write(
-        &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, RepositoryError> {
-        self.pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(map_err)
+    /// Waits for a turn in the write transaction its writers share: write through
+    /// [`GroupWrite::connection`], then [`GroupWrite::finish`], which returns once the
+    /// write is committed. Concurrent writers share one commit (one WAL append of the
+    /// pages they dirtied), each in a savepoint of its own.
+    pub(crate) async fn join_write(&self) -> Result<GroupWrite, RepositoryError> {
+        self.group.join(&self.pool).await
     }
 }
 

@@ -114,6 +114,57 @@ fn read_value(
 }
 
 impl<T: Row> SqliteUpsertRepository<T> {
+    /// Applies `batch`'s deletes, then its upserts.
+    async fn write_changes(
+        &self,
+        connection: &mut sqlx::SqliteConnection,
+        batch: &ChangeBatch,
+    ) -> Result<(), RepositoryError> {
+        let table = self.schema.table();
+        let key_columns = self.schema.key_indices().len();
+        for chunk in batch.deletes.chunks(self.rows_per_statement()) {
+            let sql = format!(
+                "DELETE FROM \"{table}\" WHERE ({}) IN (VALUES {})",
+                self.key_list(),
+                placeholders(chunk.len(), key_columns)
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for key in chunk {
+                for value in key.values() {
+                    query = bind(query, value);
+                }
+            }
+            query.execute(&mut *connection).await.map_err(map_err)?;
+        }
+        let columns = self.schema.columns();
+        let updates: Vec<String> = columns
+            .iter()
+            .filter(|c| !c.primary_key)
+            .map(|c| format!("\"{0}\" = excluded.\"{0}\"", c.name))
+            .collect();
+        let on_conflict = if updates.is_empty() {
+            "DO NOTHING".to_owned()
+        } else {
+            format!("DO UPDATE SET {}", updates.join(", "))
+        };
+        for chunk in batch.upserts.chunks(self.rows_per_statement()) {
+            let sql = format!(
+                "INSERT INTO \"{table}\" ({}) VALUES {} ON CONFLICT ({}) {on_conflict}",
+                quoted_list(columns.iter().map(|c| &c.name)),
+                placeholders(chunk.len(), columns.len()),
+                self.key_list(),
+            );
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            for row in chunk {
+                for value in row {
+                    query = bind(query, value);
+                }
+            }
+            query.execute(&mut *connection).await.map_err(map_err)?;
+        }
+        Ok(())
+    }
+
     /// Opens the table named by `T::schema()` (created if missing).
     pub async fn new(store: SqliteStore) -> Result<Self, RepositoryError> {
         Self::open_schema(store, T::schema(), TableMode::CreateIfMissing).await
@@ -207,51 +258,12 @@ impl<T: Row> UpsertRepository<T> for SqliteUpsertRepository<T> {
         if batch.is_empty() {
             return Ok(());
         }
-        let table = self.schema.table();
-        let key_columns = self.schema.key_indices().len();
-        let mut tx = self.store.begin_write().await?;
-        for chunk in batch.deletes.chunks(self.rows_per_statement()) {
-            let sql = format!(
-                "DELETE FROM \"{table}\" WHERE ({}) IN (VALUES {})",
-                self.key_list(),
-                placeholders(chunk.len(), key_columns)
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for key in chunk {
-                for value in key.values() {
-                    query = bind(query, value);
-                }
-            }
-            query.execute(&mut *tx).await.map_err(map_err)?;
-        }
-        let columns = self.schema.columns();
-        let updates: Vec<String> = columns
-            .iter()
-            .filter(|c| !c.primary_key)
-            .map(|c| format!("\"{0}\" = excluded.\"{0}\"", c.name))
-            .collect();
-        let on_conflict = if updates.is_empty() {
-            "DO NOTHING".to_owned()
-        } else {
-            format!("DO UPDATE SET {}", updates.join(", "))
+        let mut write = self.store.join_write().await?;
+        let outcome = match write.connection() {
+            Ok(connection) => self.write_changes(connection, &batch).await,
+            Err(error) => Err(error),
         };
-        for chunk in batch.upserts.chunks(self.rows_per_statement()) {
-            let sql = format!(
-                "INSERT INTO \"{table}\" ({}) VALUES {} ON CONFLICT ({}) {on_conflict}",
-                quoted_list(columns.iter().map(|c| &c.name)),
-                placeholders(chunk.len(), columns.len()),
-                self.key_list(),
-            );
-            let mut query = sqlx::query(AssertSqlSafe(sql));
-            for row in chunk {
-                for value in row {
-                    query = bind(query, value);
-                }
-            }
-            query.execute(&mut *tx).await.map_err(map_err)?;
-        }
-        tx.commit().await.map_err(map_err)?;
-        Ok(())
+        write.finish(outcome).await
     }
 
     async fn get_all(&self, keys: &[PrimaryKey]) -> Result<Vec<Option<T>>, RepositoryError> {
