@@ -388,6 +388,16 @@ impl KafkaConfig {
     }
 }
 
+/// The last value among `properties` of any of `keys`, as a whole number (librdkafka's
+/// later settings win).
+pub(crate) fn numeric_property(properties: &[(String, String)], keys: &[&str]) -> Option<u64> {
+    properties
+        .iter()
+        .rev()
+        .find(|(key, _)| keys.contains(&key.as_str()))
+        .and_then(|(_, value)| value.trim().parse::<u64>().ok())
+}
+
 /// Parses `key=value,key=value` from the variable `name`. A malformed item may hold a
 /// secret, so the error names its position, not its text.
 fn parse_properties(name: &str, list: &str) -> Result<Vec<(String, String)>, crate::EngineError> {

@@ -40,6 +40,18 @@ const ABANDON_GRACE: Duration = Duration::from_secs(5);
 /// How much longer than the producer's `message.timeout.ms` an abandoned batch's
 /// outputs are waited for: librdkafka reports every record by then.
 const SETTLE_MARGIN: Duration = Duration::from_secs(5);
+/// Attempts of a synchronous commit (revoke, shutdown), and the first wait between them.
+const SYNC_COMMIT_ATTEMPTS: u32 = 4;
+const SYNC_COMMIT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// First and longest wait of the commit thread after a failed commit (or until the
+/// next rebalance, if sooner).
+const COMMIT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
+const COMMIT_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// How long the commit thread waits for a rebalance to end after a commit refused
+/// because of it (the rebalance callback commits the partitions that move).
+const COMMIT_RETRY_AFTER_REBALANCE: Duration = Duration::from_secs(30);
 
 /// The longest a revoke can block the group's rebalance: the drain, the grace, then the
 /// wait for an abandoned batch's outputs to settle (bounded by `delivery_timeout`, or by
@@ -52,16 +64,6 @@ pub(crate) fn longest_revoke(
 ) -> Duration {
     drain_timeout + ABANDON_GRACE + delivery_timeout.map_or(drain_timeout, |t| t + SETTLE_MARGIN)
 }
-/// Attempts of a synchronous commit (revoke, shutdown), and the first wait between them.
-const SYNC_COMMIT_ATTEMPTS: u32 = 4;
-const SYNC_COMMIT_BACKOFF: Duration = Duration::from_millis(100);
-/// First and longest wait of the commit thread after a failed commit (or until the
-/// next rebalance, if sooner).
-const COMMIT_RETRY_BACKOFF: Duration = Duration::from_secs(1);
-const COMMIT_RETRY_MAX: Duration = Duration::from_secs(10);
-/// How long the commit thread waits for a rebalance to end after a commit refused
-/// because of it (the rebalance callback commits the partitions that move).
-const COMMIT_RETRY_AFTER_REBALANCE: Duration = Duration::from_secs(30);
 
 /// Whether a commit failed because the group is rebalancing (the member must rejoin).
 fn is_rebalance_error(error: &rdkafka::error::KafkaError) -> bool {

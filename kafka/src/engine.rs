@@ -8,7 +8,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::oneshot;
 
-use crate::config::{KafkaConfig, client_error};
+use crate::config::{KafkaConfig, client_error, numeric_property};
 use crate::consumer::{EngineContext, Shared, longest_revoke, poll_loop};
 use crate::error::EngineError;
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -160,11 +160,7 @@ fn check_revoke_fits_rebalance(
     drain_timeout: Duration,
     delivery_timeout: Option<Duration>,
 ) -> Result<(), EngineError> {
-    let rebalance_timeout = consumer_properties
-        .iter()
-        .rev()
-        .find(|(key, _)| key == "max.poll.interval.ms")
-        .and_then(|(_, value)| value.trim().parse::<u64>().ok())
+    let rebalance_timeout = numeric_property(consumer_properties, &["max.poll.interval.ms"])
         .map_or(DEFAULT_REBALANCE_TIMEOUT, Duration::from_millis);
     let longest = longest_revoke(drain_timeout, delivery_timeout);
     if longest < rebalance_timeout {

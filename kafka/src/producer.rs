@@ -12,7 +12,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::Notify;
 
-use crate::config::{KafkaConfig, client_error};
+use crate::config::{KafkaConfig, client_error, numeric_property};
 use crate::error::EngineError;
 
 /// Sends batches of [`EncodedRecord`]s and resolves once the broker acknowledged all of
@@ -181,13 +181,11 @@ impl OutputProducer {
     /// failure): `message.timeout.ms` (alias `delivery.timeout.ms`); `None` when it is 0,
     /// which means forever.
     pub fn delivery_timeout(&self) -> Option<Duration> {
-        let millis = self
-            .properties
-            .iter()
-            .rev()
-            .find(|(key, _)| key == "message.timeout.ms" || key == "delivery.timeout.ms")
-            .and_then(|(_, value)| value.trim().parse::<u64>().ok())
-            .unwrap_or(300_000); // librdkafka's default
+        let millis = numeric_property(
+            &self.properties,
+            &["message.timeout.ms", "delivery.timeout.ms"],
+        )
+        .unwrap_or(300_000); // librdkafka's default
         (millis > 0).then(|| Duration::from_millis(millis))
     }
 

@@ -309,11 +309,13 @@ mod tests {
         let mut first = store.join_write().await.unwrap();
         insert(&mut first, 1).await.unwrap();
         // The second writer queues, so the first leaves its row uncommitted for it.
+        let (written, has_written) = oneshot::channel();
         let mut second = {
             let store = store.clone();
             tokio::spawn(async move {
                 let mut write = store.join_write().await.unwrap();
                 insert(&mut write, 2).await.unwrap();
+                let _ = written.send(());
                 // Cancelled here: its part is written, not finished.
                 std::future::pending::<()>().await;
                 drop(write);
@@ -321,8 +323,9 @@ mod tests {
         };
         queued(&store, 1).await;
         let first = tokio::spawn(async move { first.finish(Ok(())).await });
-        // The first writer waits for a commit that the cancelled one will never make.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The second writer's turn comes only after the first left the commit to it: the
+        // first waits for a commit that the cancelled one will never make.
+        has_written.await.unwrap();
         second.abort();
         let _ = (&mut second).await;
         let error = first.await.unwrap().unwrap_err();
