@@ -362,8 +362,9 @@ mod tests {
     /// fully typed messages reads back the same, and the other way round.
     #[test]
     fn stored_layout_is_the_documented_schema() {
-        let output = |n: u8| proto::OutputRecord {
-            topic: "out".into(),
+        // The first output names its topic; the others, to the same topic, leave it out.
+        let output = |n: u8, topic: Option<&str>| proto::OutputRecord {
+            topic: topic.map(str::to_owned),
             partition: Some(i32::from(n)),
             key: Some(vec![n]),
             value: None,
@@ -386,11 +387,11 @@ mod tests {
                     inputs: vec![
                         proto::InputResult {
                             offset: 8,
-                            outputs: vec![output(1)],
+                            outputs: vec![output(1, Some("out"))],
                         },
                         proto::InputResult {
                             offset: 9,
-                            outputs: vec![output(2), output(3)],
+                            outputs: vec![output(2, None), output(3, None)],
                         },
                     ],
                 }],

@@ -9,11 +9,15 @@
 //! message PartitionResults { string topic = 1; int32 partition = 2; repeated InputResult inputs = 3; }
 //! message InputResult { int64 offset = 1; repeated OutputRecord outputs = 2; }
 //! message OutputRecord {
-//!   string topic = 1; optional int32 partition = 2; optional bytes key = 3;
+//!   optional string topic = 1; optional int32 partition = 2; optional bytes key = 3;
 //!   optional bytes value = 4; repeated Header headers = 5; optional int64 timestamp = 6;
 //! }
 //! message Header { string key = 1; optional bytes value = 2; }
 //! ```
+//!
+//! An `OutputRecord` without a topic goes to the topic of the record before it in the
+//! same `PartitionResults`: writers spell a topic out only where it changes (and on the
+//! first record). Blobs written when every record had its topic read the same.
 //!
 //! A new layout is added as `v2` in the oneof; readers keep decoding `v1`, so stored
 //! states never need a migration.
@@ -107,8 +111,9 @@ pub struct InputResult {
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct OutputRecord {
-    #[prost(string, tag = "1")]
-    pub topic: String,
+    /// `None`: the topic of the record before.
+    #[prost(string, optional, tag = "1")]
+    pub topic: Option<String>,
     #[prost(int32, optional, tag = "2")]
     pub partition: Option<i32>,
     #[prost(bytes = "vec", optional, tag = "3")]

@@ -51,22 +51,28 @@ impl PartitionResults {
         let inputs = inputs
             .into_iter()
             .filter(|(_, outputs)| !outputs.is_empty());
+        let mut previous = None;
         let size = implicit_str_len(1, &tp.topic)
             + implicit_int_len(2, i64::from(tp.partition))
             + inputs
                 .clone()
-                .map(|(offset, outputs)| delimited_len(3, input_len(offset, outputs)))
+                .map(|(offset, outputs)| {
+                    delimited_len(3, input_len(offset, outputs, &mut previous))
+                })
                 .sum::<usize>();
         let mut buf = Vec::with_capacity(size);
         put_str(1, &tp.topic, &mut buf);
         put_int(2, i64::from(tp.partition), &mut buf);
         let mut written = 0;
+        let mut previous = None;
         for (offset, outputs) in inputs {
-            put_delimited_head(3, input_len(offset, outputs), &mut buf);
+            let mut sizing = previous;
+            put_delimited_head(3, input_len(offset, outputs, &mut sizing), &mut buf);
             put_int(1, offset, &mut buf);
             for record in outputs {
-                put_delimited_head(2, record_len(record), &mut buf);
-                put_record(record, &mut buf);
+                let topic = stored_topic(record, &mut previous);
+                put_delimited_head(2, record_len(record, topic), &mut buf);
+                put_record(record, topic, &mut buf);
             }
             written += 1;
         }
@@ -93,11 +99,16 @@ impl PartitionResults {
     /// Decodes every input: input offset → its outputs.
     pub fn decode(&self) -> Result<BTreeMap<i64, Vec<EncodedRecord>>, StateCodecError> {
         let stored = proto::PartitionResults::decode(self.encoded.clone())?;
+        let mut previous: Arc<str> = Arc::from("");
         Ok(stored
             .inputs
             .into_iter()
             .map(|input| {
-                let outputs = input.outputs.into_iter().map(record_from_proto).collect();
+                let outputs = input
+                    .outputs
+                    .into_iter()
+                    .map(|record| record_from_proto(record, &mut previous))
+                    .collect();
                 (input.offset, outputs)
             })
             .collect())
@@ -186,13 +197,30 @@ impl LastResults {
 // Encoding by hand, from borrowed records, so that storing outputs copies their bytes
 // once instead of building owned protobuf structs first. Field for field the same as
 // prost's encoding of `proto::PartitionResults` (a test checks it).
+//
+// A record's topic is written only on the first record and where it differs from the
+// record's before it (in the same `PartitionResults`): nearly all outputs of a state go
+// to one topic, and its name was the largest part of the stored results (about half of
+// a word count's). An absent topic reads as the one before.
+
+/// The topic to write for `record` (`None`: the same as the record before), advancing
+/// `previous` to it.
+fn stored_topic<'r>(record: &'r EncodedRecord, previous: &mut Option<&'r str>) -> Option<&'r str> {
+    let topic: &str = &record.topic;
+    if *previous == Some(topic) {
+        None
+    } else {
+        *previous = Some(topic);
+        Some(topic)
+    }
+}
 
 fn header_len(header: &Header) -> usize {
     implicit_str_len(1, &header.key) + header.value.as_deref().map_or(0, |v| str_len(2, v))
 }
 
-fn record_len(r: &EncodedRecord) -> usize {
-    implicit_str_len(1, &r.topic)
+fn record_len(r: &EncodedRecord, topic: Option<&str>) -> usize {
+    topic.map_or(0, |topic| str_len(1, topic.as_bytes()))
         + r.partition.map_or(0, |p| int_len(2, i64::from(p)))
         + r.key.as_deref().map_or(0, |k| str_len(3, k))
         + r.value.as_deref().map_or(0, |v| str_len(4, v))
@@ -203,8 +231,10 @@ fn record_len(r: &EncodedRecord) -> usize {
         + r.timestamp.map_or(0, |t| int_len(6, t))
 }
 
-fn put_record(r: &EncodedRecord, buf: &mut impl BufMut) {
-    put_str(1, &r.topic, buf);
+fn put_record(r: &EncodedRecord, topic: Option<&str>, buf: &mut impl BufMut) {
+    if let Some(topic) = topic {
+        put_bytes(1, topic.as_bytes(), buf);
+    }
     if let Some(p) = r.partition {
         put_optional_int(2, i64::from(p), buf);
     }
@@ -226,17 +256,27 @@ fn put_record(r: &EncodedRecord, buf: &mut impl BufMut) {
     }
 }
 
-fn input_len(offset: i64, outputs: &[EncodedRecord]) -> usize {
+/// The encoded size of an input's results, advancing `previous` (see [`stored_topic`]).
+fn input_len<'r>(
+    offset: i64,
+    outputs: &'r [EncodedRecord],
+    previous: &mut Option<&'r str>,
+) -> usize {
     implicit_int_len(1, offset)
         + outputs
             .iter()
-            .map(|r| delimited_len(2, record_len(r)))
+            .map(|r| delimited_len(2, record_len(r, stored_topic(r, previous))))
             .sum::<usize>()
 }
 
-fn record_from_proto(r: proto::OutputRecord) -> EncodedRecord {
+/// A stored record, its absent topic read as `previous` (the record before's), which
+/// it then becomes.
+fn record_from_proto(r: proto::OutputRecord, previous: &mut Arc<str>) -> EncodedRecord {
+    if let Some(topic) = r.topic {
+        *previous = Arc::from(topic);
+    }
     EncodedRecord {
-        topic: r.topic.into(),
+        topic: Arc::clone(previous),
         partition: r.partition,
         key: r.key,
         value: r.value,
@@ -259,9 +299,17 @@ mod tests {
     use crate::message::Headers;
     use proptest::prelude::*;
 
-    fn record_to_proto(r: &EncodedRecord) -> proto::OutputRecord {
+    /// `r` as stored: its topic left out when it is `previous`'s.
+    fn record_to_proto(r: &EncodedRecord, previous: &mut Option<String>) -> proto::OutputRecord {
+        let topic = Some(r.topic.to_string());
+        let topic = if *previous == topic {
+            None
+        } else {
+            previous.clone_from(&topic);
+            topic
+        };
         proto::OutputRecord {
-            topic: r.topic.to_string(),
+            topic,
             partition: r.partition,
             key: r.key.clone(),
             value: r.value.clone(),
@@ -321,6 +369,7 @@ mod tests {
                 &tp,
                 inputs.iter().map(|(o, r)| (*o, r.as_slice())),
             );
+            let mut previous = None;
             let theirs = proto::PartitionResults {
                 topic: topic.clone(),
                 partition,
@@ -329,7 +378,10 @@ mod tests {
                     .filter(|(_, r)| !r.is_empty())
                     .map(|(offset, outputs)| proto::InputResult {
                         offset: *offset,
-                        outputs: outputs.iter().map(record_to_proto).collect(),
+                        outputs: outputs
+                            .iter()
+                            .map(|r| record_to_proto(r, &mut previous))
+                            .collect(),
                     })
                     .collect(),
             }
@@ -344,6 +396,55 @@ mod tests {
             let (read_tp, _) = PartitionResults::from_stored(ours.encoded.clone()).unwrap();
             prop_assert_eq!(read_tp, tp);
         }
+    }
+
+    fn record(topic: &str, value: &[u8]) -> EncodedRecord {
+        EncodedRecord {
+            topic: topic.into(),
+            partition: None,
+            key: Some(b"k".to_vec()),
+            value: Some(value.to_vec()),
+            headers: Headers::new(),
+            timestamp: Some(1),
+        }
+    }
+
+    #[test]
+    fn a_topic_is_stored_once_per_run_of_records_to_it() {
+        let tp = TopicPartition::new("in", 0);
+        let first = [record("out-topic", b"1"), record("out-topic", b"2")];
+        let second = [record("out-topic", b"3"), record("other", b"4")];
+        let third = [record("out-topic", b"5")];
+        let inputs = [(1, &first[..]), (2, &second[..]), (3, &third[..])];
+        let results = PartitionResults::encode(&tp, inputs);
+        let stored = String::from_utf8_lossy(results.as_bytes()).into_owned();
+        assert_eq!(stored.matches("out-topic").count(), 2, "{stored:?}");
+        assert_eq!(stored.matches("other").count(), 1, "{stored:?}");
+        let decoded = results.decode().unwrap();
+        assert_eq!(decoded[&1], first);
+        assert_eq!(decoded[&2], second);
+        assert_eq!(decoded[&3], third);
+    }
+
+    /// Results written before topics were left out (every record's spelled out) read
+    /// the same, and a record to the empty topic stays there.
+    #[test]
+    fn results_with_every_topic_written_read_the_same() {
+        let outputs = [record("out", b"1"), record("out", b"2"), record("", b"3")];
+        let every_topic = proto::PartitionResults {
+            topic: "in".into(),
+            partition: 0,
+            inputs: vec![proto::InputResult {
+                offset: 7,
+                outputs: outputs
+                    .iter()
+                    .map(|r| record_to_proto(r, &mut None))
+                    .collect(),
+            }],
+        }
+        .encode_to_vec();
+        let (_, results) = PartitionResults::from_stored(every_topic.into()).unwrap();
+        assert_eq!(results.decode().unwrap()[&7], outputs);
     }
 
     #[test]

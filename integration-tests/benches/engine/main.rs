@@ -64,6 +64,7 @@ use flows::{EncodedRecord, Headers, Json, Record, Topic, Utf8};
 // Every program here, the passthrough included, allocates through mimalloc, as a
 // production deployment of a Rust service would; glibc malloc spends a third of a
 // stateful pipeline's CPU time under this load (see the README's performance notes).
+// Built without transparent huge pages (the `no_thp` feature, see Cargo.toml).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
