@@ -102,17 +102,7 @@ impl SqliteStateRepository {
             .execute(&mut *connection)
             .await
             .map_err(map_err)?;
-        let mut all_written = true;
-        for chunk in writes.chunks(MAX_BATCH_SIZE) {
-            let (inserts, updates): (Vec<_>, Vec<_>) =
-                chunk.iter().partition(|w| w.expected_version == 0);
-            all_written = all_written
-                && self.write_chunk(connection, &inserts, None).await?
-                && self.write_chunk(connection, &updates, None).await?;
-            if !all_written {
-                break;
-            }
-        }
+        let all_written = self.write_chunks(connection, writes, None).await?;
         let end = if all_written {
             "RELEASE flows_counted"
         } else {
@@ -126,20 +116,37 @@ impl SqliteStateRepository {
             return Ok(());
         }
         let mut applied = HashSet::with_capacity(writes.len());
-        for chunk in writes.chunks(MAX_BATCH_SIZE) {
-            let (inserts, updates): (Vec<_>, Vec<_>) =
-                chunk.iter().partition(|w| w.expected_version == 0);
-            self.write_chunk(connection, &inserts, Some(&mut applied))
-                .await?;
-            self.write_chunk(connection, &updates, Some(&mut applied))
-                .await?;
-        }
+        self.write_chunks(connection, writes, Some(&mut applied))
+            .await?;
         let conflicts = conflicting_ids(writes, &applied);
         if conflicts.is_empty() {
             Ok(())
         } else {
             Err(RepositoryError::Conflict { ids: conflicts })
         }
+    }
+
+    /// Writes `writes` in statements of at most [`MAX_BATCH_SIZE`] rows; whether every
+    /// one was written. Counting (`applied` is `None`) stops at the first statement that
+    /// fell short; naming writes them all and records in `applied` the ids written.
+    async fn write_chunks(
+        &self,
+        connection: &mut sqlx::SqliteConnection,
+        writes: &[PreparedWrite<'_>],
+        mut applied: Option<&mut HashSet<PersistenceId>>,
+    ) -> Result<bool, RepositoryError> {
+        for chunk in writes.chunks(MAX_BATCH_SIZE) {
+            let (inserts, updates): (Vec<_>, Vec<_>) =
+                chunk.iter().partition(|w| w.expected_version == 0);
+            for group in [inserts, updates] {
+                let naming = applied.as_deref_mut();
+                let counting = naming.is_none();
+                if !self.write_chunk(connection, &group, naming).await? && counting {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// Writes one chunk of states, all new (`expected_version == 0`: insert if absent) or
