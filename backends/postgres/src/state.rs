@@ -83,6 +83,17 @@ impl Statements {
     }
 }
 
+/// Starts a write's transaction, planning its statements once per connection.
+///
+/// PostgreSQL plans the first five executions of a statement on each connection for
+/// the values at hand. Knowing that a batch covers much of a small table, it joined the
+/// batch by hashing the whole table (a sequential scan per write, about twice the time
+/// of looking each id up in the primary key), and re-planned every time (a few
+/// milliseconds of server CPU per write). The generic plan looks ids up in the primary
+/// key whatever the batch's size. `SET LOCAL` ends with the transaction, so a pool
+/// shared with other code (`PostgresStore::from_pool`) keeps its own setting.
+const BEGIN_WITH_GENERIC_PLANS: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan";
+
 /// How one attempt at writing a batch ended.
 enum Attempt {
     /// Every write applied; committed.
@@ -171,7 +182,12 @@ impl PostgresStateRepository {
         ordered: &[&PreparedWrite<'_>],
         naming: bool,
     ) -> Result<Attempt, RepositoryError> {
-        let mut tx = self.store.pool().begin().await.map_err(map_err)?;
+        let mut tx = self
+            .store
+            .pool()
+            .begin_with(BEGIN_WITH_GENERIC_PLANS)
+            .await
+            .map_err(map_err)?;
         let mut applied = HashSet::with_capacity(if naming { writes.len() } else { 0 });
         for chunk in ordered.chunks(MAX_BATCH_SIZE) {
             let (inserts, updates): (Vec<_>, Vec<_>) =
@@ -305,5 +321,70 @@ impl SingleStateRepository for PostgresStateRepository {
                 "a naming write reported no conflict but fell short".into(),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flows_core::{PersistenceId, RawState, SingleStateRepository, State};
+
+    use super::*;
+
+    fn url() -> String {
+        std::env::var("FLOWS_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/flows_test".to_owned())
+    }
+
+    /// How many sequential scans of `table` the server has counted, including those of
+    /// the last statement on this pool's one connection.
+    async fn sequential_scans(repository: &PostgresStateRepository) -> i64 {
+        let pool = repository.store.pool();
+        // Statistics reach the shared counters when a connection goes idle, at most
+        // once a second unless told otherwise (PostgreSQL 15 and later).
+        sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(pool)
+            .await
+            .expect("flush statistics");
+        sqlx::query_scalar("SELECT seq_scan FROM pg_stat_user_tables WHERE relname = $1")
+            .bind(repository.table().as_str())
+            .fetch_one(pool)
+            .await
+            .expect("table statistics")
+    }
+
+    /// A batch covering much of a small table was joined by hashing the whole table
+    /// (PostgreSQL's plan for the first five writes on every connection, when it
+    /// plans for the batch at hand) instead of looking its ids up in the primary key.
+    #[tokio::test]
+    async fn a_state_write_looks_its_ids_up_in_the_index_however_much_of_the_table_it_covers() {
+        // One connection: the statistics flushed are those of the writes.
+        let store = PostgresStore::connect_with_pool_size(&url(), 1)
+            .await
+            .expect("the test PostgreSQL server (scripts/test starts it)");
+        let table = format!("plan_{}", std::process::id());
+        let repository = PostgresStateRepository::new(store, &table)
+            .await
+            .expect("state table");
+        let states: Vec<RawState> = (0..2_000)
+            .map(|i| {
+                let id = PersistenceId::new(format!("word{i}")).expect("valid id");
+                State::fresh(id).with_content(vec![b'x'; 3])
+            })
+            .collect();
+        let mut written = repository.upsert_all(states).await.expect("inserted");
+        sqlx::query(AssertSqlSafe(format!("ANALYZE \"{table}\"")))
+            .execute(repository.store.pool())
+            .await
+            .expect("analyze");
+        let before = sequential_scans(&repository).await;
+        written.truncate(1_500);
+        let rewritten = repository.upsert_all(written).await.expect("updated");
+        let after = sequential_scans(&repository).await;
+        sqlx::query(AssertSqlSafe(format!("DROP TABLE \"{table}\"")))
+            .execute(repository.store.pool())
+            .await
+            .expect("drop");
+        assert_eq!(rewritten.len(), 1_500);
+        assert_eq!(after - before, 0, "the update scanned the whole table");
     }
 }

@@ -30,7 +30,9 @@
 //! is known) and local PostgreSQL processes used meanwhile. The programs run in
 //! `FLOWS_BENCH_ROUNDS` interleaved rounds (default 3); each row is a program's median
 //! run. `FLOWS_BENCH_ONLY=mode,mode` picks programs and measurements. Default engine
-//! settings throughout.
+//! settings throughout. `FLOWS_BENCH_PHASES=1` logs where each flows run's batches spent
+//! their time (sums over partitions of processing, publishing, fold, store read, store
+//! write), and `FLOWS_BENCH_WRAPPER` runs each program under a profiler.
 
 #![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
 
@@ -747,6 +749,19 @@ async fn run_flows(brokers: &str, pipeline: Pipeline, total: u64) -> Report {
         .await
         .expect("every message processed");
     let seconds = started.elapsed().as_secs_f64();
+    if std::env::var("FLOWS_BENCH_PHASES").is_ok() {
+        // Sums over partitions, which work side by side: waits show as long phases.
+        let h = running.metrics().histograms();
+        eprintln!(
+            "phases: batches {} process {:.3} publish {:.3} fold {:.3} read {:.3} write {:.3} (sums, s)",
+            h.process_seconds.count,
+            h.process_seconds.sum,
+            h.publish_seconds.sum,
+            h.fold_seconds.sum,
+            h.store_read_seconds.sum,
+            h.store_write_seconds.sum
+        );
+    }
     running.shutdown().await.unwrap();
     let mut report = Report::measure(total, seconds);
     // For the log: how the work was cut (batches, states read from the store and from
