@@ -8,9 +8,12 @@
 //! `FLOWS_BENCH_MESSAGES` messages (default 1,000,000) over 10,000 distinct words and 8
 //! partitions, then runs each program as its own process, one after the other, each
 //! reading the whole topic in its own consumer group:
-//! - (a) `passthrough`, `passthrough-one-thread`: consume-and-produce written directly
-//!   against rdkafka with flows' tuned client settings, one thread per partition queue
-//!   or one thread on the consumer's queue; the faster is the baseline (the ceiling);
+//! - (a) `passthrough`, `passthrough-one-thread`, `passthrough-handoff`:
+//!   consume-and-produce written directly against rdkafka with flows' tuned client
+//!   settings, one thread per partition queue, one thread on the consumer's queue, or
+//!   one thread on the consumer's queue handing copied batches to a thread per
+//!   partition (the layout of an engine with one poller); the fastest is the baseline
+//!   (the ceiling);
 //! - (b) `stateless`: a flows stateless one-to-one;
 //! - (c) `count-memory`, `count-sqlite`, `count-postgres`: flows word count;
 //! - (d) `count-by-hand`, `count-by-hand-postgres`: the least any word count does,
@@ -314,12 +317,16 @@ fn feed(brokers: &str, total: u64) {
 }
 
 /// The programs, in the order each round runs them: label and `--child` mode.
-const PROGRAMS: [(&str, &str); 10] = [
+const PROGRAMS: [(&str, &str); 11] = [
     (
         "(a) passthrough, a thread per partition queue",
         "passthrough",
     ),
     ("(a) passthrough, one thread", "passthrough-one-thread"),
+    (
+        "(a) passthrough, one thread handing copies to a thread per partition",
+        "passthrough-handoff",
+    ),
     ("(b) flows stateless one-to-one", "stateless"),
     ("(c) flows word count, in memory", "count-memory"),
     ("(c) flows word count, SQLite", "count-sqlite"),
@@ -634,6 +641,17 @@ async fn child(mode: &str, brokers: &str) -> Report {
     match mode {
         "passthrough" => by_hand_mode(|| passthrough(brokers, total, Threads::PerPartition)),
         "passthrough-one-thread" => by_hand_mode(|| passthrough(brokers, total, Threads::One)),
+        "passthrough-handoff" => by_hand_mode(|| {
+            let batch = bench_config(brokers).get_batch().max_messages;
+            by_hand(
+                brokers,
+                total,
+                "bench-handoff",
+                Threads::Handoff,
+                batch,
+                || |_: &[BorrowedMessage<'_>], _: &mut Produce<'_>| {},
+            )
+        }),
         "count-by-hand" => by_hand_mode(|| count_by_hand(brokers, total)),
         "count-by-hand-postgres" => by_hand_mode(|| count_by_hand_postgres(brokers, total)),
         "quix-at-least-once" | "quix-exactly-once" => {
@@ -983,7 +1001,12 @@ enum Threads {
     PerPartition,
     /// One thread on the consumer's own queue, the partitions interleaved.
     One,
+    /// One thread on the consumer's own queue handing copies to a thread per partition.
+    Handoff,
 }
+
+/// A message's key and value, copied.
+type Copied = (Option<Vec<u8>>, Option<Vec<u8>>);
 
 /// A hand-written program against rdkafka, with flows' tuned client settings: its
 /// threads hand batches of up to `max_batch` messages (what is queued, without waiting
@@ -1065,6 +1088,55 @@ where
                 let _ = consumer.poll(Duration::from_millis(20));
                 commit_every_second();
             }
+            for thread in threads {
+                thread.join().unwrap();
+            }
+        }
+        Threads::Handoff => {
+            // Passthrough only (the handler is not called): this thread takes messages
+            // from the consumer's own queue and hands each partition's share, copied,
+            // to that partition's thread, as an engine with one poller would.
+            let (senders, threads): (Vec<_>, Vec<_>) = (0..PARTITIONS)
+                .map(|_| {
+                    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Copied>>(4);
+                    let taker = taker.clone();
+                    let thread = std::thread::spawn(move || {
+                        for batch in receive {
+                            for (key, value) in &batch {
+                                taker.send(key.as_deref(), value.as_deref());
+                            }
+                            taker.seen.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        }
+                    });
+                    (send, thread)
+                })
+                .unzip();
+            let mut shares: Vec<Vec<Copied>> = vec![Vec::new(); PARTITIONS as usize];
+            while seen.load(Ordering::Relaxed) < total {
+                commit_every_second();
+                let mut taken = 0;
+                let mut next = consumer.poll(Duration::from_millis(100));
+                while let Some(message) = next {
+                    let message = message.unwrap();
+                    shares[message.partition() as usize].push((
+                        message.key().map(<[u8]>::to_vec),
+                        message.payload().map(<[u8]>::to_vec),
+                    ));
+                    consumer.store_offset_from_message(&message).unwrap();
+                    taken += 1;
+                    next = if taken < max_batch {
+                        consumer.poll(Duration::ZERO)
+                    } else {
+                        None
+                    };
+                }
+                for (share, sender) in shares.iter_mut().zip(&senders) {
+                    if !share.is_empty() {
+                        sender.send(std::mem::take(share)).unwrap();
+                    }
+                }
+            }
+            drop(senders);
             for thread in threads {
                 thread.join().unwrap();
             }
