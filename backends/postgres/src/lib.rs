@@ -3,7 +3,8 @@
 //! Built on sqlx with a connection pool. Every batch is one round trip per chunk of
 //! [`MAX_BATCH_SIZE`] (`= ANY($1)` reads, `UNNEST` writes) inside one transaction, so
 //! [`upsert_all`](flows_core::SingleStateRepository::upsert_all) is atomic and a stale
-//! version anywhere in a batch rolls back all of it.
+//! version anywhere in a batch rolls back all of it. Needs PostgreSQL 12 or later (a
+//! state write sets `plan_cache_mode` for its transaction); tested against 15 and 16.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), flows_core::RepositoryError> {
