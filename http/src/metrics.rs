@@ -152,7 +152,7 @@ const COUNTERS: [CounterOf; 16] = [
     ),
 ];
 
-const GAUGES: [CounterOf; 2] = [
+const GAUGES: [CounterOf; 3] = [
     (
         "flows_partitions_stalled",
         "Partitions retrying a failure or awaiting acknowledgements for long",
@@ -162,6 +162,11 @@ const GAUGES: [CounterOf; 2] = [
         "flows_partitions_assigned",
         "Partitions assigned to this pipeline",
         |s| s.assigned_partitions,
+    ),
+    (
+        "flows_messages_buffered",
+        "Messages taken from Kafka and waiting for their partition's worker",
+        |s| s.buffered_messages,
     ),
 ];
 

@@ -1653,3 +1653,71 @@ async fn two_partitions_writing_one_state_both_make_progress() {
     let stored = stored_counts(store.as_ref(), ["total".to_owned()]).await;
     assert_eq!(stored.get("total"), Some(&(2 * EACH as i64)), "exact total");
 }
+
+/// A partition whose batch never completes (its first message fails under a policy
+/// that retries it for ever) holds back only itself: the other partition's messages
+/// are all processed meanwhile, and a restart or shutdown is still possible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_partition_holds_back_only_itself() {
+    const EACH: usize = 3_000;
+    let kafka = cluster(&[("jobs", 2), ("done", 2)]);
+    let brokers = kafka.bootstrap_servers();
+    let mut records = vec![text_record("jobs", Some(0), "j", "stuck")];
+    for i in 0..EACH {
+        records.push(text_record("jobs", Some(0), &format!("a{i}"), "ok"));
+        records.push(text_record("jobs", Some(1), &format!("b{i}"), "ok"));
+    }
+    produce(&brokers, &records).await;
+    let attempts = Arc::new(AtomicU32::new(0));
+    let seen = Arc::clone(&attempts);
+    let work = StatelessFunction::one_to_one(
+        Topic::new("jobs", Utf8, Utf8),
+        Topic::new("done", Utf8, Utf8),
+        move |m| {
+            if m.value == "stuck" {
+                seen.fetch_add(1, Ordering::SeqCst);
+                return Err(FunctionError::new("the external party never answers"));
+            }
+            Ok(Record::new(m.key, m.value))
+        },
+    );
+    let policy = ErrorPolicy::stop().with_retries(u32::MAX, Duration::from_millis(20));
+    // Small batches: the stuck partition's backlog is hundreds of batches.
+    let config = test_config(&brokers)
+        .batch(10, TEST_BATCH_DELAY)
+        .drain_timeout(Duration::from_secs(1));
+    let running = Engine::new(config)
+        .start(&Pipeline::stateless("jobs", work).on_error(policy))
+        .unwrap();
+    let other_done = wait_until(WAIT, || {
+        running.metrics().snapshot().committed >= EACH as u64
+    })
+    .await;
+    // The stuck partition's backlog stays in Kafka: a batch per partition is taken.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = running.metrics().snapshot();
+    let live = running.metrics().clone();
+    running.shutdown().await.unwrap();
+    assert!(other_done, "partition 1 was processed: {metrics:?}");
+    assert_eq!(
+        metrics.committed, EACH as u64,
+        "partition 0 stayed stuck: {metrics:?}"
+    );
+    assert!(
+        metrics.buffered_messages <= 2 * 10,
+        "at most a batch waits per partition: {metrics:?}"
+    );
+    assert_eq!(
+        live.snapshot().buffered_messages,
+        0,
+        "released with the partitions"
+    );
+    assert!(
+        attempts.load(Ordering::SeqCst) > 1,
+        "the stuck message was retried"
+    );
+    assert_eq!(
+        committed_offsets(&brokers, "jobs", "jobs", 2),
+        vec![None, Some(EACH as i64)]
+    );
+}

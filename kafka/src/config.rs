@@ -321,10 +321,11 @@ impl KafkaConfig {
             ("fetch.min.bytes", "1"),
             ("fetch.wait.max.ms", fetch_wait.as_str()),
             // Read-ahead per partition (each assigned partition has its own queue): one
-            // batch. librdkafka keeps fetching a partition while its queue holds fewer
-            // than `queued.min.messages`, and every fetched message costs ~250 bytes of
-            // bookkeeping on top of its payload, so for small messages the message count,
-            // not the byte limit, is what bounds memory.
+            // batch, on top of the one its feed holds (consumer.rs). librdkafka keeps
+            // fetching a partition while its queue holds fewer than
+            // `queued.min.messages`, and every fetched message costs ~250 bytes of
+            // bookkeeping on top of its payload, so for small messages the message
+            // count, not the byte limit, is what bounds memory.
             ("queued.min.messages", read_ahead.as_str()),
             ("queued.max.messages.kbytes", "8192"),
             // A full queue postpones the partition's next fetch by this long; librdkafka's

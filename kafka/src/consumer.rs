@@ -1,10 +1,13 @@
 //! The consumer thread of a running pipeline: serves the consumer's events (rebalances,
-//! errors), starts and stops partition workers, and commits the offsets they completed.
+//! errors), takes every partition's messages for its worker, starts and stops partition
+//! workers, and commits the offsets they completed.
 //!
 //! Each assigned partition's messages are split into a queue of its own before the
-//! partition is assigned, and its worker reads that queue directly: a slow partition
-//! holds back only itself, and librdkafka stops fetching it when its queue is full
-//! (`queued.min.messages`, `queued.max.messages.kbytes`), so memory stays bounded.
+//! partition is assigned. This thread reads them all, in turn, and copies them to the
+//! partition's [`Feed`], which holds about one batch; its worker takes batches from
+//! there. A partition whose feed is full is not read, so librdkafka stops fetching it
+//! when its queue is full (`queued.min.messages`, `queued.max.messages.kbytes`): a slow
+//! partition holds back only itself, and memory stays bounded.
 //!
 //! It runs on its own OS thread because librdkafka calls the rebalance callback from
 //! `poll`, and that callback must *block* until the revoked partitions' workers have
@@ -26,10 +29,13 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use crate::error::EngineError;
+use crate::feed::{Feed, FeedInput};
 use crate::metrics::PartitionStats;
-use crate::worker::{Batch, PartitionControl, PartitionInput, WorkerContext, run_partition};
+use crate::worker::{PartitionControl, WorkerContext, run_partition};
 
-/// How long `poll` blocks; also the latency of stop requests and commits.
+/// The longest the consumer thread sleeps with nothing to copy (a queue turning
+/// non-empty, a full feed getting room or an event wakes it sooner); also the latency
+/// of stop requests.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How often completed offsets are committed while running.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
@@ -79,6 +85,7 @@ pub(crate) type EngineConsumer = BaseConsumer<EngineContext>;
 
 struct Slot {
     control: Arc<PartitionControl>,
+    feed: Arc<Feed>,
     task: JoinHandle<()>,
     /// The offset the broker confirmed as committed (-1: none yet).
     confirmed: i64,
@@ -103,6 +110,18 @@ pub(crate) struct Shared {
     rebalance_events: std::sync::atomic::AtomicU64,
     /// The consumer, for splitting partition queues inside rebalance callbacks.
     consumer: OnceLock<Weak<EngineConsumer>>,
+    /// The assigned partitions' queues, read by the consumer thread (and changed only
+    /// by it: rebalance callbacks run inside its `poll`).
+    sources: Mutex<Vec<Source>>,
+    /// The consumer thread, once it runs: woken when there is something for it to do.
+    consumer_thread: OnceLock<std::thread::Thread>,
+}
+
+/// An assigned partition's queue in librdkafka and the feed its messages go to.
+struct Source {
+    tp: TopicPartition,
+    queue: PartitionQueue<EngineContext>,
+    feed: Arc<Feed>,
 }
 
 impl Shared {
@@ -123,12 +142,25 @@ impl Shared {
             partition_stats: Mutex::new(Vec::new()),
             rebalance_events: std::sync::atomic::AtomicU64::new(0),
             consumer: OnceLock::new(),
+            sources: Mutex::new(Vec::new()),
+            consumer_thread: OnceLock::new(),
         }
     }
 
     /// Registers the consumer (once, right after it is created).
     pub(crate) fn set_consumer(&self, consumer: &Arc<EngineConsumer>) {
         let _ = self.consumer.set(Arc::downgrade(consumer));
+    }
+
+    /// Wakes the consumer thread if it sleeps (an event arrived).
+    pub(crate) fn wake_consumer_thread(&self) {
+        if let Some(thread) = self.consumer_thread.get() {
+            thread.unpark();
+        }
+    }
+
+    fn sources(&self) -> MutexGuard<'_, Vec<Source>> {
+        self.sources.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn slots(&self) -> MutexGuard<'_, HashMap<TopicPartition, Slot>> {
@@ -150,8 +182,9 @@ impl Shared {
         self.fatal.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    /// Splits `tp` into its own queue and starts its worker. Called before the
-    /// partition is assigned, so no message of it reaches the consumer's main queue.
+    /// Splits `tp` into its own queue, which this thread reads, and starts its worker.
+    /// Called before the partition is assigned (in a rebalance callback, so on the
+    /// consumer thread), so no message of it reaches the consumer's main queue.
     fn start_worker(self: &Arc<Self>, tp: &TopicPartition) -> Result<Slot, EngineError> {
         let consumer = self
             .consumer
@@ -161,13 +194,22 @@ impl Shared {
         let mut queue = consumer
             .split_partition_queue(&tp.topic, tp.partition)
             .ok_or_else(|| EngineError::Internal(format!("cannot split the queue of {tp}")))?;
+        let filler = std::thread::current();
+        let waker = filler.clone();
+        queue.set_nonempty_callback(move || waker.unpark());
         let control = Arc::new(PartitionControl::new());
-        let waker = Arc::clone(&control);
-        queue.set_nonempty_callback(move || waker.input_arrived());
-        let input = QueueInput {
+        let feed = Arc::new(Feed::new(
+            &self.worker.batch,
+            Arc::clone(&control),
+            filler,
+            self.worker.metrics.clone(),
+        ));
+        self.sources().push(Source {
+            tp: tp.clone(),
             queue,
-            topic: Arc::clone(&tp.topic),
-        };
+            feed: Arc::clone(&feed),
+        });
+        let input = FeedInput(Arc::clone(&feed));
         let shared = Arc::clone(self);
         let task_control = Arc::clone(&control);
         let tp_owned = tp.clone();
@@ -180,9 +222,35 @@ impl Shared {
         tracing::debug!(pipeline = %self.worker.pipeline.name, %tp, "partition worker started");
         Ok(Slot {
             control,
+            feed,
             task,
             confirmed: -1,
         })
+    }
+
+    /// Copies what the partitions' queues hold to their feeds, as far as each has room;
+    /// returns whether anything was copied. `copied` is scratch space, left empty.
+    fn fill_feeds(&self, copied: &mut Vec<RawMessage>) -> bool {
+        let sources = self.sources();
+        let mut moved = false;
+        for source in sources.iter() {
+            let room = source.feed.room();
+            while copied.len() < room {
+                match source.queue.poll(Duration::ZERO) {
+                    Some(Ok(message)) => copied.push(to_raw(&message, &source.tp.topic)),
+                    Some(Err(error)) => {
+                        // Fetch errors are reported here; librdkafka retries by itself.
+                        tracing::warn!(tp = %source.tp, %error, "partition queue error");
+                    }
+                    None => break,
+                }
+            }
+            if !copied.is_empty() {
+                moved = true;
+                source.feed.extend(copied);
+            }
+        }
+        moved
     }
 
     /// Commits the offsets of completed batches not confirmed yet, synchronously (on
@@ -263,8 +331,13 @@ impl Shared {
                 .filter_map(|tp| slots.remove(tp).map(|slot| (tp.clone(), slot)))
                 .collect()
         };
+        // Their queues are dropped and their feeds emptied: what was fetched and not
+        // taken is fetched again by the next owner, from the committed offset.
+        self.sources()
+            .retain(|source| !partitions.contains(&source.tp));
         for (_, slot) in &released {
             slot.control.release();
+            slot.feed.clear();
         }
         let name = &self.worker.pipeline.name;
         let drain_deadline = tokio::time::Instant::now() + self.drain_timeout;
@@ -308,7 +381,7 @@ impl Shared {
                     tracing::warn!(pipeline = %name, %tp, "outputs of an abandoned batch are still unsettled; they may land after the next owner's");
                 }
                 slot.task.abort();
-                // Wait for the abort, so that the partition's queue is dropped.
+                // Wait for the abort, so that nothing of the worker outlives the revoke.
                 let _ = self.runtime.block_on(&mut slot.task);
             }
         }
@@ -368,27 +441,6 @@ impl Shared {
 
     fn owned_partitions(&self) -> Vec<TopicPartition> {
         self.slots().keys().cloned().collect()
-    }
-}
-
-/// A partition's own queue, read by its worker.
-struct QueueInput {
-    queue: PartitionQueue<EngineContext>,
-    topic: Arc<str>,
-}
-
-impl PartitionInput for QueueInput {
-    fn drain(&mut self, batch: &mut Batch) {
-        while batch.has_room() {
-            match self.queue.poll(Duration::ZERO) {
-                Some(Ok(message)) => batch.push(to_raw(&message, &self.topic)),
-                Some(Err(error)) => {
-                    // Fetch errors are reported here; librdkafka retries by itself.
-                    tracing::warn!(topic = %self.topic, %error, "partition queue error");
-                }
-                None => break,
-            }
-        }
     }
 }
 
@@ -606,11 +658,16 @@ pub(crate) fn poll_loop(
     consumer: Arc<EngineConsumer>,
     shared: Arc<Shared>,
 ) -> Result<(), EngineError> {
+    let _ = shared.consumer_thread.set(std::thread::current());
     let committer = start_committer(Arc::clone(&consumer), Arc::clone(&shared));
     let mut last_commit = std::time::Instant::now();
     let mut last_progress_log = std::time::Instant::now();
+    let mut copied = Vec::new();
     while !shared.stop.load(Ordering::Acquire) {
-        match consumer.poll(POLL_INTERVAL) {
+        // Events first (without waiting), then the partitions' messages; with nothing to
+        // copy, sleep until a queue turns non-empty, a full feed gets room or an event
+        // arrives.
+        match consumer.poll(Duration::ZERO) {
             Some(Ok(message)) => {
                 // Every assigned partition has its own queue; a message here means that
                 // invariant broke. Stop rather than risk committing past it.
@@ -626,6 +683,9 @@ pub(crate) fn poll_loop(
                 tracing::warn!(pipeline = %shared.worker.pipeline.name, %error, "consumer error");
             }
             None => {}
+        }
+        if !shared.fill_feeds(&mut copied) {
+            std::thread::park_timeout(POLL_INTERVAL);
         }
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             shared.check_workers();
@@ -652,6 +712,8 @@ pub(crate) fn poll_loop(
     // stop, commits nothing of the released partitions after their final commit.
     let owned = shared.owned_partitions();
     shared.release(&consumer, &owned);
+    // A partition queue holds the consumer: none may outlive this loop.
+    shared.sources().clear();
     shared.worker.metrics.set_assigned_partitions(0);
     if let Some(committer) = committer
         && committer.join().is_err()

@@ -69,6 +69,7 @@ mod delivery;
 mod embedded;
 mod engine;
 mod error;
+mod feed;
 pub mod join;
 mod metrics;
 mod pipeline;

@@ -108,6 +108,7 @@ struct Counters {
     commit_failures: AtomicU64,
     state_conflicts: AtomicU64,
     assigned_partitions: AtomicU64,
+    buffered_messages: AtomicU64,
     batch_messages: Histogram,
     process_seconds: Histogram,
     publish_seconds: Histogram,
@@ -173,6 +174,9 @@ pub struct MetricsSnapshot {
     pub state_conflicts: u64,
     /// Partitions assigned to this pipeline right now (a gauge).
     pub assigned_partitions: u64,
+    /// Messages taken from Kafka and waiting for their partition's worker right now (a
+    /// gauge): about a batch per partition at most.
+    pub buffered_messages: u64,
 }
 
 macro_rules! counter {
@@ -233,6 +237,8 @@ counter! {
     /// Adds assigned partitions (a gauge, normally set: see `set_assigned_partitions`).
     #[allow(dead_code)]
     add_assigned_partitions => assigned_partitions,
+    /// Adds messages waiting for their worker (a gauge: see `sub_buffered_messages`).
+    add_buffered_messages => buffered_messages,
 }
 
 impl Metrics {
@@ -316,6 +322,11 @@ impl Metrics {
             }
             notified.await;
         }
+    }
+
+    /// Removes messages from the waiting ones (taken by a worker, or dropped on revoke).
+    pub(crate) fn sub_buffered_messages(&self, n: u64) {
+        self.inner.buffered_messages.fetch_sub(n, Ordering::Relaxed);
     }
 
     /// Sets the number of partitions assigned right now.

@@ -2,9 +2,9 @@
 //! *collect → stage (state durable) → publish (acknowledged) → mark offset committable*
 //! strictly one batch after the other, which is what the replay-aware fold requires.
 //!
-//! The worker reads its partition's own queue ([`PartitionInput`]), so a busy partition
-//! simply stops being read and librdkafka stops fetching it (bounded memory, no pause);
-//! other partitions go on. It never commits: it publishes the next offset to commit in
+//! The worker takes its partition's messages from its feed ([`PartitionInput`]), which
+//! the consumer thread refills only when it has room, so a busy partition's queue fills
+//! up and librdkafka stops fetching it (bounded memory, no pause); other partitions go on. It never commits: it publishes the next offset to commit in
 //! its [`PartitionControl`], and the consumer thread commits it (G4: only offsets of
 //! batches whose state is durable and whose outputs were acknowledged ever get there).
 
@@ -36,7 +36,7 @@ pub(crate) struct PartitionControl {
     /// Set when the worker must give up its batch at the next step boundary.
     abandoned: AtomicBool,
     notify: Notify,
-    /// Signalled when the partition's queue becomes non-empty (or the worker must stop).
+    /// Signalled when messages arrive in the partition's feed (or the worker must stop).
     input_ready: Notify,
     /// Offset after the last completed batch, or -1.
     next_offset: AtomicI64,
@@ -82,7 +82,7 @@ impl PartitionControl {
         self.input_ready.notify_one();
     }
 
-    /// Wakes the worker: its input queue has messages.
+    /// Wakes the worker: its feed has messages.
     pub(crate) fn input_arrived(&self) {
         self.input_ready.notify_one();
     }
@@ -172,7 +172,7 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
-    fn new(config: &BatchConfig) -> Self {
+    pub(crate) fn new(config: &BatchConfig) -> Self {
         let max_messages = config.max_messages.max(1);
         Self {
             messages: Vec::with_capacity(max_messages.min(16_384)),

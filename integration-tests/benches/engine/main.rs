@@ -8,12 +8,13 @@
 //! `FLOWS_BENCH_MESSAGES` messages (default 1,000,000) over 10,000 distinct words and 8
 //! partitions, then runs each program as its own process, one after the other, each
 //! reading the whole topic in its own consumer group:
-//! - (a) `passthrough`, `passthrough-one-thread`, `passthrough-handoff`:
-//!   consume-and-produce written directly against rdkafka with flows' tuned client
-//!   settings, one thread per partition queue, one thread on the consumer's queue, or
-//!   one thread on the consumer's queue handing copied batches to a thread per
-//!   partition (the layout of an engine with one poller); the fastest is the baseline
-//!   (the ceiling);
+//! - (a) `passthrough`, `passthrough-batched`, `passthrough-one-thread`,
+//!   `passthrough-handoff`, `passthrough-split-handoff`: consume-and-produce written
+//!   directly against rdkafka with flows' tuned client settings: a thread per partition
+//!   queue taking one message at a time or what is queued at once, one thread on the
+//!   consumer's queue, one thread on the consumer's queue handing copied batches to a
+//!   thread per partition, or one thread on the partition queues doing so (flows'
+//!   layout); the fastest is the baseline (the ceiling);
 //! - (b) `stateless`: a flows stateless one-to-one;
 //! - (c) `count-memory`, `count-sqlite`, `count-postgres`: flows word count;
 //! - (d) `count-by-hand`, `count-by-hand-postgres`: the least any word count does,
@@ -317,15 +318,23 @@ fn feed(brokers: &str, total: u64) {
 }
 
 /// The programs, in the order each round runs them: label and `--child` mode.
-const PROGRAMS: [(&str, &str); 11] = [
+const PROGRAMS: [(&str, &str); 13] = [
     (
         "(a) passthrough, a thread per partition queue",
         "passthrough",
+    ),
+    (
+        "(a) passthrough, a thread per partition queue, batches of what is queued",
+        "passthrough-batched",
     ),
     ("(a) passthrough, one thread", "passthrough-one-thread"),
     (
         "(a) passthrough, one thread handing copies to a thread per partition",
         "passthrough-handoff",
+    ),
+    (
+        "(a) passthrough, one thread on the partition queues handing copies to a thread per partition",
+        "passthrough-split-handoff",
     ),
     ("(b) flows stateless one-to-one", "stateless"),
     ("(c) flows word count, in memory", "count-memory"),
@@ -640,8 +649,12 @@ async fn child(mode: &str, brokers: &str) -> Report {
     let total = messages();
     match mode {
         "passthrough" => by_hand_mode(|| passthrough(brokers, total, Threads::PerPartition)),
+        "passthrough-batched" => by_hand_mode(|| passthrough(brokers, total, Threads::Batched)),
         "passthrough-one-thread" => by_hand_mode(|| passthrough(brokers, total, Threads::One)),
         "passthrough-handoff" => by_hand_mode(|| passthrough(brokers, total, Threads::Handoff)),
+        "passthrough-split-handoff" => {
+            by_hand_mode(|| passthrough(brokers, total, Threads::SplitHandoff))
+        }
         "count-by-hand" => by_hand_mode(|| count_by_hand(brokers, total)),
         "count-by-hand-postgres" => by_hand_mode(|| count_by_hand_postgres(brokers, total)),
         "quix-at-least-once" | "quix-exactly-once" => {
@@ -784,7 +797,9 @@ async fn run_flows(brokers: &str, pipeline: Pipeline, total: u64) -> Report {
 fn passthrough(brokers: &str, total: u64, threads: Threads) -> Report {
     // The poller of `Handoff` takes what is queued, up to a batch, in one go.
     let max_batch = match threads {
-        Threads::Handoff => bench_config(brokers).get_batch().max_messages,
+        Threads::Batched | Threads::Handoff | Threads::SplitHandoff => {
+            bench_config(brokers).get_batch().max_messages
+        }
         Threads::PerPartition | Threads::One => 1,
     };
     by_hand(
@@ -1001,11 +1016,18 @@ impl Taker {
 enum Threads {
     /// One thread per partition, each on its own partition queue (as flows works).
     PerPartition,
+    /// As `PerPartition`, each thread taking what is queued, up to a batch, in one go
+    /// (as flows' partition workers do).
+    Batched,
     /// One thread on the consumer's own queue, the partitions interleaved.
     One,
     /// One thread on the consumer's own queue handing copies to a thread per partition,
     /// which sends them unchanged (a passthrough: the handler is not called).
     Handoff,
+    /// As `Handoff`, but the one thread reads every partition's own queue in turn,
+    /// skipping a partition whose thread has enough to do (librdkafka then stops
+    /// fetching it, as with a thread per queue).
+    SplitHandoff,
 }
 
 /// A message's key and value, copied.
@@ -1076,7 +1098,7 @@ where
             &mut handler(),
             &mut commit_every_second,
         ),
-        Threads::PerPartition => {
+        Threads::PerPartition | Threads::Batched => {
             let threads: Vec<_> = (0..PARTITIONS)
                 .map(|partition| {
                     let queue = consumer.split_partition_queue("words", partition).unwrap();
@@ -1137,6 +1159,72 @@ where
                     if !share.is_empty() {
                         sender.send(std::mem::take(share)).unwrap();
                     }
+                }
+            }
+            drop(senders);
+            for thread in threads {
+                thread.join().unwrap();
+            }
+        }
+        Threads::SplitHandoff => {
+            // Passthrough only, like `Handoff`; a partition whose channel is full is not
+            // read this turn. The poller parks when nothing moved, until a queue turns
+            // non-empty or a partition thread takes a batch.
+            let poller = std::thread::current();
+            let queues: Vec<_> = (0..PARTITIONS)
+                .map(|partition| {
+                    let mut queue = consumer.split_partition_queue("words", partition).unwrap();
+                    let waker = poller.clone();
+                    queue.set_nonempty_callback(move || waker.unpark());
+                    queue
+                })
+                .collect();
+            let (senders, threads): (Vec<_>, Vec<_>) = (0..PARTITIONS)
+                .map(|_| {
+                    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Copied>>(4);
+                    let taker = taker.clone();
+                    let waker = poller.clone();
+                    let thread = std::thread::spawn(move || {
+                        for batch in receive {
+                            waker.unpark();
+                            for (key, value) in &batch {
+                                taker.send(key.as_deref(), value.as_deref());
+                            }
+                            taker.seen.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        }
+                    });
+                    (send, thread)
+                })
+                .unzip();
+            // Per partition, a share its thread had no room for yet.
+            let mut shares: Vec<Vec<Copied>> = vec![Vec::new(); PARTITIONS as usize];
+            while seen.load(Ordering::Relaxed) < total {
+                commit_every_second();
+                let _ = consumer.poll(Duration::ZERO);
+                let mut moved = false;
+                for ((queue, sender), share) in queues.iter().zip(&senders).zip(&mut shares) {
+                    while share.len() < max_batch {
+                        let Some(message) = queue.poll(Duration::ZERO) else {
+                            break;
+                        };
+                        let message = message.unwrap();
+                        share.push((
+                            message.key().map(<[u8]>::to_vec),
+                            message.payload().map(<[u8]>::to_vec),
+                        ));
+                        consumer.store_offset_from_message(&message).unwrap();
+                    }
+                    if share.is_empty() {
+                        continue;
+                    }
+                    match sender.try_send(std::mem::take(share)) {
+                        Ok(()) => moved = true,
+                        Err(std::sync::mpsc::TrySendError::Full(back)) => *share = back,
+                        Err(error) => panic!("partition thread gone: {error}"),
+                    }
+                }
+                if !moved {
+                    std::thread::park_timeout(Duration::from_millis(20));
                 }
             }
             drop(senders);

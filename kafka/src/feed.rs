@@ -1,0 +1,219 @@
+//! A partition's feed: the messages the consumer thread took from the partition's
+//! queue for its worker, at most about one batch of them.
+//!
+//! One thread (the consumer thread) takes every partition's messages from librdkafka and
+//! copies them here; each partition's worker takes them from its own feed. A feed with
+//! no room is not refilled, so its partition's queue in librdkafka fills up and
+//! librdkafka stops fetching that partition: a slow partition holds back only itself,
+//! and memory stays bounded.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::Thread;
+
+use flows_core::RawMessage;
+
+use crate::config::BatchConfig;
+use crate::metrics::Metrics;
+use crate::worker::{Batch, PartitionControl, PartitionInput};
+
+/// The messages waiting for one partition's worker.
+pub(crate) struct Feed {
+    queue: Mutex<Queued>,
+    /// Woken when messages arrive.
+    control: Arc<PartitionControl>,
+    /// The consumer thread, woken when a full feed gets room.
+    filler: Thread,
+    max_messages: usize,
+    max_bytes: usize,
+    metrics: Metrics,
+}
+
+#[derive(Default)]
+struct Queued {
+    messages: VecDeque<RawMessage>,
+    /// Key and value bytes of `messages`.
+    bytes: usize,
+}
+
+impl Queued {
+    fn is_full(&self, feed: &Feed) -> bool {
+        self.messages.len() >= feed.max_messages || self.bytes >= feed.max_bytes
+    }
+}
+
+/// Key and value bytes of a message, as batches count them.
+fn bytes_of(message: &RawMessage) -> usize {
+    message.key.as_ref().map_or(0, Vec::len) + message.value.as_ref().map_or(0, Vec::len)
+}
+
+impl Feed {
+    /// A feed holding up to one batch of `batch`'s size; `filler` is the thread that
+    /// fills it.
+    pub(crate) fn new(
+        batch: &BatchConfig,
+        control: Arc<PartitionControl>,
+        filler: Thread,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            queue: Mutex::new(Queued::default()),
+            control,
+            filler,
+            max_messages: batch.max_messages.max(1),
+            max_bytes: batch.max_bytes.max(1),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queued> {
+        // Nothing a panic could leave half-done is kept under this lock; recover it.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many more messages the feed takes now (0 when full). It may exceed its byte
+    /// limit by the last message added, as a batch does.
+    pub(crate) fn room(&self) -> usize {
+        let queued = self.lock();
+        if queued.is_full(self) {
+            0
+        } else {
+            self.max_messages - queued.messages.len()
+        }
+    }
+
+    /// Adds `messages` (emptying the vector) and wakes the worker.
+    pub(crate) fn extend(&self, messages: &mut Vec<RawMessage>) {
+        if messages.is_empty() {
+            return;
+        }
+        let added = messages.len();
+        {
+            let mut queued = self.lock();
+            for message in messages.drain(..) {
+                queued.bytes += bytes_of(&message);
+                queued.messages.push_back(message);
+            }
+        }
+        self.metrics.add_buffered_messages(added as u64);
+        self.control.input_arrived();
+    }
+
+    /// Drops what is queued: the partition is no longer this worker's.
+    pub(crate) fn clear(&self) {
+        let dropped = {
+            let mut queued = self.lock();
+            queued.bytes = 0;
+            std::mem::take(&mut queued.messages).len()
+        };
+        self.metrics.sub_buffered_messages(dropped as u64);
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// A worker's end of its partition's feed.
+pub(crate) struct FeedInput(pub(crate) Arc<Feed>);
+
+impl PartitionInput for FeedInput {
+    fn drain(&mut self, batch: &mut Batch) {
+        let feed = &self.0;
+        let (taken, was_full) = {
+            let mut queued = feed.lock();
+            let was_full = queued.is_full(feed);
+            let mut taken = 0;
+            while batch.has_room() {
+                let Some(message) = queued.messages.pop_front() else {
+                    break;
+                };
+                queued.bytes -= bytes_of(&message);
+                batch.push(message);
+                taken += 1;
+            }
+            (taken, was_full)
+        };
+        if taken > 0 {
+            feed.metrics.sub_buffered_messages(taken as u64);
+            if was_full {
+                feed.filler.unpark();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn feed(max_messages: usize, max_bytes: usize) -> (Arc<Feed>, Metrics) {
+        let batch = BatchConfig {
+            max_messages,
+            max_bytes,
+            ..BatchConfig::default()
+        };
+        let metrics = Metrics::new();
+        let control = Arc::new(PartitionControl::new());
+        let feed = Feed::new(&batch, control, std::thread::current(), metrics.clone());
+        (Arc::new(feed), metrics)
+    }
+
+    fn messages(offsets: std::ops::Range<i64>, value: &[u8]) -> Vec<RawMessage> {
+        offsets
+            .map(|offset| RawMessage::raw("t", 0, offset, None, Some(value)))
+            .collect()
+    }
+
+    #[test]
+    fn a_feed_takes_up_to_a_batch_and_hands_messages_over_in_order() {
+        let (feed, metrics) = feed(10, 1 << 20);
+        assert_eq!(feed.room(), 10);
+        feed.extend(&mut messages(0..4, b"x"));
+        assert_eq!(feed.room(), 6);
+        feed.extend(&mut messages(4..10, b"x"));
+        assert_eq!(feed.room(), 0, "full at one batch");
+        assert_eq!(metrics.snapshot().buffered_messages, 10);
+
+        let mut batch = Batch::new(&BatchConfig {
+            max_messages: 4,
+            ..BatchConfig::default()
+        });
+        FeedInput(Arc::clone(&feed)).drain(&mut batch);
+        let offsets: Vec<i64> = batch.messages.iter().map(|m| m.offset).collect();
+        assert_eq!(
+            offsets,
+            [0, 1, 2, 3],
+            "a batch takes what fits, oldest first"
+        );
+        assert_eq!(feed.room(), 4);
+        assert_eq!(metrics.snapshot().buffered_messages, 6);
+    }
+
+    #[test]
+    fn a_feed_is_full_at_its_byte_limit_too() {
+        let (feed, _) = feed(1_000, 10);
+        feed.extend(&mut messages(0..2, b"12345"));
+        assert_eq!(feed.room(), 0, "10 bytes queued");
+    }
+
+    #[test]
+    fn clearing_a_feed_drops_its_messages_and_their_count() {
+        let (feed, metrics) = feed(10, 1 << 20);
+        feed.extend(&mut messages(0..7, b"x"));
+        feed.clear();
+        assert_eq!(feed.room(), 10);
+        assert_eq!(metrics.snapshot().buffered_messages, 0);
+        feed.extend(&mut messages(7..9, b"x"));
+        drop(feed);
+        assert_eq!(
+            metrics.snapshot().buffered_messages,
+            0,
+            "dropped with the feed"
+        );
+    }
+}
