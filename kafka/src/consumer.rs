@@ -1,13 +1,15 @@
 //! The consumer thread of a running pipeline: serves the consumer's events (rebalances,
-//! errors), takes every partition's messages for its worker, starts and stops partition
-//! workers, and commits the offsets they completed.
+//! errors), starts and stops partition workers and their feeds, and commits the offsets
+//! they completed.
 //!
 //! Each assigned partition's messages are split into a queue of its own before the
-//! partition is assigned. This thread reads them all, in turn, and copies them to the
-//! partition's [`Feed`], which holds about one batch; its worker takes batches from
-//! there. A partition whose feed is full is not read, so librdkafka stops fetching it
-//! when its queue is full (`queued.min.messages`, `queued.max.messages.kbytes`): a slow
-//! partition holds back only itself, and memory stays bounded.
+//! partition is assigned. A feeder thread reads them all, in turn, and copies their
+//! messages to each partition's [`Feed`], which holds about one batch; its worker takes
+//! batches from there. A partition whose feed is full is not read, so librdkafka stops
+//! fetching it when its queue is full (`queued.min.messages`,
+//! `queued.max.messages.kbytes`): a slow partition holds back only itself, and memory
+//! stays bounded. The feeder is not the consumer thread, so that a revoke blocking the
+//! consumer thread (below) never starves the partitions that stay.
 //!
 //! It runs on its own OS thread because librdkafka calls the rebalance callback from
 //! `poll`, and that callback must *block* until the revoked partitions' workers have
@@ -29,14 +31,15 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use crate::error::EngineError;
-use crate::feed::{Feed, FeedInput};
+use crate::feed::{Feed, FeedInput, message_bytes};
 use crate::metrics::PartitionStats;
 use crate::worker::{PartitionControl, WorkerContext, run_partition};
 
-/// The longest the consumer thread sleeps with nothing to copy (a queue turning
-/// non-empty, a full feed getting room or an event wakes it sooner); also the latency
-/// of stop requests.
+/// How long `poll` blocks; also the latency of stop requests and commits.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// The longest the feeder thread sleeps with nothing to copy (a queue turning non-empty
+/// or a full feed getting room wakes it sooner).
+const FEEDER_IDLE: Duration = Duration::from_millis(50);
 /// How often completed offsets are committed while running.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
 /// How often a running pipeline logs its counters.
@@ -110,11 +113,11 @@ pub(crate) struct Shared {
     rebalance_events: std::sync::atomic::AtomicU64,
     /// The consumer, for splitting partition queues inside rebalance callbacks.
     consumer: OnceLock<Weak<EngineConsumer>>,
-    /// The assigned partitions' queues, read by the consumer thread (and changed only
-    /// by it: rebalance callbacks run inside its `poll`).
+    /// The assigned partitions' queues, read by the feeder thread; added and removed
+    /// by rebalance callbacks.
     sources: Mutex<Vec<Source>>,
-    /// The consumer thread, once it runs: woken when there is something for it to do.
-    consumer_thread: OnceLock<std::thread::Thread>,
+    /// The feeder thread, once started: woken when there is something to copy.
+    feeder: OnceLock<std::thread::Thread>,
 }
 
 /// An assigned partition's queue in librdkafka and the feed its messages go to.
@@ -143,20 +146,13 @@ impl Shared {
             rebalance_events: std::sync::atomic::AtomicU64::new(0),
             consumer: OnceLock::new(),
             sources: Mutex::new(Vec::new()),
-            consumer_thread: OnceLock::new(),
+            feeder: OnceLock::new(),
         }
     }
 
     /// Registers the consumer (once, right after it is created).
     pub(crate) fn set_consumer(&self, consumer: &Arc<EngineConsumer>) {
         let _ = self.consumer.set(Arc::downgrade(consumer));
-    }
-
-    /// Wakes the consumer thread if it sleeps (an event arrived).
-    pub(crate) fn wake_consumer_thread(&self) {
-        if let Some(thread) = self.consumer_thread.get() {
-            thread.unpark();
-        }
     }
 
     fn sources(&self) -> MutexGuard<'_, Vec<Source>> {
@@ -182,9 +178,9 @@ impl Shared {
         self.fatal.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    /// Splits `tp` into its own queue, which this thread reads, and starts its worker.
-    /// Called before the partition is assigned (in a rebalance callback, so on the
-    /// consumer thread), so no message of it reaches the consumer's main queue.
+    /// Splits `tp` into its own queue, which the feeder reads, and starts its worker.
+    /// Called before the partition is assigned, so no message of it reaches the
+    /// consumer's main queue.
     fn start_worker(self: &Arc<Self>, tp: &TopicPartition) -> Result<Slot, EngineError> {
         let consumer = self
             .consumer
@@ -194,7 +190,11 @@ impl Shared {
         let mut queue = consumer
             .split_partition_queue(&tp.topic, tp.partition)
             .ok_or_else(|| EngineError::Internal(format!("cannot split the queue of {tp}")))?;
-        let filler = std::thread::current();
+        let filler = self
+            .feeder
+            .get()
+            .cloned()
+            .ok_or_else(|| EngineError::Internal("no feeder thread".into()))?;
         let waker = filler.clone();
         queue.set_nonempty_callback(move || waker.unpark());
         let control = Arc::new(PartitionControl::new());
@@ -235,9 +235,14 @@ impl Shared {
         let mut moved = false;
         for source in sources.iter() {
             let room = source.feed.room();
-            while copied.len() < room {
+            let mut bytes = 0;
+            while copied.len() < room.messages && bytes < room.bytes {
                 match source.queue.poll(Duration::ZERO) {
-                    Some(Ok(message)) => copied.push(to_raw(&message, &source.tp.topic)),
+                    Some(Ok(message)) => {
+                        let message = to_raw(&message, &source.tp.topic);
+                        bytes += message_bytes(&message);
+                        copied.push(message);
+                    }
                     Some(Err(error)) => {
                         // Fetch errors are reported here; librdkafka retries by itself.
                         tracing::warn!(tp = %source.tp, %error, "partition queue error");
@@ -594,6 +599,35 @@ fn to_raw(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> RawMessage {
     }
 }
 
+/// Starts the thread that copies the partitions' messages to their feeds until the
+/// pipeline stops (see the module docs).
+fn start_feeder(shared: Arc<Shared>) -> Result<std::thread::JoinHandle<()>, EngineError> {
+    let name = shared.worker.pipeline.name.clone();
+    let thread_shared = Arc::clone(&shared);
+    let handle = std::thread::Builder::new()
+        .name(format!("flows-feed-{name}"))
+        .spawn(move || {
+            let mut copied = Vec::new();
+            while !thread_shared.stop.load(Ordering::Acquire) {
+                if !thread_shared.fill_feeds(&mut copied) {
+                    std::thread::park_timeout(FEEDER_IDLE);
+                }
+            }
+        })
+        .map_err(|e| EngineError::Internal(format!("cannot start the feeder of {name}: {e}")))?;
+    let _ = shared.feeder.set(handle.thread().clone());
+    Ok(handle)
+}
+
+/// Empties [`Shared::sources`] when dropped.
+struct ClearSources<'a>(&'a Shared);
+
+impl Drop for ClearSources<'_> {
+    fn drop(&mut self) {
+        self.0.sources().clear();
+    }
+}
+
 /// Starts the thread that commits completed offsets every [`COMMIT_INTERVAL`] until
 /// the pipeline stops. Commits are synchronous, to know their outcome, and on a thread
 /// of their own so that a slow coordinator delays neither rebalances nor stop requests.
@@ -658,16 +692,15 @@ pub(crate) fn poll_loop(
     consumer: Arc<EngineConsumer>,
     shared: Arc<Shared>,
 ) -> Result<(), EngineError> {
-    let _ = shared.consumer_thread.set(std::thread::current());
+    // Partition queues hold the consumer: none may outlive this function, however it
+    // ends, or the consumer would never be closed.
+    let _sources = ClearSources(&shared);
+    let feeder = start_feeder(Arc::clone(&shared))?;
     let committer = start_committer(Arc::clone(&consumer), Arc::clone(&shared));
     let mut last_commit = std::time::Instant::now();
     let mut last_progress_log = std::time::Instant::now();
-    let mut copied = Vec::new();
     while !shared.stop.load(Ordering::Acquire) {
-        // Events first (without waiting), then the partitions' messages; with nothing to
-        // copy, sleep until a queue turns non-empty, a full feed gets room or an event
-        // arrives.
-        match consumer.poll(Duration::ZERO) {
+        match consumer.poll(POLL_INTERVAL) {
             Some(Ok(message)) => {
                 // Every assigned partition has its own queue; a message here means that
                 // invariant broke. Stop rather than risk committing past it.
@@ -683,9 +716,6 @@ pub(crate) fn poll_loop(
                 tracing::warn!(pipeline = %shared.worker.pipeline.name, %error, "consumer error");
             }
             None => {}
-        }
-        if !shared.fill_feeds(&mut copied) {
-            std::thread::park_timeout(POLL_INTERVAL);
         }
         if last_commit.elapsed() >= COMMIT_INTERVAL {
             shared.check_workers();
@@ -712,9 +742,11 @@ pub(crate) fn poll_loop(
     // stop, commits nothing of the released partitions after their final commit.
     let owned = shared.owned_partitions();
     shared.release(&consumer, &owned);
-    // A partition queue holds the consumer: none may outlive this loop.
-    shared.sources().clear();
     shared.worker.metrics.set_assigned_partitions(0);
+    if feeder.join().is_err() {
+        tracing::warn!(pipeline = %shared.worker.pipeline.name, "the feeder thread panicked");
+    }
+    shared.sources().clear();
     if let Some(committer) = committer
         && committer.join().is_err()
     {

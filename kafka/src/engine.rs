@@ -71,15 +71,13 @@ impl Engine {
         for (key, value) in &properties {
             client.set(key, value);
         }
-        let mut consumer: BaseConsumer<EngineContext> = client
-            .create_with_context(EngineContext {
-                shared: Arc::clone(&shared),
-            })
-            .map_err(|e| client_error(e, &properties))?;
-        // Events (rebalances above all) wake the consumer thread when it sleeps.
-        let waker = Arc::clone(&shared);
-        consumer.set_nonempty_callback(move || waker.wake_consumer_thread());
-        let consumer = Arc::new(consumer);
+        let consumer: Arc<BaseConsumer<EngineContext>> = Arc::new(
+            client
+                .create_with_context(EngineContext {
+                    shared: Arc::clone(&shared),
+                })
+                .map_err(|e| client_error(e, &properties))?,
+        );
         shared.set_consumer(&consumer);
         let topics = pipeline.input_topics();
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();

@@ -1,8 +1,8 @@
 //! A partition's feed: the messages the consumer thread took from the partition's
 //! queue for its worker, at most about one batch of them.
 //!
-//! One thread (the consumer thread) takes every partition's messages from librdkafka and
-//! copies them here; each partition's worker takes them from its own feed. A feed with
+//! One thread (the feeder, see consumer.rs) takes every partition's messages from
+//! librdkafka and copies them here; each partition's worker takes them from its own feed. A feed with
 //! no room is not refilled, so its partition's queue in librdkafka fills up and
 //! librdkafka stops fetching that partition: a slow partition holds back only itself,
 //! and memory stays bounded.
@@ -22,7 +22,7 @@ pub(crate) struct Feed {
     queue: Mutex<Queued>,
     /// Woken when messages arrive.
     control: Arc<PartitionControl>,
-    /// The consumer thread, woken when a full feed gets room.
+    /// The feeder thread, woken when a full feed gets room.
     filler: Thread,
     max_messages: usize,
     max_bytes: usize,
@@ -42,8 +42,17 @@ impl Queued {
     }
 }
 
+/// How much more a feed takes now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Room {
+    /// Messages.
+    pub(crate) messages: usize,
+    /// Key and value bytes (the last message taken may exceed them).
+    pub(crate) bytes: usize,
+}
+
 /// Key and value bytes of a message, as batches count them.
-fn bytes_of(message: &RawMessage) -> usize {
+pub(crate) fn message_bytes(message: &RawMessage) -> usize {
     message.key.as_ref().map_or(0, Vec::len) + message.value.as_ref().map_or(0, Vec::len)
 }
 
@@ -71,14 +80,20 @@ impl Feed {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// How many more messages the feed takes now (0 when full). It may exceed its byte
-    /// limit by the last message added, as a batch does.
-    pub(crate) fn room(&self) -> usize {
+    /// How much more the feed takes now (nothing when full). A feed may exceed its
+    /// byte limit by the last message added, as a batch does.
+    pub(crate) fn room(&self) -> Room {
         let queued = self.lock();
         if queued.is_full(self) {
-            0
+            Room {
+                messages: 0,
+                bytes: 0,
+            }
         } else {
-            self.max_messages - queued.messages.len()
+            Room {
+                messages: self.max_messages - queued.messages.len(),
+                bytes: self.max_bytes - queued.bytes,
+            }
         }
     }
 
@@ -87,15 +102,15 @@ impl Feed {
         if messages.is_empty() {
             return;
         }
-        let added = messages.len();
+        // Counted before a worker can take them, so the gauge never goes below zero.
+        self.metrics.add_buffered_messages(messages.len() as u64);
         {
             let mut queued = self.lock();
             for message in messages.drain(..) {
-                queued.bytes += bytes_of(&message);
+                queued.bytes += message_bytes(&message);
                 queued.messages.push_back(message);
             }
         }
-        self.metrics.add_buffered_messages(added as u64);
         self.control.input_arrived();
     }
 
@@ -130,7 +145,7 @@ impl PartitionInput for FeedInput {
                 let Some(message) = queued.messages.pop_front() else {
                     break;
                 };
-                queued.bytes -= bytes_of(&message);
+                queued.bytes -= message_bytes(&message);
                 batch.push(message);
                 taken += 1;
             }
@@ -172,11 +187,17 @@ mod tests {
     #[test]
     fn a_feed_takes_up_to_a_batch_and_hands_messages_over_in_order() {
         let (feed, metrics) = feed(10, 1 << 20);
-        assert_eq!(feed.room(), 10);
+        assert_eq!(feed.room().messages, 10);
         feed.extend(&mut messages(0..4, b"x"));
-        assert_eq!(feed.room(), 6);
+        assert_eq!(
+            feed.room(),
+            Room {
+                messages: 6,
+                bytes: (1 << 20) - 4
+            }
+        );
         feed.extend(&mut messages(4..10, b"x"));
-        assert_eq!(feed.room(), 0, "full at one batch");
+        assert_eq!(feed.room().messages, 0, "full at one batch");
         assert_eq!(metrics.snapshot().buffered_messages, 10);
 
         let mut batch = Batch::new(&BatchConfig {
@@ -190,15 +211,30 @@ mod tests {
             [0, 1, 2, 3],
             "a batch takes what fits, oldest first"
         );
-        assert_eq!(feed.room(), 4);
+        assert_eq!(feed.room().messages, 4);
         assert_eq!(metrics.snapshot().buffered_messages, 6);
     }
 
     #[test]
     fn a_feed_is_full_at_its_byte_limit_too() {
         let (feed, _) = feed(1_000, 10);
-        feed.extend(&mut messages(0..2, b"12345"));
-        assert_eq!(feed.room(), 0, "10 bytes queued");
+        feed.extend(&mut messages(0..1, b"12345"));
+        assert_eq!(
+            feed.room(),
+            Room {
+                messages: 999,
+                bytes: 5
+            }
+        );
+        feed.extend(&mut messages(1..2, b"12345"));
+        assert_eq!(
+            feed.room(),
+            Room {
+                messages: 0,
+                bytes: 0
+            },
+            "10 bytes queued"
+        );
     }
 
     #[test]
@@ -206,7 +242,7 @@ mod tests {
         let (feed, metrics) = feed(10, 1 << 20);
         feed.extend(&mut messages(0..7, b"x"));
         feed.clear();
-        assert_eq!(feed.room(), 10);
+        assert_eq!(feed.room().messages, 10);
         assert_eq!(metrics.snapshot().buffered_messages, 0);
         feed.extend(&mut messages(7..9, b"x"));
         drop(feed);
