@@ -1033,6 +1033,37 @@ enum Threads {
 /// A message's key and value, copied.
 type Copied = (Option<Vec<u8>>, Option<Vec<u8>>);
 
+/// The channels to a thread per partition, and the threads.
+type PartitionSenders = (
+    Vec<std::sync::mpsc::SyncSender<Vec<Copied>>>,
+    Vec<std::thread::JoinHandle<()>>,
+);
+
+/// A thread per partition sending the copied batches it receives (a passthrough), and
+/// the channels to them, each holding up to four batches; each thread wakes `poller`, if
+/// given, when it takes a batch.
+fn partition_senders(taker: &Taker, poller: Option<&std::thread::Thread>) -> PartitionSenders {
+    (0..PARTITIONS)
+        .map(|_| {
+            let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Copied>>(4);
+            let taker = taker.clone();
+            let waker = poller.cloned();
+            let thread = std::thread::spawn(move || {
+                for batch in receive {
+                    if let Some(waker) = &waker {
+                        waker.unpark();
+                    }
+                    for (key, value) in &batch {
+                        taker.send(key.as_deref(), value.as_deref());
+                    }
+                    taker.seen.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+            });
+            (send, thread)
+        })
+        .unzip()
+}
+
 /// A hand-written program against rdkafka, with flows' tuned client settings: its
 /// threads hand batches of up to `max_batch` messages (what is queued, without waiting
 /// for more) to their handler, which sends records to topic `<group>-out`; every
@@ -1121,21 +1152,7 @@ where
             // Passthrough only (the handler is not called): this thread takes messages
             // from the consumer's own queue and hands each partition's share, copied,
             // to that partition's thread, as an engine with one poller would.
-            let (senders, threads): (Vec<_>, Vec<_>) = (0..PARTITIONS)
-                .map(|_| {
-                    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Copied>>(4);
-                    let taker = taker.clone();
-                    let thread = std::thread::spawn(move || {
-                        for batch in receive {
-                            for (key, value) in &batch {
-                                taker.send(key.as_deref(), value.as_deref());
-                            }
-                            taker.seen.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        }
-                    });
-                    (send, thread)
-                })
-                .unzip();
+            let (senders, threads) = partition_senders(&taker, None);
             let mut shares: Vec<Vec<Copied>> = vec![Vec::new(); PARTITIONS as usize];
             while seen.load(Ordering::Relaxed) < total {
                 commit_every_second();
@@ -1179,23 +1196,7 @@ where
                     queue
                 })
                 .collect();
-            let (senders, threads): (Vec<_>, Vec<_>) = (0..PARTITIONS)
-                .map(|_| {
-                    let (send, receive) = std::sync::mpsc::sync_channel::<Vec<Copied>>(4);
-                    let taker = taker.clone();
-                    let waker = poller.clone();
-                    let thread = std::thread::spawn(move || {
-                        for batch in receive {
-                            waker.unpark();
-                            for (key, value) in &batch {
-                                taker.send(key.as_deref(), value.as_deref());
-                            }
-                            taker.seen.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        }
-                    });
-                    (send, thread)
-                })
-                .unzip();
+            let (senders, threads) = partition_senders(&taker, Some(&poller));
             // Per partition, a share its thread had no room for yet.
             let mut shares: Vec<Vec<Copied>> = vec![Vec::new(); PARTITIONS as usize];
             while seen.load(Ordering::Relaxed) < total {
