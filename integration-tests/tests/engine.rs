@@ -1693,8 +1693,9 @@ async fn a_stuck_partition_holds_back_only_itself() {
         running.metrics().snapshot().committed >= EACH as u64
     })
     .await;
-    // The stuck partition's backlog stays in Kafka: a batch per partition is taken.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The stuck partition's backlog stays in Kafka while it retries: a batch per
+    // partition is taken.
+    wait_until(WAIT, || attempts.load(Ordering::SeqCst) >= 10).await;
     let metrics = running.metrics().snapshot();
     let live = running.metrics().clone();
     running.shutdown().await.unwrap();

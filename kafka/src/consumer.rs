@@ -31,9 +31,9 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use crate::error::EngineError;
-use crate::feed::{Feed, FeedInput, message_bytes};
+use crate::feed::{Feed, FeedInput};
 use crate::metrics::PartitionStats;
-use crate::worker::{PartitionControl, WorkerContext, run_partition};
+use crate::worker::{PartitionControl, WorkerContext, message_bytes, run_partition};
 
 /// How long `poll` blocks; also the latency of stop requests and commits.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -88,7 +88,6 @@ pub(crate) type EngineConsumer = BaseConsumer<EngineContext>;
 
 struct Slot {
     control: Arc<PartitionControl>,
-    feed: Arc<Feed>,
     task: JoinHandle<()>,
     /// The offset the broker confirmed as committed (-1: none yet).
     confirmed: i64,
@@ -209,7 +208,7 @@ impl Shared {
             queue,
             feed: Arc::clone(&feed),
         });
-        let input = FeedInput(Arc::clone(&feed));
+        let input = FeedInput(feed);
         let shared = Arc::clone(self);
         let task_control = Arc::clone(&control);
         let tp_owned = tp.clone();
@@ -222,7 +221,6 @@ impl Shared {
         tracing::debug!(pipeline = %self.worker.pipeline.name, %tp, "partition worker started");
         Ok(Slot {
             control,
-            feed,
             task,
             confirmed: -1,
         })
@@ -338,11 +336,15 @@ impl Shared {
         };
         // Their queues are dropped and their feeds emptied: what was fetched and not
         // taken is fetched again by the next owner, from the committed offset.
-        self.sources()
-            .retain(|source| !partitions.contains(&source.tp));
+        self.sources().retain(|source| {
+            let released = partitions.contains(&source.tp);
+            if released {
+                source.feed.clear();
+            }
+            !released
+        });
         for (_, slot) in &released {
             slot.control.release();
-            slot.feed.clear();
         }
         let name = &self.worker.pipeline.name;
         let drain_deadline = tokio::time::Instant::now() + self.drain_timeout;
@@ -694,7 +696,7 @@ pub(crate) fn poll_loop(
 ) -> Result<(), EngineError> {
     // Partition queues hold the consumer: none may outlive this function, however it
     // ends, or the consumer would never be closed.
-    let _sources = ClearSources(&shared);
+    let sources = ClearSources(&shared);
     let feeder = start_feeder(Arc::clone(&shared))?;
     let committer = start_committer(Arc::clone(&consumer), Arc::clone(&shared));
     let mut last_commit = std::time::Instant::now();
@@ -746,7 +748,7 @@ pub(crate) fn poll_loop(
     if feeder.join().is_err() {
         tracing::warn!(pipeline = %shared.worker.pipeline.name, "the feeder thread panicked");
     }
-    shared.sources().clear();
+    drop(sources);
     if let Some(committer) = committer
         && committer.join().is_err()
     {

@@ -1,11 +1,11 @@
-//! A partition's feed: the messages the consumer thread took from the partition's
-//! queue for its worker, at most about one batch of them.
+//! A partition's feed: the messages the feeder thread took from the partition's queue
+//! for its worker, at most about one batch of them.
 //!
 //! One thread (the feeder, see consumer.rs) takes every partition's messages from
-//! librdkafka and copies them here; each partition's worker takes them from its own feed. A feed with
-//! no room is not refilled, so its partition's queue in librdkafka fills up and
-//! librdkafka stops fetching that partition: a slow partition holds back only itself,
-//! and memory stays bounded.
+//! librdkafka and copies them here; each partition's worker takes them from its own
+//! feed. A feed with no room is not refilled, so its partition's queue in librdkafka
+//! fills up and librdkafka stops fetching that partition: a slow partition holds back
+//! only itself, and memory stays bounded.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,7 +15,7 @@ use flows_core::RawMessage;
 
 use crate::config::BatchConfig;
 use crate::metrics::Metrics;
-use crate::worker::{Batch, PartitionControl, PartitionInput};
+use crate::worker::{Batch, PartitionControl, PartitionInput, message_bytes};
 
 /// The messages waiting for one partition's worker.
 pub(crate) struct Feed {
@@ -49,11 +49,6 @@ pub(crate) struct Room {
     pub(crate) messages: usize,
     /// Key and value bytes (the last message taken may exceed them).
     pub(crate) bytes: usize,
-}
-
-/// Key and value bytes of a message, as batches count them.
-pub(crate) fn message_bytes(message: &RawMessage) -> usize {
-    message.key.as_ref().map_or(0, Vec::len) + message.value.as_ref().map_or(0, Vec::len)
 }
 
 impl Feed {

@@ -3,8 +3,9 @@
 //! strictly one batch after the other, which is what the replay-aware fold requires.
 //!
 //! The worker takes its partition's messages from its feed ([`PartitionInput`]), which
-//! the consumer thread refills only when it has room, so a busy partition's queue fills
-//! up and librdkafka stops fetching it (bounded memory, no pause); other partitions go on. It never commits: it publishes the next offset to commit in
+//! the feeder thread refills only when it has room, so a busy partition's queue fills
+//! up and librdkafka stops fetching it (bounded memory, no pause); other partitions go
+//! on. It never commits: it publishes the next offset to commit in
 //! its [`PartitionControl`], and the consumer thread commits it (G4: only offsets of
 //! batches whose state is durable and whose outputs were acknowledged ever get there).
 
@@ -189,8 +190,7 @@ impl Batch {
 
     /// Adds a message (a batch may exceed `max_bytes` by its last message).
     pub(crate) fn push(&mut self, message: RawMessage) {
-        self.bytes +=
-            message.key.as_ref().map_or(0, Vec::len) + message.value.as_ref().map_or(0, Vec::len);
+        self.bytes += message_bytes(&message);
         self.messages.push(message);
     }
 
@@ -198,6 +198,11 @@ impl Batch {
         self.messages.clear();
         self.bytes = 0;
     }
+}
+
+/// Key and value bytes of a message: what batch and feed byte limits count.
+pub(crate) fn message_bytes(message: &RawMessage) -> usize {
+    message.key.as_ref().map_or(0, Vec::len) + message.value.as_ref().map_or(0, Vec::len)
 }
 
 /// Longest wait for input before looking again (a safety net; arrivals wake the worker).
