@@ -116,3 +116,22 @@ mod refusals {
 async fn table_modes() {
     flows_conformance::assert_table_modes(&file_store().await, &unique_table("modes")).await;
 }
+
+/// A file database is opened in WAL mode, and savepoints keep their undo pages in memory
+/// (`temp_store = MEMORY`), not in a temporary file written page by page.
+#[tokio::test]
+async fn file_databases_use_wal_and_keep_temporary_data_in_memory() {
+    let store = file_store().await;
+    let mut connection = store.pool().acquire().await.expect("connection");
+    let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut *connection)
+        .await
+        .expect("journal_mode");
+    assert_eq!(journal, "wal");
+    // 2 is MEMORY (0 DEFAULT, 1 FILE).
+    let temp_store: i64 = sqlx::query_scalar("PRAGMA temp_store")
+        .fetch_one(&mut *connection)
+        .await
+        .expect("temp_store");
+    assert_eq!(temp_store, 2);
+}
