@@ -384,6 +384,7 @@ fn driver() {
     let fresh_per_program = restart.is_some() || std::env::var("FLOWS_BENCH_BROKERS").is_err();
     let mut broker: Option<Broker> = None;
     let mut runs: Vec<Run<'_>> = Vec::new();
+    let mut controls: Vec<f64> = Vec::new();
     let rounds = rounds();
     for round in 1..=rounds {
         for (label, mode) in PROGRAMS {
@@ -404,9 +405,13 @@ fn driver() {
             let Some(broker) = &broker else {
                 unreachable!("a broker was just started")
             };
+            let control = control_seconds();
+            controls.push(control);
             match run_program(broker, mode) {
                 Some((report, others)) => {
-                    eprintln!("round {round}/{rounds}: {label}: {report:?}, {others:?}");
+                    eprintln!(
+                        "round {round}/{rounds}: {label}: {report:?}, {others:?}, control {control:.3} s"
+                    );
                     runs.push((label, report, others));
                 }
                 None => eprintln!("round {round}/{rounds}: {label}: failed"),
@@ -415,6 +420,7 @@ fn driver() {
     }
     drop(broker);
     print_table(total, rounds, &runs);
+    print_control(&controls);
     print_quix_ratios(&runs);
     let median_rate = |mode: &str| median_run(&runs, mode).map(Report::rate);
     let fresh_broker = || {
@@ -445,6 +451,59 @@ fn median_run<'a>(runs: &'a [Run<'_>], mode: &str) -> Option<&'a Report> {
         .collect();
     of_mode.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
     (!of_mode.is_empty()).then(|| median(&of_mode))
+}
+
+/// Seconds a fixed single-threaded loop takes, timed before each program: how fast the
+/// machine itself ran then. On a shared host this drifts by tens of percent within
+/// minutes, and every CPU-seconds column drifts with it.
+fn control_seconds() -> f64 {
+    let started = Instant::now();
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    for _ in 0..100_000_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x = std::hint::black_box(x);
+    }
+    started.elapsed().as_secs_f64()
+}
+
+/// Prints the control loop's times over the run (see [`control_seconds`]).
+fn print_control(controls: &[f64]) {
+    let (Some(low), Some(high)) = (
+        controls.iter().copied().reduce(f64::min),
+        controls.iter().copied().reduce(f64::max),
+    ) else {
+        return;
+    };
+    println!(
+        "control (a fixed loop on one thread, before each program): {low:.3}–{high:.3} s, \
+         spread {:.0}%: the machine's own drift, which every CPU column shares",
+        (high / low - 1.0) * 100.0
+    );
+}
+
+/// The processor, its cores and caches (Linux): the same code's CPU seconds differ by a
+/// quarter between machines of one kind, so every table says which it ran on.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map_or("unknown processor", |m| {
+            m.trim_start_matches([' ', '\t', ':'])
+        });
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let caches: Vec<String> = (0..8)
+        .filter_map(|i| {
+            let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
+            let level = std::fs::read_to_string(format!("{dir}/level")).ok()?;
+            let kind = std::fs::read_to_string(format!("{dir}/type")).ok()?;
+            let size = std::fs::read_to_string(format!("{dir}/size")).ok()?;
+            (kind.trim() != "Instruction").then(|| format!("L{} {}", level.trim(), size.trim()))
+        })
+        .collect();
+    format!("{model}, {cores} cores, {}", caches.join(" "))
 }
 
 /// Whether `FLOWS_BENCH_ONLY` (a comma-separated list of modes and of `latency`,
@@ -543,7 +602,8 @@ fn print_table(total: u64, rounds: usize, runs: &[Run<'_>]) {
     writeln!(
         out,
         "\n{total} messages, {DISTINCT} distinct words, {PARTITIONS} partitions, \
-         {broker_name}; median of {rounds} interleaved round(s)"
+         {broker_name}; median of {rounds} interleaved round(s); {}",
+        machine()
     )
     .unwrap();
     writeln!(
