@@ -384,7 +384,7 @@ fn driver() {
     let fresh_per_program = restart.is_some() || std::env::var("FLOWS_BENCH_BROKERS").is_err();
     let mut broker: Option<Broker> = None;
     let mut runs: Vec<Run<'_>> = Vec::new();
-    let mut controls: Vec<f64> = Vec::new();
+    let mut controls: Vec<(f64, f64)> = Vec::new();
     let rounds = rounds();
     for round in 1..=rounds {
         for (label, mode) in PROGRAMS {
@@ -410,7 +410,8 @@ fn driver() {
             match run_program(broker, mode) {
                 Some((report, others)) => {
                     eprintln!(
-                        "round {round}/{rounds}: {label}: {report:?}, {others:?}, control {control:.3} s"
+                        "round {round}/{rounds}: {label}: {report:?}, {others:?}, control {:.3} / {:.3} s",
+                        control.0, control.1
                     );
                     runs.push((label, report, others));
                 }
@@ -453,10 +454,11 @@ fn median_run<'a>(runs: &'a [Run<'_>], mode: &str) -> Option<&'a Report> {
     (!of_mode.is_empty()).then(|| median(&of_mode))
 }
 
-/// Seconds a fixed single-threaded loop takes, timed before each program: how fast the
-/// machine itself ran then. On a shared host this drifts by tens of percent within
-/// minutes, and every CPU-seconds column drifts with it.
-fn control_seconds() -> f64 {
+/// How fast the machine itself ran just before a program: seconds a fixed loop on one
+/// thread takes, in registers and then in random reads over 64 MiB (memory). On a
+/// shared host both drift by tens of percent within minutes, the memory one most, and
+/// every CPU-seconds column drifts with them.
+fn control_seconds() -> (f64, f64) {
     let started = Instant::now();
     let mut x = 0x9e37_79b9_7f4a_7c15_u64;
     for _ in 0..100_000_000 {
@@ -465,22 +467,36 @@ fn control_seconds() -> f64 {
         x ^= x << 17;
         x = std::hint::black_box(x);
     }
-    started.elapsed().as_secs_f64()
+    let compute = started.elapsed().as_secs_f64();
+    let words: Vec<u64> = (0..8u64 << 20).collect();
+    let started = Instant::now();
+    let mut sum = 0u64;
+    for _ in 0..16_000_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        sum = sum.wrapping_add(words[(x as usize) & (words.len() - 1)]);
+    }
+    std::hint::black_box(sum);
+    (compute, started.elapsed().as_secs_f64())
 }
 
-/// Prints the control loop's times over the run (see [`control_seconds`]).
-fn print_control(controls: &[f64]) {
-    let (Some(low), Some(high)) = (
-        controls.iter().copied().reduce(f64::min),
-        controls.iter().copied().reduce(f64::max),
-    ) else {
-        return;
+/// Prints the control loops' times over the run (see [`control_seconds`]).
+fn print_control(controls: &[(f64, f64)]) {
+    let spread = |of: &dyn Fn(&(f64, f64)) -> f64| {
+        let low = controls.iter().map(of).reduce(f64::min)?;
+        let high = controls.iter().map(of).reduce(f64::max)?;
+        Some(format!(
+            "{low:.3}–{high:.3} s (spread {:.0}%)",
+            (high / low - 1.0) * 100.0
+        ))
     };
-    println!(
-        "control (a fixed loop on one thread, before each program): {low:.3}–{high:.3} s, \
-         spread {:.0}%: the machine's own drift, which every CPU column shares",
-        (high / low - 1.0) * 100.0
-    );
+    if let (Some(compute), Some(memory)) = (spread(&|c| c.0), spread(&|c| c.1)) {
+        println!(
+            "control before each program, on one thread: compute {compute}, memory {memory}: \
+             the machine's own drift, which every CPU column shares"
+        );
+    }
 }
 
 /// The processor, its cores and caches (Linux): the same code's CPU seconds differ by a
