@@ -84,8 +84,9 @@ impl SqliteStore {
     /// a 30 s busy timeout and foreign keys are applied on top. A file is read through a
     /// memory map (up to 256 MiB) with a 16 MiB page cache, and its WAL is checkpointed
     /// every 10,000 pages instead of 1,000: batches rewrite the same pages, and each
-    /// checkpoint copies and syncs them. Temporary data (the undo pages of savepoints)
-    /// is kept in memory.
+    /// checkpoint copies and syncs them. Temporary data is kept in memory: the old copies
+    /// of the pages a write's savepoint changes (freed when it ends; a batch that
+    /// rewrites many large states holds as many pages), and any sort or temporary table.
     pub async fn connect_with(options: SqliteConnectOptions) -> Result<Self, RepositoryError> {
         let in_memory = options
             .get_filename()
@@ -110,8 +111,8 @@ impl SqliteStore {
                 .pragma("cache_size", "-16384")
                 .pragma("wal_autocheckpoint", "10000")
                 // Every write runs in a savepoint (see `group`), whose undo copies of
-                // the pages it changes go to a temporary file by default: a write
-                // system call per page, about a fifth of SQLite's time in a batch.
+                // the pages it changes spill to a temporary file beyond 64 KiB, a write
+                // system call per page: a batch of states changes far more.
                 .pragma("temp_store", "memory")
         };
         // An in-memory database lives in one connection: a pool of one keeps every task

@@ -36,7 +36,10 @@
 //! run. `FLOWS_BENCH_ONLY=mode,mode` picks programs and measurements. Default engine
 //! settings throughout. `FLOWS_BENCH_PHASES=1` logs where each flows run's batches spent
 //! their time (sums over partitions of processing, publishing, fold, store read, store
-//! write), and `FLOWS_BENCH_WRAPPER` runs each program under a profiler.
+//! write), and `FLOWS_BENCH_WRAPPER` runs each program under a profiler. The table names
+//! the machine (processor, cores, caches), and two fixed loops on one thread, in
+//! registers and over 64 MiB of memory, are timed before each program: their spread is
+//! the machine's own drift during the run.
 
 #![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
 
@@ -468,7 +471,8 @@ fn control_seconds() -> (f64, f64) {
         x = std::hint::black_box(x);
     }
     let compute = started.elapsed().as_secs_f64();
-    let words: Vec<u64> = (0..8u64 << 20).collect();
+    // 64 MiB, a power of two so that a mask picks an index.
+    let words: Vec<u64> = (0..(8u64 << 20)).collect();
     let started = Instant::now();
     let mut sum = 0u64;
     for _ in 0..16_000_000 {
@@ -493,8 +497,8 @@ fn print_control(controls: &[(f64, f64)]) {
     };
     if let (Some(compute), Some(memory)) = (spread(&|c| c.0), spread(&|c| c.1)) {
         println!(
-            "control before each program, on one thread: compute {compute}, memory {memory}: \
-             the machine's own drift, which every CPU column shares"
+            "control, timed before each program on one thread: compute {compute}, memory \
+             {memory}: how much the machine's own speed drifted over the run"
         );
     }
 }
@@ -899,13 +903,14 @@ fn passthrough(brokers: &str, total: u64, threads: Threads) -> Report {
 /// records, offsets committed without waiting for the outputs. No correct word count
 /// (flows' included) can be faster on the same machine: its ratio to (a) is the
 /// ceiling for the word-count rows. Each thread takes what its queue holds, up to a
-/// batch, in one go, as flows' workers do (one poll per message costs a fifth more CPU).
+/// batch, in one go, as flows' workers do (one poll per message made it about a seventh
+/// slower).
 fn count_by_hand(brokers: &str, total: u64) -> Report {
     by_hand(
         brokers,
         total,
         "bench-count-by-hand",
-        Threads::PerPartition,
+        Threads::Batched,
         bench_config(brokers).get_batch().max_messages,
         || {
             let mut counts: HashMap<String, i64> = HashMap::new();
