@@ -462,13 +462,16 @@ fn median_run<'a>(runs: &'a [Run<'_>], mode: &str) -> Option<&'a Report> {
 /// shared host both drift by tens of percent within minutes, the memory one most, and
 /// every CPU-seconds column drifts with them.
 fn control_seconds() -> (f64, f64) {
-    let started = Instant::now();
     let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-    for _ in 0..100_000_000 {
+    let mut next = move || {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        x = std::hint::black_box(x);
+        x
+    };
+    let started = Instant::now();
+    for _ in 0..100_000_000 {
+        std::hint::black_box(next());
     }
     let compute = started.elapsed().as_secs_f64();
     // 64 MiB, a power of two so that a mask picks an index.
@@ -476,10 +479,7 @@ fn control_seconds() -> (f64, f64) {
     let started = Instant::now();
     let mut sum = 0u64;
     for _ in 0..16_000_000 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        sum = sum.wrapping_add(words[(x as usize) & (words.len() - 1)]);
+        sum = sum.wrapping_add(words[(next() as usize) & (words.len() - 1)]);
     }
     std::hint::black_box(sum);
     (compute, started.elapsed().as_secs_f64())
