@@ -60,6 +60,24 @@ fn counter() -> StatefulFunction<i64> {
     )
 }
 
+/// [`counter`] whose outputs each carry a 48-byte header: what they store for replay
+/// is more than the key and timestamp they share with their input (left out).
+fn tagging_counter() -> StatefulFunction<i64> {
+    StatefulFunction::new(Json::<i64>::new()).one_to_one(
+        Topic::new("words", Utf8, Utf8),
+        Topic::new("counts", Utf8, Utf8),
+        PersistenceIdFn::key(),
+        |count: Option<&i64>, word| {
+            let count = count.copied().unwrap_or(0) + 1;
+            let tag = "counted by the hot-key test, forty-eight bytes.";
+            Ok((
+                count,
+                Record::new(word.key, count.to_string()).with_header("tag", tag),
+            ))
+        },
+    )
+}
+
 async fn assert_word_count(
     brokers: &str,
     store: &dyn flows::SingleStateRepository,
@@ -1219,8 +1237,8 @@ async fn word_count_on_cassandra_or_its_kassandra_imitation() {
 /// DynamoDB's state limit (`flows::dynamodb::DEFAULT_MAX_STATE_SIZE`).
 const DYNAMODB_MAX_STATE_SIZE: usize = flows::dynamodb::DEFAULT_MAX_STATE_SIZE;
 
-/// 10,000 messages of one key (a name of 36 bytes) in one default-sized batch: their
-/// outputs, kept for replay, are ~500 KB, over the store's limit. The engine writes the
+/// 10,000 messages of one key in one default-sized batch, each output tagged with a
+/// 48-byte header: their outputs, kept for replay, are ~650 KB, over the store's limit. The engine writes the
 /// batch in parts that fit, counts exactly, publishes every count in order, and shows
 /// the splits in its metrics.
 async fn a_hot_key_on(store: Arc<dyn flows::SingleStateRepository>) {
@@ -1230,7 +1248,7 @@ async fn a_hot_key_on(store: Arc<dyn flows::SingleStateRepository>) {
     let config = test_config(&brokers).batch_config(flows::kafka::BatchConfig::default());
     let hot = vec![HOT.to_owned(); 10_000];
     produce(&brokers, &word_records("words", &hot)).await;
-    let pipeline = Pipeline::stateful("count", counter(), Arc::clone(&store));
+    let pipeline = Pipeline::stateful("count", tagging_counter(), Arc::clone(&store));
     let running = Engine::new(config).start(&pipeline).unwrap();
     assert!(
         wait_until(WAIT, || running.metrics().snapshot().committed >= 10_000

@@ -30,7 +30,10 @@ use crate::function::stateful::StatefulProcessor;
 use crate::function::{FunctionError, ProcessError};
 use crate::id::PersistenceId;
 use crate::message::{RawMessage, TopicPartition};
-use crate::state::{EncodedRecord, RawState, StateCodecError};
+use crate::state::{EncodedRecord, RawState, StateCodecError, restore_from_input};
+
+/// One input's outputs as stored: its offset, its outputs and the input itself.
+type StoredInput<'a> = (i64, &'a [EncodedRecord], Option<&'a RawMessage>);
 
 /// What to do with a message whose processing failed (the engine's error policy).
 #[derive(Debug, Clone, PartialEq)]
@@ -248,7 +251,7 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
             Plan::Skip => (OutcomeKind::Skipped, Vec::new(), false),
             Plan::Duplicate => (OutcomeKind::Duplicate, Vec::new(), false),
             Plan::Replay(mut outputs) => {
-                restore_input_payload(&mut outputs, message);
+                restore_from_input(&mut outputs, message);
                 (OutcomeKind::Replayed, outputs, false)
             }
             Plan::NoOrigin(error) => match on_error(message, &error) {
@@ -307,38 +310,29 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
     if let Some(content) = applied_content {
         write.content = Some(content);
     }
-    // Dead letters repeat their input's key and value: they are stored without them
-    // and restored from the input when replayed (and carried again as stored).
-    let stored_dead_letters: SmallVec<[(usize, Vec<EncodedRecord>); 1]> = outcomes
-        .iter()
-        .zip(messages)
-        .enumerate()
-        .filter(|(_, (o, _))| matches!(o.kind, OutcomeKind::DeadLettered | OutcomeKind::Replayed))
-        .map(|(index, (o, message))| (index, without_input_payload(&o.outputs, message)))
-        .collect();
     // Results of partitions with new messages are replaced by this batch's outputs,
-    // replayed ones included; partitions with only replays keep theirs.
+    // replayed ones included; partitions with only replays keep theirs. What an output
+    // shares with its input (key, value, timestamp) is left out of them: a replay
+    // presents the same input again (a copy carries the same fields), which restores it.
     for (tp, last) in changed {
-        let mut inputs: SmallVec<[(i64, &[EncodedRecord]); 4]> = SmallVec::new();
-        for (index, o) in outcomes.iter().enumerate() {
+        let mut inputs: SmallVec<[StoredInput<'_>; 4]> = SmallVec::new();
+        for (o, message) in outcomes.iter().zip(messages) {
             let stored = o.topic_partition == tp
                 && matches!(
                     o.kind,
                     OutcomeKind::Replayed | OutcomeKind::Applied | OutcomeKind::DeadLettered
                 );
             if stored {
-                let outputs = stored_dead_letters
-                    .iter()
-                    .find(|(i, _)| *i == index)
-                    .map_or(o.outputs.as_slice(), |(_, stripped)| stripped.as_slice());
-                inputs.push((o.offset, outputs));
+                inputs.push((o.offset, o.outputs.as_slice(), Some(*message)));
             }
         }
         if carried_any {
             // Copies may come out of order; results are stored by ascending offset.
-            inputs.sort_unstable_by_key(|(offset, _)| *offset);
+            inputs.sort_unstable_by_key(|(offset, _, _)| *offset);
         }
-        write.results.replace_partition(tp.clone(), inputs);
+        write
+            .results
+            .replace_partition_with_inputs(tp.clone(), inputs);
         write.progress.record(tp, last);
     }
     Ok(FoldOutcome {
@@ -367,60 +361,23 @@ pub fn replace_outputs(
     if !inputs.contains_key(&offset) {
         return Ok(false);
     }
-    inputs.insert(offset, without_input_payload(outputs, input));
-    state.results.replace_partition(
+    // The other inputs' outputs keep the marks of what they left out; the new outputs
+    // leave out what they share with `input`.
+    inputs.insert(offset, outputs.to_vec());
+    state.results.replace_partition_with_inputs(
         tp.clone(),
-        inputs
-            .iter()
-            .map(|(offset, outputs)| (*offset, outputs.as_slice())),
+        inputs.iter().map(|(&stored, records)| {
+            let from = (stored == offset).then_some(input);
+            (stored, records.as_slice(), from)
+        }),
     );
     Ok(true)
 }
 
-/// Header marking a stored output whose key and value are its input's, left out of the
-/// state and restored from the input on replay. Never published.
+/// Header marking a decoded stored output that left out fields it shares with its
+/// input (its value names which: see [`restore_from_input`]); a replay restores them
+/// from the input and drops the header. Never published, never stored as a header.
 pub const INPUT_PAYLOAD_HEADER: &str = "flows.stored.input-payload";
-
-/// `outputs` as stored: those repeating `input`'s key and value (dead letters) without
-/// them, marked with [`INPUT_PAYLOAD_HEADER`].
-fn without_input_payload(outputs: &[EncodedRecord], input: &RawMessage) -> Vec<EncodedRecord> {
-    outputs
-        .iter()
-        .map(|record| {
-            let repeats_input = record.key == input.key
-                && record.value == input.value
-                && (record.key.is_some() || record.value.is_some());
-            if !repeats_input {
-                return record.clone();
-            }
-            let mut stored = EncodedRecord {
-                key: None,
-                value: None,
-                ..record.clone()
-            };
-            stored.headers.append(INPUT_PAYLOAD_HEADER, None);
-            stored
-        })
-        .collect()
-}
-
-/// Restores the key and value of stored outputs marked by [`without_input_payload`]
-/// from `input`, the message being replayed: the outputs as first published.
-fn restore_input_payload(outputs: &mut [EncodedRecord], input: &RawMessage) {
-    for record in outputs {
-        if record.headers.first(INPUT_PAYLOAD_HEADER).is_some() {
-            record.headers = record
-                .headers
-                .iter()
-                .filter(|h| h.key != INPUT_PAYLOAD_HEADER)
-                .cloned()
-                .collect::<Vec<_>>()
-                .into();
-            record.key.clone_from(&input.key);
-            record.value.clone_from(&input.value);
-        }
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -458,14 +415,18 @@ mod tests {
         )
     }
 
+    /// A message with a timestamp, which outputs inherit (and results leave out).
     fn word(partition: i32, offset: i64, key: &str, value: &str) -> RawMessage {
-        RawMessage::raw(
-            "words",
-            partition,
-            offset,
-            Some(key.as_bytes()),
-            Some(value.as_bytes()),
-        )
+        RawMessage {
+            timestamp: Some(1_700_000_000_000 + offset),
+            ..RawMessage::raw(
+                "words",
+                partition,
+                offset,
+                Some(key.as_bytes()),
+                Some(value.as_bytes()),
+            )
+        }
     }
 
     fn fresh() -> RawState {
@@ -517,10 +478,9 @@ mod tests {
         assert_eq!(kinds, vec![OutcomeKind::Replayed, OutcomeKind::Applied]);
         let state = mixed.write.unwrap();
         let tp = m0.topic_partition();
-        assert_eq!(
-            state.results.get(&tp, 1).unwrap(),
-            Some(first.messages[1].outputs.clone())
-        );
+        let mut carried = state.results.get(&tp, 1).unwrap().unwrap();
+        restore_from_input(&mut carried, &m1);
+        assert_eq!(carried, first.messages[1].outputs);
         assert!(
             state.results.get(&tp, 0).unwrap().is_none(),
             "m0 was acknowledged: not carried"

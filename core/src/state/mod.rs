@@ -32,7 +32,7 @@ use crate::message::{Headers, TopicPartition};
 use partition_map::PartitionMap;
 
 pub use reader::{ReadStateError, StateReader};
-pub use results::{LastResults, PartitionResults};
+pub use results::{LastResults, PartitionResults, restore_from_input};
 
 /// An encoded output message, exactly as it is (or was) sent to Kafka.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -373,6 +373,7 @@ mod tests {
                 value: Some(vec![n]),
             }],
             timestamp: Some(-1),
+            from_input: 0,
         };
         let typed = proto::Internal {
             version: Some(proto::internal::Version::V1(proto::InternalV1 {

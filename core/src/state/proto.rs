@@ -11,6 +11,7 @@
 //! message OutputRecord {
 //!   optional string topic = 1; optional int32 partition = 2; optional bytes key = 3;
 //!   optional bytes value = 4; repeated Header headers = 5; optional int64 timestamp = 6;
+//!   uint32 from_input = 7;
 //! }
 //! message Header { string key = 1; optional bytes value = 2; }
 //! ```
@@ -18,6 +19,11 @@
 //! An `OutputRecord` without a topic goes to the topic of the record before it in the
 //! same `PartitionResults`: writers spell a topic out only where it changes (and on the
 //! first record). Blobs written when every record had its topic read the same.
+//!
+//! `from_input` names the fields an `OutputRecord` leaves out because they are its
+//! input's (bit 1 the key, 2 the value, 4 the timestamp): a replay restores them from
+//! the replayed input. Earlier versions marked a dead letter's key and value so with a
+//! `flows.stored.input-payload` header; such blobs read the same.
 //!
 //! A new layout is added as `v2` in the oneof; readers keep decoding `v1`, so stored
 //! states never need a migration.
@@ -124,6 +130,10 @@ pub struct OutputRecord {
     pub headers: Vec<Header>,
     #[prost(int64, optional, tag = "6")]
     pub timestamp: Option<i64>,
+    /// The fields left out because they are the input's (bits: 1 key, 2 value,
+    /// 4 timestamp).
+    #[prost(uint32, tag = "7")]
+    pub from_input: u32,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
