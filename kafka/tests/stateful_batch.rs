@@ -17,28 +17,29 @@ use flows_core::{
 use flows_kafka::{BatchError, apply_batch};
 
 fn counter() -> StatefulFunction<i64> {
-    StatefulFunction::new(Json::<i64>::new()).one_to_one(
-        Topic::new("words", Utf8, Utf8),
-        Topic::new("counts", Utf8, Json::<i64>::new()),
-        PersistenceIdFn::key(),
-        |count, word| {
-            let count = count.copied().unwrap_or(0) + 1;
-            Ok((count, Record::new(word.key, count)))
-        },
-    )
+    counter_tagged(None)
 }
 
 /// [`counter`] whose outputs each carry a 48-byte header: what they store for replay
 /// is more than the key and timestamp they share with their input (left out).
 fn tagging_counter() -> StatefulFunction<i64> {
+    counter_tagged(Some("counted by the hot-key test, forty-eight bytes."))
+}
+
+/// The word count, each output with a `tag` header when `tag` is given.
+fn counter_tagged(tag: Option<&'static str>) -> StatefulFunction<i64> {
     StatefulFunction::new(Json::<i64>::new()).one_to_one(
         Topic::new("words", Utf8, Utf8),
         Topic::new("counts", Utf8, Json::<i64>::new()),
         PersistenceIdFn::key(),
-        |count, word| {
+        move |count, word| {
             let count = count.copied().unwrap_or(0) + 1;
-            let tag = "counted by the hot-key test, forty-eight bytes.";
-            Ok((count, Record::new(word.key, count).with_header("tag", tag)))
+            let record = Record::new(word.key, count);
+            let record = match tag {
+                Some(tag) => record.with_header("tag", tag),
+                None => record,
+            };
+            Ok((count, record))
         },
     )
 }
