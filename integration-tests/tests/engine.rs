@@ -1236,9 +1236,9 @@ async fn word_count_on_cassandra_or_its_kassandra_imitation() {
 const DYNAMODB_MAX_STATE_SIZE: usize = flows::dynamodb::DEFAULT_MAX_STATE_SIZE;
 
 /// 10,000 messages of one key in one default-sized batch, each output tagged with a
-/// 48-byte header: their outputs, kept for replay, are ~650 KB, over the store's limit. The engine writes the
-/// batch in parts that fit, counts exactly, publishes every count in order, and shows
-/// the splits in its metrics.
+/// 48-byte header: their outputs, kept for replay, are ~650 KB, over the store's limit.
+/// The engine writes the batch in parts that fit, counts exactly, publishes every count
+/// in order, and shows the splits in its metrics.
 async fn a_hot_key_on(store: Arc<dyn flows::SingleStateRepository>) {
     const HOT: &str = "a-hot-key-whose-name-is-thirty-six-by";
     let kafka = cluster(&[("words", 1), ("counts", 1)]);

@@ -30,10 +30,7 @@ use crate::function::stateful::StatefulProcessor;
 use crate::function::{FunctionError, ProcessError};
 use crate::id::PersistenceId;
 use crate::message::{RawMessage, TopicPartition};
-use crate::state::{EncodedRecord, RawState, StateCodecError, restore_from_input};
-
-/// One input's outputs as stored: its offset, its outputs and the input itself.
-type StoredInput<'a> = (i64, &'a [EncodedRecord], Option<&'a RawMessage>);
+use crate::state::{EncodedRecord, RawState, StateCodecError, StoredInput, restore_from_input};
 
 /// What to do with a message whose processing failed (the engine's error policy).
 #[derive(Debug, Clone, PartialEq)]

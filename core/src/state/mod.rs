@@ -32,7 +32,7 @@ use crate::message::{Headers, TopicPartition};
 use partition_map::PartitionMap;
 
 pub use reader::{ReadStateError, StateReader};
-pub use results::{LastResults, PartitionResults, restore_from_input};
+pub use results::{LastResults, PartitionResults, StoredInput, restore_from_input};
 
 /// An encoded output message, exactly as it is (or was) sent to Kafka.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -26,6 +26,11 @@ use crate::message::{Header, RawMessage, TopicPartition};
 use crate::state::partition_map::PartitionMap;
 use crate::state::{EncodedRecord, StateCodecError, proto};
 
+/// One input's outputs as stored: its offset, its outputs, and the input message when at
+/// hand (what an output shares with it is then left out; see
+/// [`PartitionResults::encode_with_inputs`]).
+pub type StoredInput<'a> = (i64, &'a [EncodedRecord], Option<&'a RawMessage>);
+
 /// The outputs of one topic-partition's inputs applied by the last write from it, as
 /// the protobuf `PartitionResults` message the state stores.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,7 +66,7 @@ impl PartitionResults {
     /// [`StatefulProcessor::origin`](crate::function::StatefulProcessor::origin)).
     pub fn encode_with_inputs<'a, I>(tp: &TopicPartition, inputs: I) -> Self
     where
-        I: IntoIterator<Item = (i64, &'a [EncodedRecord], Option<&'a RawMessage>)>,
+        I: IntoIterator<Item = StoredInput<'a>>,
         I::IntoIter: Clone,
     {
         Self::encode_counted(tp, inputs).0
@@ -71,7 +76,7 @@ impl PartitionResults {
     /// were written.
     fn encode_counted<'a, I>(tp: &TopicPartition, inputs: I) -> (Self, usize)
     where
-        I: IntoIterator<Item = (i64, &'a [EncodedRecord], Option<&'a RawMessage>)>,
+        I: IntoIterator<Item = StoredInput<'a>>,
         I::IntoIter: Clone,
     {
         // Two passes over the inputs, sizing then writing: one exactly sized buffer, and
@@ -197,7 +202,7 @@ impl LastResults {
     /// [`PartitionResults::encode_with_inputs`]).
     pub fn replace_partition_with_inputs<'a, I>(&mut self, tp: TopicPartition, inputs: I)
     where
-        I: IntoIterator<Item = (i64, &'a [EncodedRecord], Option<&'a RawMessage>)>,
+        I: IntoIterator<Item = StoredInput<'a>>,
         I::IntoIter: Clone,
     {
         let (results, written) = PartitionResults::encode_counted(&tp, inputs);
@@ -578,20 +583,23 @@ mod tests {
     #[test]
     fn results_with_every_topic_written_read_the_same() {
         let outputs = [record("out", b"1"), record("out", b"2"), record("", b"3")];
-        let every_topic = proto::PartitionResults {
-            topic: "in".into(),
+        let every_topic = outputs
+            .iter()
+            .map(|r| record_to_proto(r, &mut None))
+            .collect();
+        assert_eq!(stored(7, every_topic).decode().unwrap()[&7], outputs);
+    }
+
+    /// Results of input `offset` holding `outputs` as given, as a writer of any version
+    /// may have stored them.
+    fn stored(offset: i64, outputs: Vec<proto::OutputRecord>) -> PartitionResults {
+        let encoded = proto::PartitionResults {
+            topic: "words".into(),
             partition: 0,
-            inputs: vec![proto::InputResult {
-                offset: 7,
-                outputs: outputs
-                    .iter()
-                    .map(|r| record_to_proto(r, &mut None))
-                    .collect(),
-            }],
+            inputs: vec![proto::InputResult { offset, outputs }],
         }
         .encode_to_vec();
-        let (_, results) = PartitionResults::from_stored(every_topic.into()).unwrap();
-        assert_eq!(results.decode().unwrap()[&7], outputs);
+        PartitionResults::from_stored(encoded.into()).unwrap().1
     }
 
     /// A record that may share its key, value and timestamp with `input`'s.
@@ -688,34 +696,22 @@ mod tests {
     #[test]
     fn dead_letters_stored_by_earlier_versions_restore_their_payload() {
         let input = RawMessage::raw("words", 0, 5, Some(b"k"), Some(b"poison"));
-        let old = proto::PartitionResults {
-            topic: "words".into(),
-            partition: 0,
-            inputs: vec![proto::InputResult {
-                offset: 5,
-                outputs: vec![proto::OutputRecord {
-                    topic: Some("dlq".into()),
-                    partition: None,
-                    key: None,
+        let old = proto::OutputRecord {
+            topic: Some("dlq".into()),
+            headers: vec![
+                proto::Header {
+                    key: "error".into(),
+                    value: Some(b"boom".to_vec()),
+                },
+                proto::Header {
+                    key: INPUT_PAYLOAD_HEADER.into(),
                     value: None,
-                    headers: vec![
-                        proto::Header {
-                            key: "error".into(),
-                            value: Some(b"boom".to_vec()),
-                        },
-                        proto::Header {
-                            key: INPUT_PAYLOAD_HEADER.into(),
-                            value: None,
-                        },
-                    ],
-                    timestamp: Some(9),
-                    from_input: 0,
-                }],
-            }],
-        }
-        .encode_to_vec();
-        let (_, results) = PartitionResults::from_stored(old.into()).unwrap();
-        let mut replayed = results.decode().unwrap().remove(&5).unwrap();
+                },
+            ],
+            timestamp: Some(9),
+            ..Default::default()
+        };
+        let mut replayed = stored(5, vec![old]).decode().unwrap().remove(&5).unwrap();
         restore_from_input(&mut replayed, &input);
         assert_eq!(
             replayed,
@@ -734,21 +730,15 @@ mod tests {
     /// replayed without them.
     #[test]
     fn unknown_fields_left_out_are_an_error() {
-        let stored = proto::PartitionResults {
-            topic: "words".into(),
-            partition: 0,
-            inputs: vec![proto::InputResult {
-                offset: 1,
-                outputs: vec![proto::OutputRecord {
-                    topic: Some("out".into()),
-                    from_input: 8,
-                    ..Default::default()
-                }],
-            }],
-        }
-        .encode_to_vec();
-        let (_, results) = PartitionResults::from_stored(stored.into()).unwrap();
-        assert!(matches!(results.decode(), Err(StateCodecError::Invalid(_))));
+        let future = proto::OutputRecord {
+            topic: Some("out".into()),
+            from_input: 8,
+            ..Default::default()
+        };
+        assert!(matches!(
+            stored(1, vec![future]).decode(),
+            Err(StateCodecError::Invalid(_))
+        ));
     }
 
     #[test]
