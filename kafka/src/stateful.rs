@@ -631,15 +631,20 @@ impl Groups {
         group_of_message.clear();
         for (index, message) in messages.iter().enumerate() {
             // When the id is the key, a repeated key is found without building its id.
-            let seen = processor
+            let key = processor
                 .id_is_key(message)
-                .and_then(|key| std::str::from_utf8(key).ok())
-                .and_then(|key| group_of.get(key));
-            if let Some(&group) = seen {
+                .and_then(|key| std::str::from_utf8(key).ok());
+            if let Some(&group) = key.and_then(|key| group_of.get(key)) {
                 group_of_message.push(group);
                 continue;
             }
-            match processor.persistence_id(message) {
+            // A new key is already known to be UTF-8: no second validation. An invalid
+            // id (empty, too long) goes the general way, for its error.
+            let id = match key.map(PersistenceId::new) {
+                Some(Ok(id)) => Ok(id),
+                _ => processor.persistence_id(message),
+            };
+            match id {
                 Ok(id) => {
                     let next = group_of.len();
                     group_of_message.push(*group_of.entry(id).or_insert(next));

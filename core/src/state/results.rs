@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use prost::Message as _;
 use prost::bytes::{BufMut, Bytes};
+use smallvec::SmallVec;
 
 use super::wire::{
     delimited_len, implicit_int_len, implicit_str_len, int_len, put_bytes, put_delimited_head,
@@ -79,33 +80,44 @@ impl PartitionResults {
         I: IntoIterator<Item = StoredInput<'a>>,
         I::IntoIter: Clone,
     {
-        // Two passes over the inputs, sizing then writing: one exactly sized buffer, and
-        // nothing else allocated.
+        // Two passes over the inputs, sizing then writing: one exactly sized buffer. What
+        // each record shares with its input, and its length, are worked out once, in the
+        // sizing pass (comparing with the input reads its bytes, which are seldom still
+        // in cache); the common case (one output per input, a few inputs) allocates
+        // nothing for them.
         let inputs = inputs
             .into_iter()
             .filter(|(_, outputs, _)| !outputs.is_empty());
+        let mut records: SmallVec<[(u8, usize); 4]> = SmallVec::new();
+        let mut input_lens: SmallVec<[usize; 4]> = SmallVec::new();
         let mut previous = None;
-        let size = implicit_str_len(1, &tp.topic)
-            + implicit_int_len(2, i64::from(tp.partition))
-            + inputs
-                .clone()
-                .map(|(offset, outputs, input)| {
-                    delimited_len(3, input_len(offset, outputs, input, &mut previous))
-                })
-                .sum::<usize>();
+        let mut size =
+            implicit_str_len(1, &tp.topic) + implicit_int_len(2, i64::from(tp.partition));
+        for (offset, outputs, input) in inputs.clone() {
+            let mut len = implicit_int_len(1, offset);
+            for record in outputs {
+                let topic = stored_topic(record, &mut previous);
+                let shared = shared_with_input(record, input);
+                let record_len = record_len(record, topic, shared);
+                records.push((shared, record_len));
+                len += delimited_len(2, record_len);
+            }
+            input_lens.push(len);
+            size += delimited_len(3, len);
+        }
         let mut buf = Vec::with_capacity(size);
         put_str(1, &tp.topic, &mut buf);
         put_int(2, i64::from(tp.partition), &mut buf);
         let mut written = 0;
         let mut previous = None;
-        for (offset, outputs, input) in inputs {
-            let mut sizing = previous;
-            put_delimited_head(3, input_len(offset, outputs, input, &mut sizing), &mut buf);
+        let mut records = records.iter();
+        for ((offset, outputs, _), &len) in inputs.zip(&input_lens) {
+            put_delimited_head(3, len, &mut buf);
             put_int(1, offset, &mut buf);
-            for record in outputs {
+            // `zip` asks `outputs` first: it stops at this input's last record.
+            for (record, &(shared, record_len)) in outputs.iter().zip(records.by_ref()) {
                 let topic = stored_topic(record, &mut previous);
-                let shared = shared_with_input(record, input);
-                put_delimited_head(2, record_len(record, topic, shared), &mut buf);
+                put_delimited_head(2, record_len, &mut buf);
                 put_record(record, topic, shared, &mut buf);
             }
             written += 1;
@@ -384,23 +396,6 @@ fn put_record(r: &EncodedRecord, topic: Option<&str>, shared: u8, buf: &mut impl
         put_optional_int(6, t, buf);
     }
     put_int(7, i64::from(shared), buf);
-}
-
-/// The encoded size of an input's results, advancing `previous` (see [`stored_topic`]).
-fn input_len<'r>(
-    offset: i64,
-    outputs: &'r [EncodedRecord],
-    input: Option<&RawMessage>,
-    previous: &mut Option<&'r str>,
-) -> usize {
-    implicit_int_len(1, offset)
-        + outputs
-            .iter()
-            .map(|r| {
-                let topic = stored_topic(r, previous);
-                delimited_len(2, record_len(r, topic, shared_with_input(r, input)))
-            })
-            .sum::<usize>()
 }
 
 /// A stored record, its absent topic read as `previous` (the record before's), which
