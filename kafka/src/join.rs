@@ -324,6 +324,7 @@ impl StatefulProcessor for Joined {
         id: &PersistenceId,
         content: Option<&[u8]>,
         messages: &[&RawMessage],
+        outputs: &mut Vec<EncodedRecord>,
     ) -> Result<Applied, ProcessError> {
         // A message that cannot be restored fails alone; the others are applied. (The
         // fold passes only messages whose origin is valid, so this is a safety net.)
@@ -342,7 +343,7 @@ impl StatefulProcessor for Joined {
                 outcomes: Vec::new(),
             }
         } else {
-            self.function.apply(id, content, &refs)?
+            self.function.apply(id, content, &refs, outputs)?
         };
         for (index, error) in failures {
             applied.outcomes.insert(index, Err(error));
@@ -430,14 +431,18 @@ mod tests {
 
         let id = joined.persistence_id(&consumed[0]).unwrap();
         let refs: Vec<&RawMessage> = consumed.iter().collect();
-        let applied = joined.apply(&id, None, &refs).unwrap();
+        let applied = joined.apply(&id, None, &refs, &mut Vec::new()).unwrap();
         assert_eq!(applied.content.as_deref(), Some(&b"30"[..]));
         assert_eq!(applied.outcomes.len(), 2);
 
         let mut broken = consumed[1].clone();
         broken.headers = Headers::new();
-        let applied = joined.apply(&id, None, &[&consumed[0], &broken]).unwrap();
+        let mut outputs = Vec::new();
+        let applied = joined
+            .apply(&id, None, &[&consumed[0], &broken], &mut outputs)
+            .unwrap();
         assert_eq!(applied.content.as_deref(), Some(&b"50"[..]));
+        assert_eq!(applied.outcomes[0].as_ref().ok(), Some(&outputs.len()));
         assert_eq!(applied.outcomes[1].as_ref().unwrap_err().kind(), "origin");
     }
 }

@@ -9,13 +9,14 @@
 
 // foldhash: keys come from input messages, hashed per message; a seeded fast hash.
 use foldhash::HashMap;
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
 use flows_core::function::stateful::Applied;
 use flows_core::function::{
-    ErrorAction, FoldError, Origin, StatefulProcessor, fold, replace_outputs,
+    ErrorAction, FoldError, Origin, StatefulProcessor, fold, fold_into, replace_outputs,
 };
 use flows_core::{
     EncodedRecord, PersistenceId, ProcessError, RawMessage, RawState, RepositoryError,
@@ -124,10 +125,13 @@ where
 #[derive(Default)]
 pub(crate) struct BatchBuffers {
     groups: Groups,
-    /// Each message's outputs, by message index.
-    per_message: Vec<Vec<EncodedRecord>>,
-    /// Each grouped message's outputs, in group order.
-    folded: Vec<Vec<EncodedRecord>>,
+    /// The batch's outputs, in the order they were made: the dead letters of messages
+    /// without an id first, then state after state as folded.
+    records: Vec<EncodedRecord>,
+    /// Each message's outputs in `records`, by message index.
+    spans: Vec<Range<usize>>,
+    /// Working buffer of [`append_in_input_order`].
+    destinations: Vec<usize>,
     /// The states to write (`write_all` hands the vector back emptied).
     writes: Vec<RawState>,
     /// Where the last batch's time went.
@@ -172,8 +176,9 @@ where
 {
     let BatchBuffers {
         groups,
-        per_message,
-        folded,
+        records,
+        spans,
+        destinations,
         writes,
         reads,
         part_limit,
@@ -191,15 +196,20 @@ where
     let mut conflicts = 0;
     let mut group: Vec<&RawMessage> = Vec::new();
     let mut regroup = true;
+    // How many of `records` are dead letters of messages without an id (made when
+    // grouping, kept when the states are folded again).
+    let mut unfolded = 0;
     loop {
         if regroup {
             let grouping = Instant::now();
-            per_message.clear();
-            per_message.resize_with(messages.len(), Vec::new);
-            let grouped = groups.fill(processor, messages, on_error, per_message)?;
+            records.clear();
+            spans.clear();
+            spans.resize(messages.len(), 0..0);
+            let grouped = groups.fill(processor, messages, on_error, records, spans)?;
+            unfolded = records.len();
             reads.fold_time += grouping.elapsed();
             if !grouped {
-                flatten_into(per_message, outputs);
+                append_in_input_order(records, spans, destinations, outputs);
                 return Ok(messages.len());
             }
             regroup = false;
@@ -228,23 +238,28 @@ where
         reads.read_time += reading.elapsed();
         let folding = Instant::now();
         writes.clear();
-        folded.clear();
+        records.truncate(unfolded);
         let mut oversized = Oversized::None;
         for (state, members) in states.into_iter().zip(groups.members()) {
             group.clear();
             group.extend(members.iter().map(|&i| &messages[i]));
             // While probing, a copy of the state as read: the fold consumes it.
             let original = probe.then(|| state.clone());
+            let taken = std::mem::take(records);
             let mut outcome = match &refuse_first {
                 Some(too_large) => {
                     let refuse = Refuse {
                         inner: processor,
                         too_large,
                     };
-                    fold(&refuse, state, &group, |m, e| on_error(m, e))?
+                    fold_into(&refuse, state, &group, |m, e| on_error(m, e), taken)?
                 }
-                None => fold(processor, state, &group, |m, e| on_error(m, e))?,
+                None => fold_into(processor, state, &group, |m, e| on_error(m, e), taken)?,
             };
+            *records = std::mem::take(&mut outcome.records);
+            for (message, &index) in outcome.messages.iter().zip(members) {
+                spans[index] = message.outputs.clone();
+            }
             if let Some(write) = &mut outcome.write
                 && write.stored_size() > max_state_size
             {
@@ -282,7 +297,6 @@ where
                     }
                 }
             }
-            folded.extend(outcome.messages.into_iter().map(|m| m.outputs));
             writes.extend(outcome.write);
         }
         reads.fold_time += folding.elapsed();
@@ -325,10 +339,7 @@ where
         match result {
             Ok(emptied) => {
                 *writes = emptied;
-                for (&index, records) in groups.order.iter().zip(folded.drain(..)) {
-                    per_message[index] = records;
-                }
-                flatten_into(per_message, outputs);
+                append_in_input_order(records, spans, destinations, outputs);
                 *part_limit = if reads.conflicts > 0 {
                     Some(messages.len())
                 } else {
@@ -497,6 +508,7 @@ impl<P: StatefulProcessor + ?Sized> StatefulProcessor for Refuse<'_, P> {
         _id: &PersistenceId,
         _content: Option<&[u8]>,
         messages: &[&RawMessage],
+        _outputs: &mut Vec<EncodedRecord>,
     ) -> Result<Applied, ProcessError> {
         Ok(Applied {
             content: None,
@@ -508,13 +520,48 @@ impl<P: StatefulProcessor + ?Sized> StatefulProcessor for Refuse<'_, P> {
     }
 }
 
-/// Appends every message's outputs to `outputs`, in input order, emptying `per_message`.
-fn flatten_into(per_message: &mut Vec<Vec<EncodedRecord>>, outputs: &mut Outputs) {
-    outputs.reserve(per_message.iter().map(Vec::len).sum());
-    per_message
-        .drain(..)
-        .enumerate()
-        .for_each(|(index, records)| outputs.extend(index, records));
+/// Moves `records` to `outputs` in input order: message after message, each message's
+/// records being `records[spans[message]]`, which cover all of them once.
+///
+/// The records are permuted where they are (each swap puts one in its place), not
+/// moved one by one into a vector per message: a word count's batch is nearly in input
+/// order already (states are folded in order of first appearance), so most stay put.
+fn append_in_input_order(
+    records: &mut Vec<EncodedRecord>,
+    spans: &[Range<usize>],
+    destinations: &mut Vec<usize>,
+    outputs: &mut Outputs,
+) {
+    destinations.clear();
+    destinations.resize(records.len(), usize::MAX);
+    outputs.inputs.reserve(records.len());
+    let mut next = 0;
+    for (index, span) in spans.iter().enumerate() {
+        for destination in &mut destinations[span.clone()] {
+            *destination = next;
+            next += 1;
+        }
+        let input = u32::try_from(index).unwrap_or(u32::MAX);
+        outputs
+            .inputs
+            .extend(std::iter::repeat_n(input, span.len()));
+    }
+    assert_eq!(
+        next,
+        records.len(),
+        "every output belongs to one message of the batch"
+    );
+    for position in 0..records.len() {
+        loop {
+            let destination = destinations[position];
+            if destination == position {
+                break;
+            }
+            records.swap(position, destination);
+            destinations.swap(position, destination);
+        }
+    }
+    outputs.records.append(records);
 }
 
 /// Replaces the outputs stored for replay of each message of `replacements` (all
@@ -607,14 +654,16 @@ struct Groups {
 
 impl Groups {
     /// Groups `messages`; a message whose id cannot be computed gets its dead-letter
-    /// records in `outputs` or fails the batch, by policy. `false` when no message has
+    /// records appended to `records` (at `spans[message]`) or fails the batch, by
+    /// policy. `false` when no message has
     /// an id. One map entry per distinct id and flat vectors: no allocation per group.
     fn fill<P: StatefulProcessor + ?Sized>(
         &mut self,
         processor: &P,
         messages: &[RawMessage],
         on_error: &(dyn Fn(&RawMessage, &ProcessError) -> ErrorAction + Send + Sync),
-        outputs: &mut [Vec<EncodedRecord>],
+        records: &mut Vec<EncodedRecord>,
+        spans: &mut [Range<usize>],
     ) -> Result<bool, BatchError> {
         const NO_ID: usize = usize::MAX;
         let Self {
@@ -652,7 +701,11 @@ impl Groups {
                 Err(source) => {
                     group_of_message.push(NO_ID);
                     match on_error(message, &source) {
-                        ErrorAction::DeadLetter(records) => outputs[index] = records,
+                        ErrorAction::DeadLetter(dead) => {
+                            let start = records.len();
+                            records.extend(dead);
+                            spans[index] = start..records.len();
+                        }
                         ErrorAction::Abort => {
                             return Err(BatchError::PersistenceId {
                                 topic: message.topic.to_string(),
@@ -921,6 +974,36 @@ mod tests {
             "the stale cached count (1) must not be used"
         );
         assert_eq!(store.reads(), ["a"], "the conflict re-read the store");
+    }
+
+    /// Records made in fold order (states one after the other, replays and dead letters
+    /// after a state's applied messages) come out in input order, each with its input.
+    #[test]
+    fn outputs_are_put_in_input_order_whatever_order_they_were_made_in() {
+        let record = |value: &str| EncodedRecord {
+            topic: "out".into(),
+            partition: None,
+            key: None,
+            value: Some(value.as_bytes().to_vec()),
+            headers: flows_core::Headers::new(),
+            timestamp: None,
+        };
+        // Made as: m3 (two records), m0, m4, (m1 has none), m2 (three records).
+        let made = ["3a", "3b", "0", "4", "2a", "2b", "2c"];
+        let spans = [2..3, 3..3, 4..7, 0..2, 3..4];
+        let mut records: Vec<EncodedRecord> = made.iter().map(|v| record(v)).collect();
+        let mut outputs = Outputs::default();
+        outputs.extend(9, [record("earlier")]);
+        append_in_input_order(&mut records, &spans, &mut Vec::new(), &mut outputs);
+        assert!(records.is_empty(), "all moved");
+        let values: Vec<&[u8]> = outputs
+            .records
+            .iter()
+            .map(|r| r.value.as_deref().unwrap_or_default())
+            .collect();
+        let expected: [&[u8]; 8] = [b"earlier", b"0", b"2a", b"2b", b"2c", b"3a", b"3b", b"4"];
+        assert_eq!(values, expected);
+        assert_eq!(outputs.inputs, [9, 0, 2, 2, 2, 3, 3, 4]);
     }
 
     #[tokio::test]

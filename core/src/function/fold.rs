@@ -19,6 +19,7 @@
 //! Otherwise the results of the earlier batch could be replaced before they were sent.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use foldhash::HashSet;
 
@@ -68,8 +69,8 @@ pub struct MessageOutcome {
     pub offset: i64,
     /// What happened.
     pub kind: OutcomeKind,
-    /// The records to publish for it, in order.
-    pub outputs: Vec<EncodedRecord>,
+    /// Where the records to publish for it are in [`FoldOutcome::records`], in order.
+    pub outputs: Range<usize>,
 }
 
 /// The outcome of a fold.
@@ -80,12 +81,24 @@ pub struct FoldOutcome {
     pub write: Option<RawState>,
     /// One outcome per input message, in input order.
     pub messages: Vec<MessageOutcome>,
+    /// Every message's records, each message's at its [`MessageOutcome::outputs`]
+    /// (after whatever the vector given to [`fold_into`] held). One vector for all of
+    /// them, not one per message; not necessarily in message order:
+    /// [`outputs`](Self::outputs) is.
+    pub records: Vec<EncodedRecord>,
 }
 
 impl FoldOutcome {
     /// Every record to publish, in message order.
     pub fn outputs(&self) -> impl Iterator<Item = &EncodedRecord> {
-        self.messages.iter().flat_map(|m| m.outputs.iter())
+        self.messages
+            .iter()
+            .flat_map(|m| &self.records[m.outputs.clone()])
+    }
+
+    /// The records to publish for input message `index`.
+    pub fn outputs_of(&self, index: usize) -> &[EncodedRecord] {
+        &self.records[self.messages[index].outputs.clone()]
     }
 }
 
@@ -145,7 +158,20 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
     processor: &P,
     state: RawState,
     messages: &[&RawMessage],
+    on_error: impl FnMut(&RawMessage, &ProcessError) -> ErrorAction,
+) -> Result<FoldOutcome, FoldError> {
+    fold_into(processor, state, messages, on_error, Vec::new())
+}
+
+/// [`fold`], appending the records to `records` (returned as
+/// [`FoldOutcome::records`]): an engine folding many states of a batch passes one
+/// vector from fold to fold, so a batch's outputs take one allocation.
+pub fn fold_into<P: StatefulProcessor + ?Sized>(
+    processor: &P,
+    state: RawState,
+    messages: &[&RawMessage],
     mut on_error: impl FnMut(&RawMessage, &ProcessError) -> ErrorAction,
+    mut records: Vec<EncodedRecord>,
 ) -> Result<FoldOutcome, FoldError> {
     // Per topic-partition of this batch, its last offset (a state's messages nearly
     // always come from one partition, so a short list beats a map), and stored results
@@ -232,10 +258,23 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
 
     let mut applied_content = None;
     let mut applied_outcomes = Vec::new().into_iter();
+    // The applied messages' records come first, in their order; `next_applied` walks them.
+    let mut next_applied = records.len();
     if !new_messages.is_empty() {
         let applied = processor
-            .apply(&state.id, state.content.as_deref(), &new_messages)
+            .apply(
+                &state.id,
+                state.content.as_deref(),
+                &new_messages,
+                &mut records,
+            )
             .map_err(FoldError::State)?;
+        let counted: usize = applied.outcomes.iter().flatten().sum();
+        if next_applied + counted != records.len() {
+            return Err(FoldError::State(ProcessError::Function(
+                FunctionError::new("processor's outcomes do not count the records it appended"),
+            )));
+        }
         applied_content = applied.content;
         applied_outcomes = applied.outcomes.into_iter();
     }
@@ -244,17 +283,31 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
     // Per topic-partition recorded by this fold, its highest offset.
     let mut changed: SmallVec<[(TopicPartition, i64); 1]> = SmallVec::new();
     for ((tp, offset, plan), message) in plans.into_iter().zip(messages) {
+        let end = records.len();
+        let appended = |records: &mut Vec<EncodedRecord>, more: Vec<EncodedRecord>| {
+            let start = records.len();
+            records.extend(more);
+            start..records.len()
+        };
         let (kind, outputs, recorded) = match plan {
-            Plan::Skip => (OutcomeKind::Skipped, Vec::new(), false),
-            Plan::Duplicate => (OutcomeKind::Duplicate, Vec::new(), false),
+            Plan::Skip => (OutcomeKind::Skipped, end..end, false),
+            Plan::Duplicate => (OutcomeKind::Duplicate, end..end, false),
             Plan::Replay(mut outputs) => {
                 restore_from_input(&mut outputs, message);
-                (OutcomeKind::Replayed, outputs, false)
+                (
+                    OutcomeKind::Replayed,
+                    appended(&mut records, outputs),
+                    false,
+                )
             }
             Plan::NoOrigin(error) => match on_error(message, &error) {
                 // Without an origin there is nothing to record it under: a replay
                 // dead-letters it again.
-                ErrorAction::DeadLetter(records) => (OutcomeKind::DeadLettered, records, false),
+                ErrorAction::DeadLetter(dead) => (
+                    OutcomeKind::DeadLettered,
+                    appended(&mut records, dead),
+                    false,
+                ),
                 ErrorAction::Abort => {
                     return Err(FoldError::Aborted {
                         topic_partition: tp,
@@ -264,9 +317,17 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
                 }
             },
             Plan::Apply => match applied_outcomes.next() {
-                Some(Ok(outputs)) => (OutcomeKind::Applied, outputs, true),
+                Some(Ok(count)) => {
+                    let start = next_applied;
+                    next_applied += count;
+                    (OutcomeKind::Applied, start..next_applied, true)
+                }
                 Some(Err(error)) => match on_error(message, &error) {
-                    ErrorAction::DeadLetter(records) => (OutcomeKind::DeadLettered, records, true),
+                    ErrorAction::DeadLetter(dead) => (
+                        OutcomeKind::DeadLettered,
+                        appended(&mut records, dead),
+                        true,
+                    ),
                     ErrorAction::Abort => {
                         return Err(FoldError::Aborted {
                             topic_partition: tp,
@@ -300,6 +361,7 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
         return Ok(FoldOutcome {
             write: None,
             messages: outcomes,
+            records,
         });
     }
 
@@ -320,7 +382,7 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
                     OutcomeKind::Replayed | OutcomeKind::Applied | OutcomeKind::DeadLettered
                 );
             if stored {
-                inputs.push((o.offset, o.outputs.as_slice(), Some(*message)));
+                inputs.push((o.offset, &records[o.outputs.clone()], Some(*message)));
             }
         }
         if carried_any {
@@ -335,6 +397,7 @@ pub fn fold<P: StatefulProcessor + ?Sized>(
     Ok(FoldOutcome {
         write: Some(write),
         messages: outcomes,
+        records,
     })
 }
 
@@ -477,7 +540,7 @@ mod tests {
         let tp = m0.topic_partition();
         let mut carried = state.results.get(&tp, 1).unwrap().unwrap();
         restore_from_input(&mut carried, &m1);
-        assert_eq!(carried, first.messages[1].outputs);
+        assert_eq!(carried, first.outputs_of(1));
         assert!(
             state.results.get(&tp, 0).unwrap().is_none(),
             "m0 was acknowledged: not carried"
@@ -551,7 +614,7 @@ mod tests {
         );
         assert!(stored[0].headers.first(INPUT_PAYLOAD_HEADER).is_some());
         let replay = fold(&f, state, &[&m0, &bad, &m2], abort).unwrap();
-        assert_eq!(replay.messages[1].outputs, out.messages[1].outputs);
+        assert_eq!(replay.outputs_of(1), out.outputs_of(1));
     }
 
     #[test]
@@ -611,6 +674,7 @@ mod tests {
             id: &PersistenceId,
             content: Option<&[u8]>,
             messages: &[&RawMessage],
+            outputs: &mut Vec<EncodedRecord>,
         ) -> Result<crate::function::stateful::Applied, ProcessError> {
             let restored: Vec<RawMessage> = messages
                 .iter()
@@ -625,7 +689,7 @@ mod tests {
                 })
                 .collect();
             let refs: Vec<&RawMessage> = restored.iter().collect();
-            self.0.apply(id, content, &refs)
+            self.0.apply(id, content, &refs, outputs)
         }
     }
 
@@ -713,7 +777,7 @@ mod tests {
         let refs: Vec<&RawMessage> = batch.iter().collect();
         let out = fold(&f, fresh(), &refs, abort).unwrap();
         assert_eq!(kinds(&out), [Applied, Applied, Applied, Applied]);
-        let state = out.write.unwrap();
+        let state = out.write.clone().unwrap();
         assert_eq!(
             state.progress.get(&TopicPartition::new("words", 0)),
             Some(8)
@@ -725,8 +789,8 @@ mod tests {
         // Every one of them replays its own outputs.
         let replay = fold(&f, state, &[&batch[2], &batch[0]], abort).unwrap();
         assert_eq!(kinds(&replay), [Replayed, Replayed]);
-        assert_eq!(replay.messages[0].outputs, out.messages[2].outputs);
-        assert_eq!(replay.messages[1].outputs, out.messages[0].outputs);
+        assert_eq!(replay.outputs_of(0), out.outputs_of(2));
+        assert_eq!(replay.outputs_of(1), out.outputs_of(0));
     }
 
     #[test]
@@ -840,8 +904,8 @@ mod tests {
                     w.version += 1;
                     store.insert(id.clone(), w);
                 }
-                for (m, o) in ms.iter().zip(out.messages) {
-                    outputs.insert(m.offset, o.outputs);
+                for (i, m) in ms.iter().enumerate() {
+                    outputs.insert(m.offset, out.outputs_of(i).to_vec());
                 }
             }
             if crash == 1 {
@@ -954,8 +1018,8 @@ mod tests {
                     w.version += 1;
                     store.insert(id.clone(), w);
                 }
-                for m in out.messages {
-                    outputs_by_offset.insert(m.offset, m.outputs);
+                for (i, m) in out.messages.iter().enumerate() {
+                    outputs_by_offset.insert(m.offset, out.outputs_of(i).to_vec());
                 }
             }
             if crash == 1 {

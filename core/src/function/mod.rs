@@ -19,7 +19,7 @@ use crate::topic::TopicFormatError;
 
 pub use fold::{
     ErrorAction, FoldError, FoldOutcome, INPUT_PAYLOAD_HEADER, MessageOutcome, OutcomeKind, fold,
-    replace_outputs,
+    fold_into, replace_outputs,
 };
 pub use stateful::{
     InitialState, MaybeState, Origin, PersistenceIdFn, StatefulFunction, StatefulProcessor,

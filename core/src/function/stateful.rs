@@ -24,8 +24,11 @@
 //! let m = RawMessage::raw("words", 0, 0, Some(b"fox"), Some(b"fox"));
 //! let id = count.persistence_id(&m).unwrap();
 //! assert_eq!(id.as_str(), "fox");
-//! let applied = count.apply(&id, None, &[&m]).unwrap();
+//! let mut outputs = Vec::new();
+//! let applied = count.apply(&id, None, &[&m], &mut outputs).unwrap();
 //! assert_eq!(applied.content.as_deref(), Some(&b"1"[..]));
+//! assert!(matches!(applied.outcomes[..], [Ok(1)]));
+//! assert_eq!(outputs[0].value.as_deref(), Some(&b"1"[..]));
 //! ```
 
 // foldhash: keys come from input messages, hashed per message; a seeded fast hash.
@@ -45,8 +48,10 @@ use crate::topic::Topic;
 pub struct Applied {
     /// The new encoded content, or `None` if no message changed the state.
     pub content: Option<Vec<u8>>,
-    /// One outcome per message, in order. A failed message did not change the state.
-    pub outcomes: Vec<Result<Vec<EncodedRecord>, ProcessError>>,
+    /// One outcome per message, in order: how many records it appended to the outputs
+    /// (its own, right after the previous message's), or why it failed. A failed
+    /// message appended nothing and did not change the state.
+    pub outcomes: Vec<Result<usize, ProcessError>>,
 }
 
 /// The message a copy stands for: its topic-partition and offset
@@ -103,6 +108,9 @@ pub trait StatefulProcessor: Send + Sync {
     /// Applies `messages` (all of state `id`, in offset order, none applied before) to
     /// `content`, decoding it once and encoding the result once.
     ///
+    /// The messages' outputs are appended to `outputs`, message after message (one
+    /// vector for a whole batch: no allocation per message).
+    ///
     /// Returns an error only if the state content itself cannot be decoded or encoded;
     /// errors of single messages are reported per message in [`Applied::outcomes`].
     fn apply(
@@ -110,6 +118,7 @@ pub trait StatefulProcessor: Send + Sync {
         id: &PersistenceId,
         content: Option<&[u8]>,
         messages: &[&RawMessage],
+        outputs: &mut Vec<EncodedRecord>,
     ) -> Result<Applied, ProcessError>;
 }
 
@@ -163,8 +172,11 @@ impl<K, V> PersistenceIdFn<K, V> {
 }
 
 type IdFn = dyn Fn(&RawMessage) -> Result<PersistenceId, ProcessError> + Send + Sync;
-type ApplyFn<S> =
-    dyn Fn(Option<&S>, &RawMessage) -> Result<(S, Vec<EncodedRecord>), ProcessError> + Send + Sync;
+/// Applies one message: returns the new state, its outputs appended to the vector (on
+/// an error, some may have been appended: the caller drops them).
+type ApplyFn<S> = dyn Fn(Option<&S>, &RawMessage, &mut Vec<EncodedRecord>) -> Result<S, ProcessError>
+    + Send
+    + Sync;
 
 struct Handler<S> {
     id: Box<IdFn>,
@@ -274,7 +286,8 @@ impl<S: Send + Sync + 'static, Start> StatefulFunction<S, Start> {
             Option<&S>,
             Message<IK, IV>,
             Option<i64>,
-        ) -> Result<(S, Vec<EncodedRecord>), ProcessError>
+            &mut Vec<EncodedRecord>,
+        ) -> Result<S, ProcessError>
         + Send
         + Sync
         + 'static,
@@ -293,8 +306,8 @@ impl<S: Send + Sync + 'static, Start> StatefulFunction<S, Start> {
             Handler {
                 id: Box::new(move |raw| id.resolve(&id_topic, raw)),
                 id_is_key,
-                apply: Box::new(move |state, raw| {
-                    apply(state, decoder.decode(raw)?, raw.timestamp)
+                apply: Box::new(move |state, raw, outputs| {
+                    apply(state, decoder.decode(raw)?, raw.timestamp, outputs)
                 }),
             },
         );
@@ -324,9 +337,10 @@ impl<S: Send + Sync + 'static> StatefulFunction<S, MaybeState> {
             vec![output.shared_name()],
             input,
             id,
-            move |state, message, ts| {
+            move |state, message, ts, outputs| {
                 let (state, record) = f(state, message)?;
-                Ok((state, vec![output.encode(record, ts)?]))
+                outputs.push(output.encode(record, ts)?);
+                Ok(state)
             },
         )
     }
@@ -356,16 +370,15 @@ impl<S: Send + Sync + 'static> StatefulFunction<S, MaybeState> {
         + 'static,
     ) -> Self {
         let outputs = vec![first.shared_name(), second.shared_name()];
-        self.handler(outputs, input, id, move |state, message, ts| {
+        self.handler(outputs, input, id, move |state, message, ts, out| {
             let (state, a, b) = f(state, message)?;
-            let mut out = Vec::with_capacity(2);
             if let Some(a) = a {
                 out.push(first.encode(a, ts)?);
             }
             if let Some(b) = b {
                 out.push(second.encode(b, ts)?);
             }
-            Ok((state, out))
+            Ok(state)
         })
     }
 
@@ -384,13 +397,13 @@ impl<S: Send + Sync + 'static> StatefulFunction<S, MaybeState> {
             vec![output.shared_name()],
             input,
             id,
-            move |state, message, ts| {
+            move |state, message, ts, out| {
                 let (state, records) = f(state, message)?;
-                let out = records
-                    .into_iter()
-                    .map(|r| output.encode(r, ts))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((state, out))
+                out.reserve(records.len());
+                for record in records {
+                    out.push(output.encode(record, ts)?);
+                }
+                Ok(state)
             },
         )
     }
@@ -517,6 +530,7 @@ impl<S: Send + Sync + 'static, Start> StatefulProcessor for StatefulFunction<S, 
         id: &PersistenceId,
         content: Option<&[u8]>,
         messages: &[&RawMessage],
+        outputs: &mut Vec<EncodedRecord>,
     ) -> Result<Applied, ProcessError> {
         let state_error = |source| ProcessError::StateFormat {
             id: id.clone(),
@@ -530,10 +544,22 @@ impl<S: Send + Sync + 'static, Start> StatefulProcessor for StatefulFunction<S, 
         let outcomes = messages
             .iter()
             .map(|message| {
-                let (next, outputs) = (self.handler_for(message)?.apply)(state.as_ref(), message)?;
-                state = Some(next);
-                changed = true;
-                Ok(outputs)
+                let before = outputs.len();
+                let next = self
+                    .handler_for(message)
+                    .and_then(|handler| (handler.apply)(state.as_ref(), message, outputs));
+                match next {
+                    Ok(next) => {
+                        state = Some(next);
+                        changed = true;
+                        Ok(outputs.len() - before)
+                    }
+                    Err(error) => {
+                        // A record encoded before the failure is not an output.
+                        outputs.truncate(before);
+                        Err(error)
+                    }
+                }
             })
             .collect();
         let content = match (changed, &state) {
@@ -585,9 +611,13 @@ mod tests {
                 },
             );
         let id = PersistenceId::new("a").unwrap();
-        let fresh = f.apply(&id, None, &[&word(0, "a")]).unwrap();
+        let fresh = f
+            .apply(&id, None, &[&word(0, "a")], &mut Vec::new())
+            .unwrap();
         assert_eq!(fresh.content.as_deref(), Some(&br#"["start","a"]"#[..]));
-        let stored = f.apply(&id, Some(br#"["x"]"#), &[&word(1, "a")]).unwrap();
+        let stored = f
+            .apply(&id, Some(br#"["x"]"#), &[&word(1, "a")], &mut Vec::new())
+            .unwrap();
         assert_eq!(stored.content.as_deref(), Some(&br#"["x","a"]"#[..]));
         let counted = StatefulFunction::new(Json::<i64>::new())
             .starting_from_default()
@@ -598,7 +628,7 @@ mod tests {
                 |count: &i64, _| Ok((count + 1, Vec::new())),
             );
         let applied = counted
-            .apply(&id, None, &[&word(0, "a"), &word(1, "a")])
+            .apply(&id, None, &[&word(0, "a"), &word(1, "a")], &mut Vec::new())
             .unwrap();
         assert_eq!(applied.content.as_deref(), Some(&b"2"[..]));
     }
@@ -626,17 +656,15 @@ mod tests {
         let f = counter();
         let id = PersistenceId::new("a").unwrap();
         let (m1, m2, m3) = (word(0, "a"), word(1, "boom"), word(2, "a"));
-        let applied = f.apply(&id, Some(b"5"), &[&m1, &m2, &m3]).unwrap();
+        let mut outputs = Vec::new();
+        let applied = f
+            .apply(&id, Some(b"5"), &[&m1, &m2, &m3], &mut outputs)
+            .unwrap();
         assert_eq!(applied.content.as_deref(), Some(&b"7"[..]));
-        let values: Vec<_> = applied
-            .outcomes
-            .iter()
-            .map(|o| o.as_ref().ok().map(|r| r[0].value.clone()))
-            .collect();
-        assert_eq!(
-            values,
-            vec![Some(Some(b"6".to_vec())), None, Some(Some(b"7".to_vec()))]
-        );
+        let counts: Vec<_> = applied.outcomes.iter().map(|o| o.as_ref().ok()).collect();
+        assert_eq!(counts, [Some(&1), None, Some(&1)]);
+        let values: Vec<_> = outputs.iter().map(|r| r.value.as_deref()).collect();
+        assert_eq!(values, [Some(&b"6"[..]), Some(&b"7"[..])]);
     }
 
     /// Text that refuses to encode "unencodable".
@@ -677,13 +705,19 @@ mod tests {
         );
         let id = PersistenceId::new("a").unwrap();
         let (m1, m2, m3) = (word(0, "a"), word(1, "unencodable"), word(2, "a"));
-        let applied = f.apply(&id, None, &[&m1, &m2, &m3]).unwrap();
+        let mut outputs = Vec::new();
+        let applied = f.apply(&id, None, &[&m1, &m2, &m3], &mut outputs).unwrap();
         let counts: Vec<Option<usize>> = applied
             .outcomes
             .iter()
-            .map(|o| o.as_ref().ok().map(Vec::len))
+            .map(|o| o.as_ref().ok().copied())
             .collect();
         assert_eq!(counts, [Some(2), None, Some(2)]);
+        assert_eq!(
+            outputs.len(),
+            4,
+            "the failed message's first output is dropped"
+        );
         assert_eq!(applied.content.as_deref(), Some(&b"2"[..]));
     }
 
@@ -691,7 +725,9 @@ mod tests {
     fn nothing_applied_means_no_new_content() {
         let f = counter();
         let id = PersistenceId::new("a").unwrap();
-        let applied = f.apply(&id, Some(b"5"), &[&word(0, "boom")]).unwrap();
+        let applied = f
+            .apply(&id, Some(b"5"), &[&word(0, "boom")], &mut Vec::new())
+            .unwrap();
         assert_eq!(applied.content, None);
     }
 
@@ -700,7 +736,7 @@ mod tests {
         let f = counter();
         let id = PersistenceId::new("a").unwrap();
         let err = f
-            .apply(&id, Some(b"not json"), &[&word(0, "a")])
+            .apply(&id, Some(b"not json"), &[&word(0, "a")], &mut Vec::new())
             .unwrap_err();
         assert_eq!(err.kind(), "state-format");
     }
@@ -765,7 +801,7 @@ mod tests {
         let r = RawMessage::raw("right", 0, 0, Some(b"2"), Some(b"x"));
         assert_eq!(f.persistence_id(&l).unwrap(), f.persistence_id(&r).unwrap());
         let id = f.persistence_id(&l).unwrap();
-        let applied = f.apply(&id, None, &[&l, &r]).unwrap();
+        let applied = f.apply(&id, None, &[&l, &r], &mut Vec::new()).unwrap();
         assert_eq!(applied.content.as_deref(), Some(&b"L1R2"[..]));
     }
 }
