@@ -980,18 +980,11 @@ mod tests {
     /// after a state's applied messages) come out in input order, each with its input.
     #[test]
     fn outputs_are_put_in_input_order_whatever_order_they_were_made_in() {
-        let record = |value: &str| EncodedRecord {
-            topic: "out".into(),
-            partition: None,
-            key: None,
-            value: Some(value.as_bytes().to_vec()),
-            headers: flows_core::Headers::new(),
-            timestamp: None,
-        };
+        use crate::worker::tests::record;
         // Made as: m3 (two records), m0, m4, (m1 has none), m2 (three records).
         let made = ["3a", "3b", "0", "4", "2a", "2b", "2c"];
         let spans = [2..3, 3..3, 4..7, 0..2, 3..4];
-        let mut records: Vec<EncodedRecord> = made.iter().map(|v| record(v)).collect();
+        let mut records: Vec<EncodedRecord> = made.into_iter().map(record).collect();
         let mut outputs = Outputs::default();
         outputs.extend(9, [record("earlier")]);
         append_in_input_order(&mut records, &spans, &mut Vec::new(), &mut outputs);
