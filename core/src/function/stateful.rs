@@ -31,8 +31,6 @@
 //! assert_eq!(outputs[0].value.as_deref(), Some(&b"1"[..]));
 //! ```
 
-// foldhash: keys come from input messages, hashed per message; a seeded fast hash.
-use foldhash::{HashMap, HashMapExt};
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -191,7 +189,9 @@ struct Handler<S> {
 /// the same states) it is the stateful half of a join.
 pub struct StatefulFunction<S, Start = MaybeState> {
     state_format: Arc<dyn Format<S>>,
-    handlers: HashMap<Arc<str>, Handler<S>>,
+    /// One handler per input topic, looked up twice a message: a list, not a map, as a
+    /// function reads one topic or a few (comparing a short name beats hashing it).
+    handlers: Vec<(Arc<str>, Handler<S>)>,
     /// The output topics declared by the handlers.
     outputs: Vec<Arc<str>>,
     /// The state a key starts from, for handlers that take `&S`.
@@ -220,7 +220,7 @@ impl<S: Send + Sync + 'static> StatefulFunction<S> {
     pub fn new(state_format: impl Format<S> + 'static) -> Self {
         Self {
             state_format: Arc::new(state_format),
-            handlers: HashMap::new(),
+            handlers: Vec::new(),
             outputs: Vec::new(),
             initial: None,
             start: PhantomData,
@@ -293,7 +293,10 @@ impl<S: Send + Sync + 'static, Start> StatefulFunction<S, Start> {
         + 'static,
     ) -> Self {
         assert!(
-            !self.handlers.contains_key(input.name()),
+            !self
+                .handlers
+                .iter()
+                .any(|(topic, _)| **topic == *input.name()),
             "StatefulFunction: topic {:?} has two handlers; each input topic takes one",
             input.name()
         );
@@ -301,7 +304,7 @@ impl<S: Send + Sync + 'static, Start> StatefulFunction<S, Start> {
         let id_topic = input.clone();
         let decoder = input.clone();
         let id_is_key = matches!(id, PersistenceIdFn::Key);
-        self.handlers.insert(
+        self.handlers.push((
             input.shared_name(),
             Handler {
                 id: Box::new(move |raw| id.resolve(&id_topic, raw)),
@@ -310,13 +313,15 @@ impl<S: Send + Sync + 'static, Start> StatefulFunction<S, Start> {
                     apply(state, decoder.decode(raw)?, raw.timestamp, outputs)
                 }),
             },
-        );
+        ));
         self
     }
 
     fn handler_for(&self, message: &RawMessage) -> Result<&Handler<S>, ProcessError> {
         self.handlers
-            .get(&message.topic)
+            .iter()
+            .find(|(topic, _)| *topic == message.topic)
+            .map(|(_, handler)| handler)
             .ok_or_else(|| ProcessError::UnknownTopic(message.topic.to_string()))
     }
 }
@@ -500,7 +505,7 @@ fn with_initial<S, T>(state: Option<&S>, initial: &InitialFn<S>, f: impl FnOnce(
 
 impl<S: Send + Sync + 'static, Start> StatefulProcessor for StatefulFunction<S, Start> {
     fn input_topics(&self) -> Vec<Arc<str>> {
-        let mut topics: Vec<_> = self.handlers.keys().cloned().collect();
+        let mut topics: Vec<_> = self.handlers.iter().map(|(t, _)| Arc::clone(t)).collect();
         topics.sort();
         topics
     }
