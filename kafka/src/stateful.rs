@@ -655,8 +655,8 @@ struct Groups {
 impl Groups {
     /// Groups `messages`; a message whose id cannot be computed gets its dead-letter
     /// records appended to `records` (at `spans[message]`) or fails the batch, by
-    /// policy. `false` when no message has
-    /// an id. One map entry per distinct id and flat vectors: no allocation per group.
+    /// policy. `false` when no message has an id. One map entry per distinct id and
+    /// flat vectors: no allocation per group.
     fn fill<P: StatefulProcessor + ?Sized>(
         &mut self,
         processor: &P,

@@ -284,11 +284,6 @@ pub fn fold_into<P: StatefulProcessor + ?Sized>(
     let mut changed: SmallVec<[(TopicPartition, i64); 1]> = SmallVec::new();
     for ((tp, offset, plan), message) in plans.into_iter().zip(messages) {
         let end = records.len();
-        let appended = |records: &mut Vec<EncodedRecord>, more: Vec<EncodedRecord>| {
-            let start = records.len();
-            records.extend(more);
-            start..records.len()
-        };
         let (kind, outputs, recorded) = match plan {
             Plan::Skip => (OutcomeKind::Skipped, end..end, false),
             Plan::Duplicate => (OutcomeKind::Duplicate, end..end, false),
@@ -399,6 +394,13 @@ pub fn fold_into<P: StatefulProcessor + ?Sized>(
         messages: outcomes,
         records,
     })
+}
+
+/// Appends `more` to `records`; where they landed.
+fn appended(records: &mut Vec<EncodedRecord>, more: Vec<EncodedRecord>) -> Range<usize> {
+    let start = records.len();
+    records.extend(more);
+    start..records.len()
 }
 
 /// Replaces the outputs stored for replay of input `offset` of `tp` (applied by the
