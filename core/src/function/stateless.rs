@@ -14,8 +14,6 @@
 //! assert_eq!(out.len(), 2);
 //! ```
 
-// foldhash: keys come from input messages, hashed per message; a seeded fast hash.
-use foldhash::{HashMap, HashMapExt};
 use std::sync::Arc;
 
 use crate::function::{FunctionError, ProcessError};
@@ -44,7 +42,9 @@ type ErasedStateless =
 /// A typed stateless function wrapped into a [`StatelessProcessor`], routing each input
 /// topic to its handler.
 pub struct StatelessFunction {
-    handlers: HashMap<Arc<str>, Arc<ErasedStateless>>,
+    /// Each input topic's handler. A list, as a stateful function's: a function reads
+    /// one topic or a few, and comparing a message's topic name costs less than hashing it.
+    handlers: Vec<(Arc<str>, Arc<ErasedStateless>)>,
     /// The output topics declared by the constructors.
     outputs: Vec<Arc<str>>,
 }
@@ -52,7 +52,7 @@ pub struct StatelessFunction {
 impl StatelessFunction {
     fn single(topic: Arc<str>, outputs: Vec<Arc<str>>, handler: Arc<ErasedStateless>) -> Self {
         Self {
-            handlers: HashMap::from_iter([(topic, handler)]),
+            handlers: vec![(topic, handler)],
             outputs,
         }
     }
@@ -197,7 +197,7 @@ impl StatelessFunction {
     ) -> Self {
         let f = Arc::new(f);
         let mut merged = Self {
-            handlers: HashMap::new(),
+            handlers: Vec::new(),
             outputs: Vec::new(),
         };
         for input in inputs {
@@ -214,9 +214,9 @@ impl StatelessFunction {
     ///
     /// When both handle the same topic: each input topic takes one handler.
     pub fn and(mut self, other: StatelessFunction) -> Self {
-        for topic in other.handlers.keys() {
+        for (topic, _) in &other.handlers {
             assert!(
-                !self.handlers.contains_key(topic),
+                !self.handlers.iter().any(|(known, _)| known == topic),
                 "StatelessFunction: topic {topic:?} has two handlers; each input topic takes one"
             );
         }
@@ -228,7 +228,7 @@ impl StatelessFunction {
 
 impl StatelessProcessor for StatelessFunction {
     fn input_topics(&self) -> Vec<Arc<str>> {
-        let mut topics: Vec<_> = self.handlers.keys().cloned().collect();
+        let mut topics: Vec<_> = self.handlers.iter().map(|(t, _)| Arc::clone(t)).collect();
         topics.sort();
         topics
     }
@@ -241,9 +241,10 @@ impl StatelessProcessor for StatelessFunction {
     }
 
     fn process(&self, message: &RawMessage) -> Result<Vec<EncodedRecord>, ProcessError> {
-        let handler = self
+        let (_, handler) = self
             .handlers
-            .get(&message.topic)
+            .iter()
+            .find(|(topic, _)| *topic == message.topic)
             .ok_or_else(|| ProcessError::UnknownTopic(message.topic.to_string()))?;
         handler(message)
     }
