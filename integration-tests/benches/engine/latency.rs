@@ -5,12 +5,14 @@
 //! batching and with `BatchConfig::low_latency()`, on librdkafka's mock cluster (in a
 //! process of its own; see `measure` for why not Tansu).
 //!
-//! Each point is one child process running the pipeline, a feeder thread sending at the
-//! fixed rate for `FLOWS_BENCH_LATENCY_SECONDS` (default 5), a reader of the outputs and
-//! a reader of the inputs (the broker's own latency, feeder and reader included: the
-//! baseline); all share the machine's cores with the broker (and PostgreSQL), so near
-//! the maximum rate they take CPU the pipeline had in the throughput rounds.
+//! Each point is two child processes: one runs the pipeline (its CPU seconds and peak
+//! RSS are the table's), the other the load: a feeder sending at the fixed rate for
+//! `FLOWS_BENCH_LATENCY_SECONDS` (default 5), a reader of the outputs and a reader of
+//! the inputs (the broker's own latency, feeder and reader included: the baseline). All
+//! share the machine's cores with the broker (and PostgreSQL), so near the maximum rate
+//! the load takes CPU the pipeline had in the throughput rounds.
 
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flows::kafka::rdkafka::config::ClientConfig;
@@ -96,21 +98,23 @@ pub fn measure(fresh_broker: &dyn Fn() -> Broker, max_rate: &dyn Fn(&str) -> Opt
         seconds()
     );
     println!(
-        "| store | batching | load | msgs/s offered | p50 ms | p99 ms | max ms | input topic alone: p50 / p99 / max ms | CPU s (pipeline, feeder, readers) |"
+        "| store | batching | load | msgs/s offered | p50 ms | p99 ms | max ms | input topic alone: p50 / p99 / max ms | pipeline CPU s | pipeline peak RSS MB | load CPU s (feeder, readers) |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (store, preset, load, rate, report) in rows {
         let latency = Latency::from_extra(&report.extra);
         let alone = Latency::from_extra(report.extra.get(3..).unwrap_or_default());
         println!(
-            "| {store} | {preset} | {load}% | {rate} | {} | {} | {} | {} / {} / {} | {:.1} |",
+            "| {store} | {preset} | {load}% | {rate} | {} | {} | {} | {} / {} / {} | {:.1} | {:.0} | {:.1} |",
             latency.p50,
             latency.p99,
             latency.max,
             alone.p50,
             alone.p99,
             alone.max,
-            report.cpu_seconds
+            report.cpu_seconds,
+            report.peak_rss_mb,
+            report.extra.get(6).copied().unwrap_or_default()
         );
     }
 }
@@ -156,13 +160,14 @@ impl Latency {
     }
 }
 
-/// One point: `latency:<store>:<preset>:<rate>:<input topic>`.
+/// One point: `latency:<store>:<preset>:<rate>:<input topic>`. This process runs the
+/// pipeline only; the load (feeder and readers) runs in a process of its own, so that
+/// this one's CPU seconds and peak RSS are the pipeline's.
 pub async fn child(spec: &str, brokers: &str) -> Report {
     let parts: Vec<&str> = spec.split(':').collect();
     let [_, store, preset, rate, input] = parts[..] else {
         panic!("bad latency spec {spec}");
     };
-    let rate: u64 = rate.parse().unwrap();
     let name = input.to_owned();
     let store = match store {
         "memory" => flows::open_state_store("memory://", "bench").await.unwrap(),
@@ -180,29 +185,51 @@ pub async fn child(spec: &str, brokers: &str) -> Report {
         .wait_for(|m| m.rebalances > 0)
         .await
         .expect("partitions assigned");
-    // One second of warm-up first (clients connecting, partition leaders found): its
-    // messages are read but not measured.
+    let load = Command::new(std::env::current_exe().unwrap())
+        .args(["--child", &format!("latency-load:{rate}:{input}"), brokers])
+        .stderr(Stdio::inherit())
+        .output();
+    let load = tokio::task::spawn_blocking(move || load)
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&load.stdout);
+    let load = stdout
+        .lines()
+        .find_map(Report::parse)
+        .unwrap_or_else(|| panic!("the latency load gave no report: {:?}", load.status));
+    running.shutdown().await.unwrap();
+    let mut report = Report::measure(load.messages, load.seconds);
+    report.extra = load.extra;
+    report.extra.push(load.cpu_seconds);
+    report
+}
+
+/// The load of one point, `latency-load:<rate>:<input topic>`: `rate` words a second
+/// into the input topic for `FLOWS_BENCH_LATENCY_SECONDS` plus a second of warm-up
+/// (clients connecting, partition leaders found; read but not measured), the outputs'
+/// latencies, and the input topic's own (the broker, feeder and reader: the baseline).
+pub fn load(spec: &str, brokers: &str) -> Report {
+    let parts: Vec<&str> = spec.split(':').collect();
+    let [_, rate, input] = parts[..] else {
+        panic!("bad latency load spec {spec}");
+    };
+    let rate: u64 = rate.parse().unwrap();
     let total = rate * (seconds() + 1);
     let measured_from = unix_millis() + 1_000;
     let reader = {
-        let (brokers, topic) = (brokers.to_owned(), format!("{name}-out"));
+        let (brokers, topic) = (brokers.to_owned(), format!("{input}-out"));
         std::thread::spawn(move || read_latencies(&brokers, &topic, total, measured_from))
     };
-    // The broker's own share: the same inputs read straight from the input topic.
     let input_reader = {
         let (brokers, topic) = (brokers.to_owned(), input.to_owned());
         std::thread::spawn(move || read_latencies(&brokers, &topic, total, measured_from))
     };
-    let feeder = {
-        let (brokers, input) = (brokers.to_owned(), input.to_owned());
-        std::thread::spawn(move || feed_at(&brokers, &input, rate, total))
-    };
     let started = Instant::now();
-    feeder.join().unwrap();
+    feed_at(brokers, input, rate, total);
     let samples = reader.join().unwrap();
     let broker_alone = input_reader.join().unwrap();
     let seconds = started.elapsed().as_secs_f64();
-    running.shutdown().await.unwrap();
     let mut report = Report::measure(samples.len() as u64, seconds);
     report.extra = Latency::of(samples).extra();
     report.extra.extend(Latency::of(broker_alone).extra());

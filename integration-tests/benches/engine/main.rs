@@ -741,6 +741,7 @@ async fn child(mode: &str, brokers: &str) -> Report {
             by_hand_mode(|| quix(brokers, total, mode.trim_start_matches("quix-")))
         }
         latency if latency.starts_with("latency:") => latency::child(latency, brokers).await,
+        load if load.starts_with("latency-load:") => by_hand_mode(|| latency::load(load, brokers)),
         scale if scale.starts_with("scale-out:") => scale_out::child(scale, brokers).await,
         restart if restart.starts_with("restart:") => restart::child(restart, brokers).await,
         "stateless" => {
