@@ -116,9 +116,16 @@ impl Progress<'_> {
     }
 }
 
-/// Feeds `feeds` one after another; after each feed starts a worker with `start`, lets
-/// its pipeline commit a random share (5-60%) of the input it has not committed yet, and
+/// Chunks a phase's feed is produced in.
+const CHUNKS: usize = 10;
+
+/// Feeds `feeds` one after another; for each starts a worker with `start`, lets its
+/// pipeline commit a random share (5-60%) of the input it has not committed yet, and
 /// kills it with SIGKILL. At least five kills must leave work undone.
+///
+/// A feed arrives in chunks while the worker runs, the next once at most one chunk
+/// waits uncommitted: a fast pipeline (a stateless step) would otherwise commit a whole
+/// feed in one commit round, and the kill would find nothing left to do.
 async fn kill_repeatedly(
     rng: &mut StdRng,
     brokers: &str,
@@ -128,20 +135,40 @@ async fn kill_repeatedly(
 ) {
     let mut kills_with_work_left = 0;
     for (phase, records) in feeds.into_iter().enumerate() {
-        produce(brokers, &records).await;
         let before = progress.committed();
+        let mut fed = progress.available();
         let share: f64 = rng.random_range(0.05..0.6);
-        let target = before + ((progress.available() - before) as f64 * share).max(1.0) as i64;
+        let to_do = fed + records.len() as i64 - before;
+        let target = before + (to_do as f64 * share).max(1.0) as i64;
+        let mut chunks = records.chunks(records.len().div_ceil(CHUNKS).max(1));
         let mut worker = start();
-        let progressed =
-            wait_until(Duration::from_secs(90), || progress.committed() >= target).await;
-        assert!(
-            progressed,
-            "phase {phase}: the worker did not commit {target} inputs in 90 s"
-        );
-        assert!(!worker.has_exited(), "phase {phase}: the worker stopped");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let committed = progress.committed();
+            if committed >= target {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "phase {phase}: the worker did not commit {target} inputs in 90 s"
+            );
+            assert!(!worker.has_exited(), "phase {phase}: the worker stopped");
+            let chunk_len = records.len().div_ceil(CHUNKS) as i64;
+            if fed - committed <= chunk_len
+                && let Some(chunk) = chunks.next()
+            {
+                produce(brokers, chunk).await;
+                fed += chunk.len() as i64;
+            } else {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         worker.kill();
-        let (committed, available) = (progress.committed(), progress.available());
+        let committed = progress.committed();
+        for chunk in chunks {
+            produce(brokers, chunk).await;
+        }
+        let available = progress.available();
         if committed < available {
             kills_with_work_left += 1;
         }
