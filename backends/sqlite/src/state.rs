@@ -14,6 +14,7 @@ use flows_core::{
 use sqlx::{AssertSqlSafe, Row as _};
 
 use crate::error::map_err;
+use crate::group::GroupWrite;
 use crate::store::{SqliteStore, placeholders};
 use crate::{DEFAULT_MAX_STATE_SIZE, MAX_BATCH_SIZE};
 
@@ -95,28 +96,15 @@ impl SqliteStateRepository {
     /// to name the conflicting ones.
     async fn write_states(
         &self,
-        connection: &mut sqlx::SqliteConnection,
+        write: &mut GroupWrite,
         writes: &[PreparedWrite<'_>],
     ) -> Result<(), RepositoryError> {
-        sqlx::query("SAVEPOINT flows_counted")
-            .execute(&mut *connection)
-            .await
-            .map_err(map_err)?;
-        let all_written = self.write_chunks(connection, writes, None).await?;
-        let end = if all_written {
-            "RELEASE flows_counted"
-        } else {
-            "ROLLBACK TO flows_counted; RELEASE flows_counted"
-        };
-        sqlx::raw_sql(end)
-            .execute(&mut *connection)
-            .await
-            .map_err(map_err)?;
-        if all_written {
+        if self.write_chunks(write.connection()?, writes, None).await? {
             return Ok(());
         }
+        write.undo().await?;
         let mut applied = HashSet::with_capacity(writes.len());
-        self.write_chunks(connection, writes, Some(&mut applied))
+        self.write_chunks(write.connection()?, writes, Some(&mut applied))
             .await?;
         let conflicts = conflicting_ids(writes, &applied);
         if conflicts.is_empty() {
@@ -259,10 +247,7 @@ impl SingleStateRepository for SqliteStateRepository {
             return Ok(Vec::new());
         }
         let mut write = self.store.join_write().await?;
-        let outcome = match write.connection() {
-            Ok(connection) => self.write_states(connection, &writes).await,
-            Err(error) => Err(error),
-        };
+        let outcome = self.write_states(&mut write, &writes).await;
         write.finish(outcome).await?;
         let now = write_time(writes);
         Ok(into_written(states, now))
