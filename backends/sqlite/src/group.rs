@@ -309,6 +309,13 @@ mod tests {
         }
     }
 
+    /// The writer that opens the transaction, having written row 1.
+    async fn first_writer(store: &SqliteStore) -> GroupWrite {
+        let mut first = store.join_write().await.unwrap();
+        insert(&mut first, 1).await.unwrap();
+        first
+    }
+
     /// Writes `id` in its own turn, `fail` making its part fail after the insert.
     fn spawn_writer(
         store: &SqliteStore,
@@ -329,8 +336,7 @@ mod tests {
     #[tokio::test]
     async fn queued_writers_share_one_commit_and_each_returns_after_it() {
         let store = store().await;
-        let mut first = store.join_write().await.unwrap();
-        insert(&mut first, 1).await.unwrap();
+        let first = first_writer(&store).await;
         let second = spawn_writer(&store, 2, false);
         let third = spawn_writer(&store, 3, false);
         queued(&store, 2).await;
@@ -347,8 +353,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_part_is_undone_alone() {
         let store = store().await;
-        let mut first = store.join_write().await.unwrap();
-        insert(&mut first, 1).await.unwrap();
+        let first = first_writer(&store).await;
         let refused = spawn_writer(&store, 2, true);
         let third = spawn_writer(&store, 3, false);
         queued(&store, 2).await;
@@ -364,8 +369,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_part_of_the_writer_that_opened_the_transaction_is_undone_alone() {
         let store = store().await;
-        let mut first = store.join_write().await.unwrap();
-        insert(&mut first, 1).await.unwrap();
+        let first = first_writer(&store).await;
         let second = spawn_writer(&store, 2, false);
         queued(&store, 1).await;
         let refused = first
@@ -413,8 +417,7 @@ mod tests {
     #[tokio::test]
     async fn a_writer_cancelled_halfway_rolls_its_group_back_and_its_members_retry() {
         let store = store().await;
-        let mut first = store.join_write().await.unwrap();
-        insert(&mut first, 1).await.unwrap();
+        let first = first_writer(&store).await;
         // The second writer queues, so the first leaves its row uncommitted for it.
         let (written, has_written) = oneshot::channel();
         let mut second = {
@@ -445,8 +448,7 @@ mod tests {
     #[tokio::test]
     async fn a_writer_cancelled_before_its_turn_leaves_the_commit_to_the_waiting_ones() {
         let store = store().await;
-        let mut first = store.join_write().await.unwrap();
-        insert(&mut first, 1).await.unwrap();
+        let first = first_writer(&store).await;
         // A writer queued behind the first one (which therefore leaves the commit to
         // it), cancelled before its turn: nobody comes to commit.
         let cancelled = Queued(Arc::clone(&store.group.queued));
