@@ -170,7 +170,7 @@ impl GroupWrite {
         }
     }
 
-    /// Runs `sql`, which releases or rolls back this writer's savepoint.
+    /// Runs `sql`, which releases this writer's savepoint or rolls back to it.
     async fn end_savepoint(&mut self, sql: &'static str) -> Result<(), RepositoryError> {
         let connection = self.connection()?;
         sqlx::raw_sql(sql)
@@ -182,25 +182,20 @@ impl GroupWrite {
 
     /// Undoes what this writer wrote so far; its turn goes on.
     pub(crate) async fn undo(&mut self) -> Result<(), RepositoryError> {
-        let undone = if self.opened {
-            match self.rollback().await {
-                Ok(()) => begin(&self.pool).await.map(|tx| self.group.tx = Some(tx)),
-                Err(error) => Err(error),
-            }
-        } else {
-            match self.connection() {
-                Ok(connection) => sqlx::query("ROLLBACK TO flows_write")
-                    .execute(connection)
-                    .await
-                    .map(|_| ())
-                    .map_err(map_err),
-                Err(error) => Err(error),
-            }
-        };
+        let undone = self.undo_part().await;
         if undone.is_err() {
             self.group.abandon();
         }
         undone
+    }
+
+    async fn undo_part(&mut self) -> Result<(), RepositoryError> {
+        if !self.opened {
+            return self.end_savepoint("ROLLBACK TO flows_write").await;
+        }
+        self.rollback().await?;
+        self.group.tx = Some(begin(&self.pool).await?);
+        Ok(())
     }
 
     /// Ends this writer's part: kept if `outcome` is `Ok` (and then returned once the
