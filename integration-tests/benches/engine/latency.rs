@@ -185,11 +185,10 @@ pub async fn child(spec: &str, brokers: &str) -> Report {
         .wait_for(|m| m.rebalances > 0)
         .await
         .expect("partitions assigned");
-    let load = Command::new(std::env::current_exe().unwrap())
-        .args(["--child", &format!("latency-load:{rate}:{input}"), brokers])
-        .stderr(Stdio::inherit())
-        .output();
-    let load = tokio::task::spawn_blocking(move || load)
+    let mut load = Command::new(std::env::current_exe().unwrap());
+    load.args(["--child", &format!("latency-load:{rate}:{input}"), brokers])
+        .stderr(Stdio::inherit());
+    let load = tokio::task::spawn_blocking(move || load.output())
         .await
         .unwrap()
         .unwrap();
