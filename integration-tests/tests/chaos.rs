@@ -140,7 +140,8 @@ async fn kill_repeatedly(
         let share: f64 = rng.random_range(0.05..0.6);
         let to_do = fed + records.len() as i64 - before;
         let target = before + (to_do as f64 * share).max(1.0) as i64;
-        let mut chunks = records.chunks(records.len().div_ceil(CHUNKS).max(1));
+        let chunk_len = records.len().div_ceil(CHUNKS).max(1);
+        let mut chunks = records.chunks(chunk_len);
         let mut worker = start();
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
@@ -153,8 +154,7 @@ async fn kill_repeatedly(
                 "phase {phase}: the worker did not commit {target} inputs in 90 s"
             );
             assert!(!worker.has_exited(), "phase {phase}: the worker stopped");
-            let chunk_len = records.len().div_ceil(CHUNKS) as i64;
-            if fed - committed <= chunk_len
+            if fed - committed <= chunk_len as i64
                 && let Some(chunk) = chunks.next()
             {
                 produce(brokers, chunk).await;
