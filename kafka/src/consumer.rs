@@ -21,19 +21,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
-use flows_core::{Headers, RawMessage, TopicPartition};
-use rdkafka::consumer::base_consumer::PartitionQueue;
+use flows_core::{RawMessage, TopicPartition};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaResult;
-use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use crate::error::EngineError;
 use crate::feed::{Feed, FeedInput};
+use crate::fetch_queue::FetchQueue;
 use crate::metrics::PartitionStats;
-use crate::worker::{PartitionControl, WorkerContext, message_bytes, run_partition};
+use crate::worker::{PartitionControl, WorkerContext, run_partition};
 
 /// How long `poll` blocks; also the latency of stop requests and commits.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -122,7 +122,7 @@ pub(crate) struct Shared {
 /// An assigned partition's queue in librdkafka and the feed its messages go to.
 struct Source {
     tp: TopicPartition,
-    queue: PartitionQueue<EngineContext>,
+    queue: FetchQueue<EngineContext>,
     feed: Arc<Feed>,
 }
 
@@ -186,16 +186,13 @@ impl Shared {
             .get()
             .and_then(Weak::upgrade)
             .ok_or_else(|| EngineError::Internal("consumer gone during rebalance".into()))?;
-        let mut queue = consumer
-            .split_partition_queue(&tp.topic, tp.partition)
-            .ok_or_else(|| EngineError::Internal(format!("cannot split the queue of {tp}")))?;
         let filler = self
             .feeder
             .get()
             .cloned()
             .ok_or_else(|| EngineError::Internal("no feeder thread".into()))?;
-        let waker = filler.clone();
-        queue.set_nonempty_callback(move || waker.unpark());
+        let queue = FetchQueue::split(&consumer, tp, filler.clone())
+            .ok_or_else(|| EngineError::Internal(format!("cannot split the queue of {tp}")))?;
         let control = Arc::new(PartitionControl::new());
         let feed = Arc::new(Feed::new(
             &self.worker.batch,
@@ -229,25 +226,11 @@ impl Shared {
     /// Copies what the partitions' queues hold to their feeds, as far as each has room;
     /// returns whether anything was copied. `copied` is scratch space, left empty.
     fn fill_feeds(&self, copied: &mut Vec<RawMessage>) -> bool {
-        let sources = self.sources();
+        let mut sources = self.sources();
         let mut moved = false;
-        for source in sources.iter() {
+        for source in sources.iter_mut() {
             let room = source.feed.room();
-            let mut bytes = 0;
-            while copied.len() < room.messages && bytes < room.bytes {
-                match source.queue.poll(Duration::ZERO) {
-                    Some(Ok(message)) => {
-                        let message = to_raw(&message, &source.tp.topic);
-                        bytes += message_bytes(&message);
-                        copied.push(message);
-                    }
-                    Some(Err(error)) => {
-                        // Fetch errors are reported here; librdkafka retries by itself.
-                        tracing::warn!(tp = %source.tp, %error, "partition queue error");
-                    }
-                    None => break,
-                }
-            }
+            source.queue.take(room.messages, room.bytes, copied);
             if !copied.is_empty() {
                 moved = true;
                 source.feed.extend(copied);
@@ -579,25 +562,6 @@ fn close(consumer: Arc<EngineConsumer>, pipeline: &str) {
         Err(error) => {
             tracing::warn!(%pipeline, %error, "cannot close the consumer on its own thread")
         }
-    }
-}
-
-/// Converts a consumed message into an owned [`RawMessage`].
-fn to_raw(message: &BorrowedMessage<'_>, topic: &Arc<str>) -> RawMessage {
-    let mut headers = Headers::new();
-    if let Some(borrowed) = message.headers() {
-        for header in borrowed.iter() {
-            headers.append(header.key, header.value.map(<[u8]>::to_vec));
-        }
-    }
-    RawMessage {
-        topic: Arc::clone(topic),
-        partition: message.partition(),
-        offset: message.offset(),
-        key: message.key().map(<[u8]>::to_vec),
-        value: message.payload().map(<[u8]>::to_vec),
-        headers,
-        timestamp: message.timestamp().to_millis(),
     }
 }
 

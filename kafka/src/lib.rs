@@ -70,6 +70,7 @@ mod embedded;
 mod engine;
 mod error;
 mod feed;
+mod fetch_queue;
 pub mod join;
 mod metrics;
 mod pipeline;
