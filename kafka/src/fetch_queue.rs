@@ -3,12 +3,13 @@
 //! rust-rdkafka's `PartitionQueue::poll` returns one message per call, each call a trip
 //! through librdkafka's event API (a lock, clock reads, an event and an `Arc` per
 //! message); the feeder thread takes every message of a pipeline, and that was about a
-//! tenth of the word count's CPU time. librdkafka's `rd_kafka_consume_callback_queue`
-//! moves what the queue holds out under one lock and hands each message to a callback,
-//! which may stop it after any message ([`rd_kafka_yield`](rdsys::rd_kafka_yield)): the
-//! rest go back to the queue's head, in order. rust-rdkafka does not wrap it, so this
-//! module does. It holds the crate's only `unsafe` code: every call below is on a queue
-//! reference this type owns, while the client it belongs to is kept alive.
+//! tenth of the word count's CPU time. librdkafka's `rd_kafka_consume_batch_queue`
+//! takes up to a chunk of messages per call, dropping ops made outdated by a rebalance
+//! or seek before it looks at them (transaction markers included, so a stale marker
+//! never moves the read position past messages not yet read). rust-rdkafka does not
+//! wrap it, so this module does. It holds the crate's only `unsafe` code: every call
+//! below is on a queue reference this type owns, while the client it belongs to is
+//! kept alive.
 
 #![allow(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -25,22 +26,29 @@ use rdkafka::error::KafkaError;
 
 use crate::worker::message_bytes;
 
+/// The most messages one librdkafka call takes. A call may exceed the byte limit by
+/// what its messages bring, so chunks shrink to what fits, judged by the largest
+/// message this queue has seen.
+const CHUNK: usize = 64;
+
 /// An assigned partition's fetch queue, taken out of the consumer's queue: its messages
-/// come only through [`take`](Self::take), and `waker` is unparked whenever it turns
-/// non-empty.
+/// come only through [`take`](Self::take), and the waker thread is unparked whenever the
+/// queue turns non-empty.
 pub(crate) struct FetchQueue<C: ConsumerContext + 'static> {
     queue: NonNull<rdsys::rd_kafka_queue_t>,
-    client: NonNull<rdsys::rd_kafka_t>,
-    /// The thread librdkafka wakes, only read through the callback's opaque: boxed,
-    /// so that address is stable.
-    _waker: Box<Thread>,
+    /// The thread librdkafka wakes (the callback's opaque): from `Box::into_raw`, freed
+    /// in `drop` once the callback is disabled.
+    waker: NonNull<Thread>,
     /// Keeps the client alive while the queue reference is.
     _consumer: Arc<BaseConsumer<C>>,
     tp: TopicPartition,
+    /// The largest message (key and value bytes) taken so far.
+    largest: usize,
 }
 
-// SAFETY: librdkafka's queue and client handles may be used from any thread, and the
-// queue is only read through `&mut self`, so by one thread at a time.
+// SAFETY: librdkafka's queue handles may be used from any thread, the waker is a
+// `Thread` (itself `Send` and `Sync`), and the queue is only read through `&mut self`,
+// so by one thread at a time.
 unsafe impl<C: ConsumerContext + 'static> Send for FetchQueue<C> {}
 
 /// What one [`FetchQueue::take`] took.
@@ -54,82 +62,107 @@ pub(crate) struct Taken {
 
 impl<C: ConsumerContext + 'static> FetchQueue<C> {
     /// The fetch queue of `tp` (assigned to `consumer`, or about to be), taken out of
-    /// the consumer's queue; `None` if librdkafka knows no such partition.
+    /// the consumer's queue; `None` if librdkafka gives no queue for it.
     pub(crate) fn split(
         consumer: &Arc<BaseConsumer<C>>,
         tp: &TopicPartition,
         waker: Thread,
     ) -> Option<Self> {
         let topic = CString::new(tp.topic.as_bytes()).ok()?;
-        let client = NonNull::new(consumer.client().native_ptr())?;
+        let client = consumer.client().native_ptr();
         // SAFETY: the client is alive (`consumer` is borrowed); the call returns a new
         // reference to the partition's fetch queue, or null.
         let queue = NonNull::new(unsafe {
-            rdsys::rd_kafka_queue_get_partition(client.as_ptr(), topic.as_ptr(), tp.partition)
+            rdsys::rd_kafka_queue_get_partition(client, topic.as_ptr(), tp.partition)
         })?;
-        let waker = Box::new(waker);
+        let waker = NonNull::from(Box::leak(Box::new(waker)));
         // SAFETY: `queue` is the reference just taken. Forwarding to null keeps the
         // partition's messages out of the consumer's queue. The callback's opaque is
-        // the boxed thread, which lives until `drop` has disabled the callback.
+        // the leaked thread, freed only after `drop` has disabled the callback.
         unsafe {
             rdsys::rd_kafka_queue_forward(queue.as_ptr(), ptr::null_mut());
             rdsys::rd_kafka_queue_cb_event_enable(
                 queue.as_ptr(),
                 Some(wake),
-                ptr::from_ref::<Thread>(&*waker).cast_mut().cast(),
+                waker.as_ptr().cast(),
             );
         }
+        // Messages queued before the callback was set fire no wake-up of their own.
+        // SAFETY: the thread was just leaked and is freed only in `drop`.
+        unsafe { waker.as_ref() }.unpark();
         Some(Self {
             queue,
-            client,
-            _waker: waker,
+            waker,
             _consumer: Arc::clone(consumer),
             tp: tp.clone(),
+            largest: 1,
         })
     }
 
     /// Appends the messages queued now (waiting for none) to `out`, in offset order,
-    /// stopping after the one that makes `max_messages` messages or `max_bytes` of keys
-    /// and values. Errors queued among them (fetch errors, which librdkafka retries by
-    /// itself) are logged.
+    /// until `max_messages` messages or `max_bytes` of keys and values are taken (the
+    /// last chunk may exceed the bytes by a message, or by several when a message
+    /// larger than any before comes). Errors queued among them (fetch errors, which
+    /// librdkafka retries by itself) are logged.
     pub(crate) fn take(
         &mut self,
         max_messages: usize,
         max_bytes: usize,
         out: &mut Vec<RawMessage>,
     ) -> Taken {
-        if max_messages == 0 || max_bytes == 0 {
-            return Taken::default();
+        let mut taken = Taken::default();
+        let mut chunk = [ptr::null_mut::<rdsys::rd_kafka_message_t>(); CHUNK];
+        while taken.messages < max_messages && taken.bytes < max_bytes {
+            let fits = (max_bytes - taken.bytes) / self.largest;
+            let wanted = (max_messages - taken.messages).min(fits).clamp(1, CHUNK);
+            // SAFETY: the queue reference is ours and the client alive; librdkafka
+            // writes at most `wanted` message pointers into `chunk`, which has room.
+            let got = unsafe {
+                rdsys::rd_kafka_consume_batch_queue(
+                    self.queue.as_ptr(),
+                    0,
+                    chunk.as_mut_ptr(),
+                    wanted,
+                )
+            };
+            let got = usize::try_from(got).unwrap_or(0).min(wanted);
+            for &message in &chunk[..got] {
+                // SAFETY: librdkafka handed this message over; it is copied, then
+                // destroyed exactly once, and not used after.
+                let raw = unsafe {
+                    let raw = to_raw(message, &self.tp.topic);
+                    rdsys::rd_kafka_message_destroy(message);
+                    raw
+                };
+                match raw {
+                    Ok(raw) => {
+                        let bytes = message_bytes(&raw);
+                        self.largest = self.largest.max(bytes);
+                        taken.messages += 1;
+                        taken.bytes += bytes;
+                        out.push(raw);
+                    }
+                    Err(error) => {
+                        tracing::warn!(tp = %self.tp, %error, "partition queue error");
+                    }
+                }
+            }
+            if got < wanted {
+                break;
+            }
         }
-        let mut collector = Collector {
-            tp: &self.tp,
-            client: self.client,
-            out,
-            taken: Taken::default(),
-            max_messages,
-            max_bytes,
-        };
-        // SAFETY: the queue reference is ours and the client alive. The callback runs
-        // on this thread, within this call, and `collector` outlives it.
-        unsafe {
-            rdsys::rd_kafka_consume_callback_queue(
-                self.queue.as_ptr(),
-                0,
-                Some(collect),
-                ptr::from_mut(&mut collector).cast(),
-            );
-        }
-        collector.taken
+        taken
     }
 }
 
 impl<C: ConsumerContext + 'static> Drop for FetchQueue<C> {
     fn drop(&mut self) {
         // SAFETY: the queue reference is ours. librdkafka calls the callback under the
-        // queue's lock, so once it is disabled the boxed thread (dropped after this) is
-        // no longer used; the reference is released last.
+        // queue's lock, and swaps it under that lock, so once it is disabled the thread
+        // is no longer used and can be freed; the reference is released last.
         unsafe {
             rdsys::rd_kafka_queue_cb_event_enable(self.queue.as_ptr(), None, ptr::null_mut());
+            drop(Box::from_raw(self.waker.as_ptr()));
             rdsys::rd_kafka_queue_destroy(self.queue.as_ptr());
         }
     }
@@ -137,68 +170,50 @@ impl<C: ConsumerContext + 'static> Drop for FetchQueue<C> {
 
 /// Called by librdkafka (on one of its threads) when the queue turns non-empty.
 unsafe extern "C" fn wake(_client: *mut rdsys::rd_kafka_t, opaque: *mut c_void) {
-    // SAFETY: `opaque` is the boxed thread of a live `FetchQueue` (see `split` and `drop`).
+    // SAFETY: `opaque` is the thread of a live `FetchQueue` (see `split` and `drop`).
     let thread = unsafe { &*opaque.cast::<Thread>() };
     thread.unpark();
 }
 
-/// Where one [`FetchQueue::take`] puts what the callback is given.
-struct Collector<'a> {
-    tp: &'a TopicPartition,
-    client: NonNull<rdsys::rd_kafka_t>,
-    out: &'a mut Vec<RawMessage>,
-    taken: Taken,
-    max_messages: usize,
-    max_bytes: usize,
-}
-
-/// Called by librdkafka for each message `rd_kafka_consume_callback_queue` serves; the
-/// message is destroyed when this returns.
-unsafe extern "C" fn collect(message: *mut rdsys::rd_kafka_message_t, opaque: *mut c_void) {
-    // SAFETY: `opaque` is the `Collector` of the `take` that is running on this thread,
-    // which nothing else touches during the call; `message` is valid for this call.
-    let (collector, message) = unsafe { (&mut *opaque.cast::<Collector<'_>>(), message.as_ref()) };
-    let Some(message) = message else {
-        return;
-    };
-    // SAFETY: as above: a message librdkafka handed over, valid during this call.
-    match unsafe { to_raw(message, &collector.tp.topic) } {
-        Ok(raw) => {
-            collector.taken.messages += 1;
-            collector.taken.bytes += message_bytes(&raw);
-            collector.out.push(raw);
-        }
-        Err(error) => {
-            tracing::warn!(tp = %collector.tp, %error, "partition queue error");
-        }
-    }
-    if collector.taken.messages >= collector.max_messages
-        || collector.taken.bytes >= collector.max_bytes
-    {
-        // SAFETY: the client is alive; this only tells the serving loop on this thread
-        // to stop after this message and put the rest back.
-        unsafe { rdsys::rd_kafka_yield(collector.client.as_ptr()) };
-    }
+/// The error of a consumed message, with librdkafka's description.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} ({reason})")]
+struct QueueError {
+    error: KafkaError,
+    reason: String,
 }
 
 /// Copies a consumed message into an owned [`RawMessage`], or its error.
 ///
 /// # Safety
-/// `message` must be a consumed message librdkafka handed over and still owns.
+/// `message` must be a consumed message librdkafka handed over and has not destroyed.
 unsafe fn to_raw(
-    message: &rdsys::rd_kafka_message_t,
+    message: *mut rdsys::rd_kafka_message_t,
     topic: &Arc<str>,
-) -> Result<RawMessage, KafkaError> {
-    if message.err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-        return Err(KafkaError::MessageConsumption(message.err.into()));
-    }
-    // SAFETY: librdkafka's key and payload pointers, with their lengths, or null.
-    let (key, value) = unsafe {
+) -> Result<RawMessage, QueueError> {
+    // SAFETY: a valid message (the caller's contract); its fields are read in place.
+    let (err, key, key_len, payload, len, partition, offset) = unsafe {
+        let m = &*message;
         (
-            bytes(message.key, message.key_len),
-            bytes(message.payload, message.len),
+            m.err,
+            m.key,
+            m.key_len,
+            m.payload,
+            m.len,
+            m.partition,
+            m.offset,
         )
     };
+    if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        // SAFETY: a valid message; librdkafka's description of its error.
+        let reason = unsafe { CStr::from_ptr(rdsys::rd_kafka_message_errstr(message)) };
+        return Err(QueueError {
+            error: KafkaError::MessageConsumption(err.into()),
+            reason: reason.to_string_lossy().into_owned(),
+        });
+    }
+    // SAFETY: librdkafka's key and payload pointers, with their lengths, or null.
+    let (key, value) = unsafe { (bytes(key, key_len), bytes(payload, len)) };
     let mut kind = rdsys::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
     // SAFETY: a valid message (the caller's contract).
     let timestamp = unsafe { rdsys::rd_kafka_message_timestamp(message, &mut kind) };
@@ -207,8 +222,8 @@ unsafe fn to_raw(
         .then_some(timestamp);
     Ok(RawMessage {
         topic: Arc::clone(topic),
-        partition: message.partition,
-        offset: message.offset,
+        partition,
+        offset,
         key,
         value,
         // SAFETY: a valid message (the caller's contract).
@@ -232,8 +247,8 @@ unsafe fn bytes(data: *const c_void, len: usize) -> Option<Vec<u8>> {
 /// A copy of the message's headers (names not in UTF-8 are converted lossily).
 ///
 /// # Safety
-/// `message` must be a consumed message librdkafka still owns.
-unsafe fn headers(message: &rdsys::rd_kafka_message_t) -> Headers {
+/// `message` must be a consumed message librdkafka has not destroyed.
+unsafe fn headers(message: *mut rdsys::rd_kafka_message_t) -> Headers {
     let mut headers = Headers::new();
     let mut list = ptr::null_mut();
     // SAFETY: a valid message; `list` is owned by it (not to be freed here).
