@@ -325,13 +325,25 @@ mod tests {
         cluster
     }
 
-    fn consumer(cluster: &MockCluster<'static, DefaultProducerContext>) -> Arc<BaseConsumer> {
+    /// A consumer assigned `t`/0 from the beginning, and that partition's fetch queue
+    /// (split first, as the engine does, so no message reaches the consumer's queue).
+    fn assigned_queue(
+        cluster: &MockCluster<'static, DefaultProducerContext>,
+    ) -> (Arc<BaseConsumer>, FetchQueue<DefaultConsumerContext>) {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", cluster.bootstrap_servers())
             .set("group.id", "fetch-queue-test")
             .set("enable.auto.commit", "false");
-        Arc::new(BaseConsumer::from_config(&config).unwrap())
+        let consumer = Arc::new(BaseConsumer::from_config(&config).unwrap());
+        let tp = TopicPartition::new("t", 0);
+        let queue = FetchQueue::split(&consumer, &tp, std::thread::current()).unwrap();
+        let mut assignment = TopicPartitionList::new();
+        assignment
+            .add_partition_offset("t", 0, Offset::Beginning)
+            .unwrap();
+        consumer.assign(&assignment).unwrap();
+        (consumer, queue)
     }
 
     /// Takes from `queue` with these limits until something comes (10 s at most).
@@ -356,14 +368,7 @@ mod tests {
     #[test]
     fn a_fetch_queue_hands_over_messages_in_order_within_the_limits_and_whole() {
         let cluster = cluster();
-        let consumer = consumer(&cluster);
-        let tp = TopicPartition::new("t", 0);
-        let mut queue = FetchQueue::split(&consumer, &tp, std::thread::current()).unwrap();
-        let mut assignment = TopicPartitionList::new();
-        assignment
-            .add_partition_offset("t", 0, Offset::Beginning)
-            .unwrap();
-        consumer.assign(&assignment).unwrap();
+        let (consumer, mut queue) = assigned_queue(&cluster);
 
         let mut out = Vec::new();
         // A byte limit of one stops after the first message.
@@ -408,14 +413,7 @@ mod tests {
     #[test]
     fn a_message_limit_leaves_the_rest_queued_in_order() {
         let cluster = cluster();
-        let consumer = consumer(&cluster);
-        let tp = TopicPartition::new("t", 0);
-        let mut queue = FetchQueue::split(&consumer, &tp, std::thread::current()).unwrap();
-        let mut assignment = TopicPartitionList::new();
-        assignment
-            .add_partition_offset("t", 0, Offset::Beginning)
-            .unwrap();
-        consumer.assign(&assignment).unwrap();
+        let (consumer, mut queue) = assigned_queue(&cluster);
 
         let mut out = Vec::new();
         while out.len() < 3 {
