@@ -7,9 +7,9 @@
 //! takes up to a chunk of messages per call, dropping ops made outdated by a rebalance
 //! or seek before it looks at them (transaction markers included, so a stale marker
 //! never moves the read position past messages not yet read). rust-rdkafka does not
-//! wrap it, so this module does. It holds the crate's only `unsafe` code: every call
-//! below is on a queue reference this type owns, while the client it belongs to is
-//! kept alive.
+//! wrap it, so this module does. It holds half of the crate's `unsafe` code (the other
+//! half is enqueue.rs): every call below is on a queue reference this type owns, while
+//! the client it belongs to is kept alive.
 
 #![allow(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]

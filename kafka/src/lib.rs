@@ -68,6 +68,7 @@ mod consumer;
 mod delivery;
 mod embedded;
 mod engine;
+mod enqueue;
 mod error;
 mod feed;
 mod fetch_queue;

@@ -9,10 +9,11 @@ use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::Notify;
 
 use crate::config::{KafkaConfig, client_error, numeric_property};
+use crate::enqueue::Enqueuer;
 use crate::error::EngineError;
 
 /// Sends batches of [`EncodedRecord`]s and resolves once the broker acknowledged all of
@@ -223,33 +224,17 @@ async fn send_with(
         ..PendingBatch::default()
     });
     let mut not_queued = Vec::new();
+    let mut enqueuer = Enqueuer::new(producer);
     for (index, record) in records.iter().enumerate() {
-        let delivery = Box::new(Delivery {
+        let mut delivery = Box::new(Delivery {
             batch: Arc::clone(&batch),
             index,
         });
-        let mut base: BaseRecord<'_, [u8], [u8], Box<Delivery>> =
-            BaseRecord::with_opaque_to(&record.topic, delivery);
-        if let Some(headers) = kafka_headers(&record.headers) {
-            base = base.headers(headers);
-        }
-        if let Some(key) = &record.key {
-            base = base.key(key.as_slice());
-        }
-        if let Some(value) = &record.value {
-            base = base.payload(value.as_slice());
-        }
-        if let Some(partition) = record.partition {
-            base = base.partition(partition);
-        }
-        if let Some(timestamp) = record.timestamp {
-            base = base.timestamp(timestamp);
-        }
         loop {
-            match producer.send(base) {
+            match enqueuer.enqueue(record, delivery) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                    base = returned;
+                    delivery = returned;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err((error, _)) => {
@@ -262,6 +247,8 @@ async fn send_with(
             }
         }
     }
+    // The topic handles go before the wait: enqueued records hold their own.
+    drop(enqueuer);
     DeliveryFailures {
         failures: batch.wait().await,
         not_queued,
