@@ -561,7 +561,13 @@ fn append_in_input_order(
             destinations.swap(position, destination);
         }
     }
-    outputs.records.append(records);
+    if outputs.records.is_empty() {
+        // The usual case (one part per batch): hand the vector over instead of copying
+        // a batch of records; `records` keeps the emptied one's room for the next batch.
+        std::mem::swap(&mut outputs.records, records);
+    } else {
+        outputs.records.append(records);
+    }
 }
 
 /// Replaces the outputs stored for replay of each message of `replacements` (all
@@ -997,6 +1003,19 @@ mod tests {
         let expected: [&[u8]; 8] = [b"earlier", b"0", b"2a", b"2b", b"2c", b"3a", b"3b", b"4"];
         assert_eq!(values, expected);
         assert_eq!(outputs.inputs, [9, 0, 2, 2, 2, 3, 3, 4]);
+
+        // Into empty outputs (the usual case, where the vector is handed over).
+        let mut records: Vec<EncodedRecord> = made.into_iter().map(record).collect();
+        let mut outputs = Outputs::default();
+        append_in_input_order(&mut records, &spans, &mut Vec::new(), &mut outputs);
+        assert!(records.is_empty(), "all moved");
+        let values: Vec<&[u8]> = outputs
+            .records
+            .iter()
+            .map(|r| r.value.as_deref().unwrap_or_default())
+            .collect();
+        assert_eq!(values, expected[1..]);
+        assert_eq!(outputs.inputs, [0, 2, 2, 2, 3, 3, 4]);
     }
 
     #[tokio::test]
