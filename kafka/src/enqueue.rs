@@ -119,18 +119,25 @@ impl<'p, C: ProducerContext + 'static> Enqueuer<'p, C> {
             }
             Some(error) => {
                 // SAFETY: `error` is the error object just returned, destroyed once here.
-                let code = unsafe {
+                let (code, fatal) = unsafe {
                     let code = rdsys::rd_kafka_error_code(error.as_ptr());
+                    let fatal = rdsys::rd_kafka_error_is_fatal(error.as_ptr()) != 0;
                     rdsys::rd_kafka_error_destroy(error.as_ptr());
-                    code
+                    (code, fatal)
                 };
-                // SAFETY: the record was not enqueued, so librdkafka dropped its copy of
-                // the opaque: this is the only one, made by `into_ptr` above.
+                // After a fatal error (of the idempotent producer) `produceva` refuses
+                // every record with that error's own code and a fatal flag, where
+                // `producev` said `__FATAL`: keep saying it, so the pipeline stops
+                // instead of retrying a producer that will never send again.
+                let code = if fatal {
+                    RDKafkaErrorCode::Fatal
+                } else {
+                    RDKafkaErrorCode::from(code)
+                };
+                // SAFETY: the record was not enqueued, so no delivery report will carry
+                // the opaque: this is its only owner, made by `into_ptr` above.
                 let opaque = unsafe { C::DeliveryOpaque::from_ptr(opaque) };
-                Err((
-                    KafkaError::MessageProduction(RDKafkaErrorCode::from(code)),
-                    opaque,
-                ))
+                Err((KafkaError::MessageProduction(code), opaque))
             }
         }
     }
@@ -186,8 +193,10 @@ impl NativeHeaders {
         if headers.is_empty() {
             return None;
         }
-        // SAFETY: allocates an empty list, which this value owns.
-        let list = NonNull::new(unsafe { rdsys::rd_kafka_headers_new(headers.len()) })?;
+        // SAFETY: allocates an empty list, which this value owns. librdkafka aborts
+        // rather than return null when memory runs out, so the list is never missing.
+        let list = NonNull::new(unsafe { rdsys::rd_kafka_headers_new(headers.len()) })
+            .unwrap_or_else(|| unreachable!("librdkafka allocates or aborts"));
         let list = Self(list);
         for header in headers.iter() {
             let (value, size) = bytes(header.value.as_deref());
@@ -247,6 +256,7 @@ mod tests {
 
     use super::*;
     use crate::config::KafkaConfig;
+    use crate::delivery::{DeliveryFailure, classify};
     use crate::producer::OutputProducer;
 
     fn record(topic: &Arc<str>, key: Option<&[u8]>, value: Option<&[u8]>) -> EncodedRecord {
@@ -360,5 +370,44 @@ mod tests {
         let values: Vec<Option<&[u8]>> = on_u.iter().map(|m| m.value.as_deref()).collect();
         assert_eq!(keys, [Some(&b"k2"[..]), Some(&b"k3"[..])]);
         assert_eq!(values, [Some(&b"v2"[..]), None]);
+    }
+
+    /// After a fatal error of the producer, every record is refused as `Fatal`, which
+    /// stops the pipeline, not with the fatal error's own code (a retried one here).
+    #[test]
+    fn records_refused_after_a_fatal_error_are_fatal() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 1, 1).unwrap();
+        let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("enable.idempotence", "true")
+            .create()
+            .unwrap();
+        let reason = CString::new("test").unwrap();
+        // SAFETY: the client is alive; librdkafka's own hook for testing fatal errors.
+        let raised = unsafe {
+            rdsys::rd_kafka_test_fatal_error(
+                producer.client().native_ptr(),
+                rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            )
+        };
+        assert_eq!(
+            raised,
+            rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        );
+
+        let mut enqueuer = Enqueuer::new(&producer);
+        let (error, ()) = enqueuer
+            .enqueue(&record(&"t".into(), Some(b"k"), Some(b"v")), ())
+            .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                KafkaError::MessageProduction(RDKafkaErrorCode::Fatal)
+            ),
+            "{error:?}"
+        );
+        assert!(matches!(classify(&error), DeliveryFailure::Fatal));
     }
 }
