@@ -990,32 +990,36 @@ mod tests {
         // Made as: m3 (two records), m0, m4, (m1 has none), m2 (three records).
         let made = ["3a", "3b", "0", "4", "2a", "2b", "2c"];
         let spans = [2..3, 3..3, 4..7, 0..2, 3..4];
-        let mut records: Vec<EncodedRecord> = made.into_iter().map(record).collect();
-        let mut outputs = Outputs::default();
-        outputs.extend(9, [record("earlier")]);
-        append_in_input_order(&mut records, &spans, &mut Vec::new(), &mut outputs);
-        assert!(records.is_empty(), "all moved");
-        let values: Vec<&[u8]> = outputs
-            .records
-            .iter()
-            .map(|r| r.value.as_deref().unwrap_or_default())
-            .collect();
-        let expected: [&[u8]; 8] = [b"earlier", b"0", b"2a", b"2b", b"2c", b"3a", b"3b", b"4"];
-        assert_eq!(values, expected);
-        assert_eq!(outputs.inputs, [9, 0, 2, 2, 2, 3, 3, 4]);
-
+        // Orders a fresh copy of `made` after what `outputs` holds: the values, inputs.
+        let order = |mut outputs: Outputs| {
+            let mut records: Vec<EncodedRecord> = made.into_iter().map(record).collect();
+            append_in_input_order(&mut records, &spans, &mut Vec::new(), &mut outputs);
+            assert!(records.is_empty(), "all moved");
+            let values: Vec<String> = outputs
+                .records
+                .iter()
+                .map(|r| String::from_utf8_lossy(r.value.as_deref().unwrap_or_default()).into())
+                .collect();
+            (values, outputs.inputs)
+        };
+        let mut earlier = Outputs::default();
+        earlier.extend(9, [record("earlier")]);
+        let expected = ["earlier", "0", "2a", "2b", "2c", "3a", "3b", "4"];
+        assert_eq!(
+            order(earlier),
+            (
+                expected.map(String::from).to_vec(),
+                vec![9, 0, 2, 2, 2, 3, 3, 4]
+            )
+        );
         // Into empty outputs (the usual case, where the vector is handed over).
-        let mut records: Vec<EncodedRecord> = made.into_iter().map(record).collect();
-        let mut outputs = Outputs::default();
-        append_in_input_order(&mut records, &spans, &mut Vec::new(), &mut outputs);
-        assert!(records.is_empty(), "all moved");
-        let values: Vec<&[u8]> = outputs
-            .records
-            .iter()
-            .map(|r| r.value.as_deref().unwrap_or_default())
-            .collect();
-        assert_eq!(values, expected[1..]);
-        assert_eq!(outputs.inputs, [0, 2, 2, 2, 3, 3, 4]);
+        assert_eq!(
+            order(Outputs::default()),
+            (
+                expected[1..].iter().map(|v| v.to_string()).collect(),
+                vec![0, 2, 2, 2, 3, 3, 4]
+            )
+        );
     }
 
     #[tokio::test]
