@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use flows_core::{EncodedRecord, Headers};
 use rdkafka::bindings as rdsys;
+use rdkafka::bindings::rd_kafka_vtype_t as VType;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{Producer as _, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -70,39 +71,45 @@ impl<'p, C: ProducerContext + 'static> Enqueuer<'p, C> {
         let (key, key_len) = bytes(record.key.as_deref());
         let (value, value_len) = bytes(record.value.as_deref());
         let opaque = opaque.into_ptr();
+        let memory = |ptr, size| Value {
+            mem: rdsys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 { ptr, size },
+        };
         let fields = [
-            field(rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_RKT, |u| {
-                u.rkt = topic.as_ptr()
-            }),
-            field(rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_PARTITION, |u| {
-                // -1: RD_KAFKA_PARTITION_UA, the partitioner picks.
-                u.i32_ = record.partition.unwrap_or(-1)
-            }),
-            field(rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_MSGFLAGS, |u| {
-                u.i = rdsys::RD_KAFKA_MSG_F_COPY
-            }),
-            field(rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_VALUE, |u| {
-                u.mem = rdsys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
-                    ptr: value,
-                    size: value_len,
-                }
-            }),
-            field(rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_KEY, |u| {
-                u.mem = rdsys::rd_kafka_vu_s__bindgen_ty_1__bindgen_ty_1 {
-                    ptr: key,
-                    size: key_len,
-                }
-            }),
-            field(rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_OPAQUE, |u| {
-                u.ptr = opaque
-            }),
+            field(
+                VType::RD_KAFKA_VTYPE_RKT,
+                Value {
+                    rkt: topic.as_ptr(),
+                },
+            ),
+            // -1: RD_KAFKA_PARTITION_UA, the partitioner picks.
+            field(
+                VType::RD_KAFKA_VTYPE_PARTITION,
+                Value {
+                    i32_: record.partition.unwrap_or(-1),
+                },
+            ),
+            field(
+                VType::RD_KAFKA_VTYPE_MSGFLAGS,
+                Value {
+                    i: rdsys::RD_KAFKA_MSG_F_COPY,
+                },
+            ),
+            field(VType::RD_KAFKA_VTYPE_VALUE, memory(value, value_len)),
+            field(VType::RD_KAFKA_VTYPE_KEY, memory(key, key_len)),
+            field(VType::RD_KAFKA_VTYPE_OPAQUE, Value { ptr: opaque }),
             // 0: librdkafka stamps the time of enqueueing.
-            field(rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_TIMESTAMP, |u| {
-                u.i64_ = record.timestamp.unwrap_or(0)
-            }),
-            field(rdsys::rd_kafka_vtype_t::RD_KAFKA_VTYPE_HEADERS, |u| {
-                u.headers = headers.as_ref().map_or(ptr::null_mut(), |h| h.0.as_ptr())
-            }),
+            field(
+                VType::RD_KAFKA_VTYPE_TIMESTAMP,
+                Value {
+                    i64_: record.timestamp.unwrap_or(0),
+                },
+            ),
+            field(
+                VType::RD_KAFKA_VTYPE_HEADERS,
+                Value {
+                    headers: headers.as_ref().map_or(ptr::null_mut(), |h| h.0.as_ptr()),
+                },
+            ),
         ];
         // SAFETY: the client is alive (its producer is borrowed for 'p), `topic` is an
         // application reference this enqueuer holds, and the fields point at `record`'s
@@ -230,13 +237,12 @@ fn bytes(bytes: Option<&[u8]>) -> (*mut c_void, usize) {
     })
 }
 
-/// One field of `rd_kafka_produceva`: its type and its value, set by `set`.
-fn field(
-    vtype: rdsys::rd_kafka_vtype_t,
-    set: impl FnOnce(&mut rdsys::rd_kafka_vu_s__bindgen_ty_1),
-) -> rdsys::rd_kafka_vu_t {
-    let mut u = rdsys::rd_kafka_vu_s__bindgen_ty_1 { _pad: [0; 64] };
-    set(&mut u);
+/// The value of one field of `rd_kafka_produceva` (librdkafka reads the member its
+/// type names, so only that one is set).
+type Value = rdsys::rd_kafka_vu_s__bindgen_ty_1;
+
+/// One field of `rd_kafka_produceva`: its type and its value.
+fn field(vtype: rdsys::rd_kafka_vtype_t, u: Value) -> rdsys::rd_kafka_vu_t {
     rdsys::rd_kafka_vu_t { vtype, u }
 }
 
