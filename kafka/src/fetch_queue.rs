@@ -94,7 +94,10 @@ impl<C: ConsumerContext + 'static> FetchQueue<C> {
             queue,
             waker,
             _consumer: Arc::clone(consumer),
-            tp: tp.clone(),
+            // A copy of the topic's name for this partition alone: each of its messages
+            // holds a reference, and one name shared by every partition made the feeder
+            // and all the worker threads contend for a single reference count.
+            tp: TopicPartition::new(&*tp.topic, tp.partition),
             largest: 1,
         })
     }
