@@ -39,7 +39,9 @@
 //! write), and `FLOWS_BENCH_WRAPPER` runs each program under a profiler. The table names
 //! the machine (processor, cores, caches), and two fixed loops on one thread, in
 //! registers and over 64 MiB of memory, are timed before each program: their spread is
-//! the machine's own drift during the run.
+//! the machine's own drift during the run. After the table, the ratios to Quix Streams
+//! and the project's performance targets, each computed from this run and marked met or
+//! not met.
 
 #![allow(clippy::unwrap_used)] // a benchmark: a panic is the failure report
 
@@ -426,6 +428,7 @@ fn driver() {
     print_table(total, rounds, &runs);
     print_control(&controls);
     print_quix_ratios(&runs);
+    print_targets(&runs);
     let median_rate = |mode: &str| median_run(&runs, mode).map(Report::rate);
     let fresh_broker = || {
         if let Some(command) = &restart {
@@ -553,6 +556,132 @@ fn print_quix_ratios(runs: &[Run<'_>]) {
                 per_million(quix),
             );
         }
+    }
+}
+
+/// The reports of the program run as `mode`, in the order they ran.
+fn reports_of<'a>(runs: &'a [Run<'_>], mode: &str) -> Vec<&'a Report> {
+    let Some((label, _)) = PROGRAMS.iter().find(|(_, m)| *m == mode) else {
+        return Vec::new();
+    };
+    runs.iter()
+        .filter(|(l, ..)| l == label)
+        .map(|(_, report, _)| report)
+        .collect()
+}
+
+/// The median of `values` (of an even count, the lower of the middle two).
+fn median_of(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    (!values.is_empty()).then(|| values[(values.len() - 1) / 2])
+}
+
+/// The performance targets (issue 17 of the project), each computed from this run: the
+/// word count against the hand-written one in rate and in CPU seconds (each program's
+/// median over the rounds), SQLite against the fastest passthrough, PostgreSQL against
+/// Quix Streams, flows' peak RSS, and the in-memory word count's CPU spread over the
+/// rounds against the hand-written count's.
+/// Rows whose programs did not run are left out.
+fn print_targets(runs: &[Run<'_>]) {
+    let rate = |mode: &str| median_run(runs, mode).map(Report::rate);
+    let cpu = |mode: &str| {
+        median_of(
+            reports_of(runs, mode)
+                .iter()
+                .map(|r| r.cpu_seconds)
+                .collect(),
+        )
+    };
+    let spread = |mode: &str| {
+        let cpu: Vec<f64> = reports_of(runs, mode)
+            .iter()
+            .map(|r| r.cpu_seconds)
+            .collect();
+        let low = cpu.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = cpu.iter().copied().fold(0.0, f64::max);
+        (cpu.len() > 1 && low > 0.0).then(|| (low, high, (high - low) / low))
+    };
+    let fastest_passthrough = PROGRAMS
+        .iter()
+        .filter(|(label, _)| label.starts_with("(a)"))
+        .filter_map(|(_, mode)| rate(mode))
+        .fold(None, |max: Option<f64>, r| {
+            Some(max.map_or(r, |m| m.max(r)))
+        });
+    let verdict = |met: bool| if met { "met" } else { "not met" };
+    let mut rows: Vec<String> = Vec::new();
+    for (store, flows, by_hand, target) in [
+        ("in memory", "count-memory", "count-by-hand", 0.85),
+        (
+            "PostgreSQL",
+            "count-postgres",
+            "count-by-hand-postgres",
+            0.75,
+        ),
+    ] {
+        if let (Some(f), Some(h)) = (rate(flows), rate(by_hand)) {
+            let ratio = f / h;
+            rows.push(format!(
+                "| word count / by hand, {store}, rate (≥ {target}) | {ratio:.2} | {} |",
+                verdict(ratio >= target)
+            ));
+        }
+        if let (Some(f), Some(h)) = (cpu(flows), cpu(by_hand)) {
+            let ratio = h / f;
+            rows.push(format!(
+                "| the same in CPU seconds (≥ {target}) | {ratio:.2} ({h:.2} / {f:.2} s) | {} |",
+                verdict(ratio >= target)
+            ));
+        }
+    }
+    if let (Some(sqlite), Some(fastest)) = (rate("count-sqlite"), fastest_passthrough) {
+        let ratio = sqlite / fastest;
+        rows.push(format!(
+            "| SQLite / the fastest passthrough (≥ 0.45) | {ratio:.2} | {} |",
+            verdict(ratio >= 0.45)
+        ));
+    }
+    if let (Some(flows), Some(quix)) = (rate("count-postgres"), rate("quix-at-least-once")) {
+        let ratio = flows / quix;
+        rows.push(format!(
+            "| flows on PostgreSQL / Quix Streams, at least once (≥ 20×) | {ratio:.1}× | {} |",
+            verdict(ratio >= 20.0)
+        ));
+    }
+    let flows_rss = runs
+        .iter()
+        .filter(|(label, ..)| label.starts_with("(b)") || label.starts_with("(c)"))
+        .map(|(_, report, _)| report.peak_rss_mb)
+        .fold(None, |max: Option<f64>, r| {
+            Some(max.map_or(r, |m| m.max(r)))
+        });
+    if let Some(rss) = flows_rss {
+        rows.push(format!(
+            "| peak RSS of flows' programs (< 256 MB) | {rss:.0} MB | {} |",
+            verdict(rss < 256.0)
+        ));
+    }
+    if let (Some((fl, fh, f)), Some((hl, hh, h))) =
+        (spread("count-memory"), spread("count-by-hand"))
+    {
+        rows.push(format!(
+            "| in-memory CPU over the rounds, spread (≤ by hand's) | {fl:.2}–{fh:.2} s ({:.0}%) against {hl:.2}–{hh:.2} s ({:.0}%) | {} |",
+            f * 100.0,
+            h * 100.0,
+            verdict(f <= h)
+        ));
+    }
+    if rows.is_empty() {
+        return;
+    }
+    println!(
+        "
+Targets (issue 17), from this run
+| target | this run | |
+|---|---:|---|"
+    );
+    for row in rows {
+        println!("{row}");
     }
 }
 
