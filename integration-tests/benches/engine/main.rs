@@ -559,21 +559,18 @@ fn print_quix_ratios(runs: &[Run<'_>]) {
     }
 }
 
-/// The reports of the program run as `mode`, in the order they ran.
-fn reports_of<'a>(runs: &'a [Run<'_>], mode: &str) -> Vec<&'a Report> {
+/// The CPU seconds of every run of the program run as `mode`, lowest first.
+fn cpu_seconds_of_runs(runs: &[Run<'_>], mode: &str) -> Vec<f64> {
     let Some((label, _)) = PROGRAMS.iter().find(|(_, m)| *m == mode) else {
         return Vec::new();
     };
-    runs.iter()
+    let mut seconds: Vec<f64> = runs
+        .iter()
         .filter(|(l, ..)| l == label)
-        .map(|(_, report, _)| report)
-        .collect()
-}
-
-/// The median of `values` (of an even count, the lower of the middle two).
-fn median_of(mut values: Vec<f64>) -> Option<f64> {
-    values.sort_by(f64::total_cmp);
-    (!values.is_empty()).then(|| values[(values.len() - 1) / 2])
+        .map(|(_, report, _)| report.cpu_seconds)
+        .collect();
+    seconds.sort_by(f64::total_cmp);
+    seconds
 }
 
 /// The performance targets (issue 17 of the project), each computed from this run: the
@@ -585,29 +582,19 @@ fn median_of(mut values: Vec<f64>) -> Option<f64> {
 fn print_targets(runs: &[Run<'_>]) {
     let rate = |mode: &str| median_run(runs, mode).map(Report::rate);
     let cpu = |mode: &str| {
-        median_of(
-            reports_of(runs, mode)
-                .iter()
-                .map(|r| r.cpu_seconds)
-                .collect(),
-        )
+        let seconds = cpu_seconds_of_runs(runs, mode);
+        let sorted: Vec<&f64> = seconds.iter().collect();
+        (!sorted.is_empty()).then(|| *median(&sorted))
     };
-    let spread = |mode: &str| {
-        let cpu: Vec<f64> = reports_of(runs, mode)
-            .iter()
-            .map(|r| r.cpu_seconds)
-            .collect();
-        let low = cpu.iter().copied().fold(f64::INFINITY, f64::min);
-        let high = cpu.iter().copied().fold(0.0, f64::max);
-        (cpu.len() > 1 && low > 0.0).then(|| (low, high, (high - low) / low))
+    let spread = |mode: &str| match cpu_seconds_of_runs(runs, mode)[..] {
+        [low, .., high] if low > 0.0 => Some((low, high, (high - low) / low)),
+        _ => None,
     };
     let fastest_passthrough = PROGRAMS
         .iter()
         .filter(|(label, _)| label.starts_with("(a)"))
         .filter_map(|(_, mode)| rate(mode))
-        .fold(None, |max: Option<f64>, r| {
-            Some(max.map_or(r, |m| m.max(r)))
-        });
+        .reduce(f64::max);
     let verdict = |met: bool| if met { "met" } else { "not met" };
     let mut rows: Vec<String> = Vec::new();
     for (store, flows, by_hand, target) in [
@@ -652,9 +639,7 @@ fn print_targets(runs: &[Run<'_>]) {
         .iter()
         .filter(|(label, ..)| label.starts_with("(b)") || label.starts_with("(c)"))
         .map(|(_, report, _)| report.peak_rss_mb)
-        .fold(None, |max: Option<f64>, r| {
-            Some(max.map_or(r, |m| m.max(r)))
-        });
+        .reduce(f64::max);
     if let Some(rss) = flows_rss {
         rows.push(format!(
             "| peak RSS of flows' programs (< 256 MB) | {rss:.0} MB | {} |",
@@ -674,12 +659,9 @@ fn print_targets(runs: &[Run<'_>]) {
     if rows.is_empty() {
         return;
     }
-    println!(
-        "
-Targets (issue 17), from this run
-| target | this run | |
-|---|---:|---|"
-    );
+    println!("\nTargets (issue 17), from this run");
+    println!("| target | this run | |");
+    println!("|---|---:|---|");
     for row in rows {
         println!("{row}");
     }
