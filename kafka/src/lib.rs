@@ -63,6 +63,7 @@
 //! carries its source coordinates (see [`join`]). Stateless and materialise pipelines
 //! keep no state: they are at least once (materialise with idempotent upserts).
 
+mod acknowledgement;
 mod config;
 mod consumer;
 mod delivery;

@@ -1,7 +1,6 @@
 //! Publishing encoded outputs and awaiting their acknowledgements.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use flows_core::EncodedRecord;
@@ -10,8 +9,8 @@ use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use tokio::sync::Notify;
 
+use crate::acknowledgement::{PendingBatch, RecordTicket};
 use crate::config::{KafkaConfig, client_error, numeric_property};
 use crate::enqueue::Enqueuer;
 use crate::error::EngineError;
@@ -34,62 +33,16 @@ impl std::fmt::Debug for OutputProducer {
     }
 }
 
-/// The acknowledgements still awaited for one batch of records, shared by its records:
-/// one counter per batch instead of a channel and a future per record.
-#[derive(Default)]
-struct PendingBatch {
-    remaining: AtomicUsize,
-    /// The records that failed: their index in the batch and the error.
-    failures: Mutex<Vec<(usize, KafkaError)>>,
-    done: Notify,
-}
-
-impl PendingBatch {
-    fn acknowledge(&self, failure: Option<(usize, KafkaError)>) {
-        if let Some(failure) = failure {
-            self.failures
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(failure);
-        }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // A stored permit: the waiter cannot miss it, however late it starts waiting.
-            self.done.notify_one();
-        }
-    }
-
-    /// Waits for every acknowledgement; the failures, by record index.
-    async fn wait(&self) -> Vec<(usize, KafkaError)> {
-        while self.remaining.load(Ordering::Acquire) > 0 {
-            self.done.notified().await;
-        }
-        let mut failures =
-            std::mem::take(&mut *self.failures.lock().unwrap_or_else(|p| p.into_inner()));
-        failures.sort_by_key(|(index, _)| *index);
-        failures
-    }
-}
-
-/// One record's delivery: its batch and its place in it.
-struct Delivery {
-    batch: Arc<PendingBatch>,
-    index: usize,
-}
-
 /// Routes each delivery report (on the producer's polling thread) to its batch.
 struct AcknowledgingContext;
 
 impl ClientContext for AcknowledgingContext {}
 
 impl ProducerContext for AcknowledgingContext {
-    type DeliveryOpaque = Box<Delivery>;
+    type DeliveryOpaque = RecordTicket;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
-        let failure = result
-            .as_ref()
-            .err()
-            .map(|(error, _)| (delivery.index, error.clone()));
-        delivery.batch.acknowledge(failure);
+    fn delivery(&self, result: &DeliveryResult<'_>, ticket: RecordTicket) {
+        ticket.acknowledge(result.as_ref().err().map(|(error, _)| error.clone()));
     }
 }
 
@@ -219,29 +172,25 @@ async fn send_with(
     if records.is_empty() {
         return DeliveryFailures::default();
     }
-    let batch = Arc::new(PendingBatch {
-        remaining: AtomicUsize::new(records.len()),
-        ..PendingBatch::default()
-    });
+    let (batch, mut tickets) = PendingBatch::issue(records.len());
     let mut not_queued = Vec::new();
     let mut enqueuer = Enqueuer::new(producer);
     for (index, record) in records.iter().enumerate() {
-        let mut delivery = Box::new(Delivery {
-            batch: Arc::clone(&batch),
-            index,
-        });
+        let Some(mut ticket) = tickets.next() else {
+            break;
+        };
         loop {
-            match enqueuer.enqueue(record, delivery) {
+            match enqueuer.enqueue(record, ticket) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                    delivery = returned;
+                    ticket = returned;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((error, _)) => {
+                Err((error, returned)) => {
                     // Refused before it was queued (too large, no such partition):
                     // it will not report; account for it here and go on.
                     not_queued.push(index);
-                    batch.acknowledge(Some((index, error)));
+                    returned.acknowledge(Some(error));
                     break;
                 }
             }
