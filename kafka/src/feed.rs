@@ -34,6 +34,11 @@ struct Queued {
     messages: VecDeque<RawMessage>,
     /// Key and value bytes of `messages`.
     bytes: usize,
+    /// The messages of the worker's last finished batch, for the feeder to drop: it
+    /// allocated them, and a thread frees its own allocations for less (freed on the
+    /// worker's thread they took mimalloc's cross-thread path). When empty, a vector
+    /// with room for a batch, which the worker takes in exchange.
+    spent: Vec<RawMessage>,
 }
 
 impl Queued {
@@ -60,8 +65,12 @@ impl Feed {
         filler: Thread,
         metrics: Metrics,
     ) -> Self {
+        let queued = Queued {
+            spent: Vec::with_capacity(batch.max_messages.clamp(1, 16_384)),
+            ..Queued::default()
+        };
         Self {
-            queue: Mutex::new(Queued::default()),
+            queue: Mutex::new(queued),
             control,
             filler,
             max_messages: batch.max_messages.max(1),
@@ -76,20 +85,38 @@ impl Feed {
     }
 
     /// How much more the feed takes now (nothing when full). A feed may exceed its
-    /// byte limit by the last message added, as a batch does.
+    /// byte limit by the last message added, as a batch does. Called by the feeder,
+    /// which drops the messages the worker gave back meanwhile.
     pub(crate) fn room(&self) -> Room {
-        let queued = self.lock();
-        if queued.is_full(self) {
-            Room {
-                messages: 0,
-                bytes: 0,
-            }
-        } else {
-            Room {
-                messages: self.max_messages - queued.messages.len(),
-                bytes: self.max_bytes - queued.bytes,
+        let (room, mut spent) = {
+            let mut queued = self.lock();
+            let room = if queued.is_full(self) {
+                Room {
+                    messages: 0,
+                    bytes: 0,
+                }
+            } else {
+                Room {
+                    messages: self.max_messages - queued.messages.len(),
+                    bytes: self.max_bytes - queued.bytes,
+                }
+            };
+            let spent = (!queued.spent.is_empty()).then(|| std::mem::take(&mut queued.spent));
+            (room, spent)
+        };
+        if let Some(spent) = &mut spent {
+            // Outside the lock: the worker may be taking its next batch meanwhile.
+            spent.clear();
+        }
+        if let Some(spent) = spent {
+            let mut queued = self.lock();
+            // Unless the worker gave back another batch meanwhile (then it got the
+            // empty placeholder, and the next exchange sets this right).
+            if queued.spent.capacity() == 0 {
+                queued.spent = spent;
             }
         }
+        room
     }
 
     /// Adds `messages` (emptying the vector) and wakes the worker.
@@ -130,6 +157,19 @@ impl Drop for Feed {
 pub(crate) struct FeedInput(pub(crate) Arc<Feed>);
 
 impl PartitionInput for FeedInput {
+    fn give_back(&mut self, spent: &mut Vec<RawMessage>) {
+        {
+            let mut queued = self.0.lock();
+            // The feeder has dropped the batch before (or never had one): exchange the
+            // full vector for its emptied one.
+            if queued.spent.is_empty() && queued.spent.capacity() > 0 {
+                std::mem::swap(&mut queued.spent, spent);
+            }
+        }
+        // Not exchanged (the feeder has not been round yet): dropped here.
+        spent.clear();
+    }
+
     fn drain(&mut self, batch: &mut Batch) {
         let feed = &self.0;
         let (taken, was_full) = {
@@ -230,6 +270,49 @@ mod tests {
             },
             "10 bytes queued"
         );
+    }
+
+    /// The worker gives its finished batch back for the feeder, which allocated its
+    /// messages, to drop on its next round; the worker gets an empty vector with room
+    /// for its next batch in exchange.
+    #[test]
+    fn a_finished_batch_is_given_back_and_dropped_by_the_feeder() {
+        let (feed, metrics) = feed(10, 1 << 20);
+        let topic: Arc<str> = "t".into();
+        // Batches, as a worker's: with room for a batch.
+        let spent = |offsets: std::ops::Range<i64>| -> Vec<RawMessage> {
+            let mut batch = Vec::with_capacity(10);
+            batch.extend(offsets.map(|offset| {
+                let mut message = RawMessage::raw("t", 0, offset, None, Some(b"x"));
+                message.topic = Arc::clone(&topic);
+                message
+            }));
+            batch
+        };
+        let mut input = FeedInput(Arc::clone(&feed));
+        let mut batch = spent(0..3);
+        input.give_back(&mut batch);
+        assert!(batch.is_empty());
+        assert!(batch.capacity() >= 10, "exchanged for a vector with room");
+        assert_eq!(Arc::strong_count(&topic), 4, "kept for the feeder");
+        assert_eq!(feed.room().messages, 10, "given-back messages take no room");
+        assert_eq!(Arc::strong_count(&topic), 1, "dropped by the feeder");
+
+        let mut next = spent(3..5);
+        input.give_back(&mut next);
+        assert!(next.is_empty() && next.capacity() >= 10);
+        // Given back again before the feeder came round: dropped by the worker.
+        let mut another = spent(5..6);
+        input.give_back(&mut another);
+        assert!(another.is_empty());
+        assert_eq!(
+            Arc::strong_count(&topic),
+            3,
+            "the first of the two is still kept"
+        );
+        feed.room();
+        assert_eq!(Arc::strong_count(&topic), 1);
+        assert_eq!(metrics.snapshot().buffered_messages, 0);
     }
 
     #[test]
