@@ -936,6 +936,58 @@ async fn offsets_are_committed_only_after_the_outputs_are_acknowledged() {
     assert_word_count(&brokers, store.as_ref(), &expected).await;
 }
 
+/// While one batch's outputs are refused (retriable produce errors), the next batch is
+/// collected and staged but none of its states is written: a state's stored outputs are
+/// those of its last write, and the unacknowledged ones must stay there for a replay.
+/// Once the outputs are acknowledged, the next batch goes through, and nothing is lost
+/// or counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_batch_is_not_written_before_the_previous_outputs_are_acknowledged() {
+    let kafka = cluster(&[("words", 1), ("counts", 1)]);
+    let brokers = kafka.bootstrap_servers();
+    // Batches hold at most 100 messages (`test_config`): at least two batches.
+    let input = words(150, 10, 14);
+    produce(&brokers, &word_records("words", &input)).await;
+    kafka.mock().request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 1_000],
+    );
+
+    let store = Arc::new(MemoryStateRepository::new());
+    let running = Engine::new(test_config(&brokers))
+        .start(&Pipeline::stateful("count", counter(), Arc::clone(&store)))
+        .unwrap();
+    let counted = |store: &MemoryStateRepository| -> i64 {
+        store
+            .snapshot()
+            .iter()
+            .filter_map(|s| s.content.as_deref())
+            .map(|c| serde_json::from_slice::<i64>(c).unwrap())
+            .sum()
+    };
+    assert!(
+        wait_until(WAIT, || counted(&store) > 0).await,
+        "the first batch's states written"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await; // the next batch is staged by now
+    let written = counted(&store);
+    assert!(
+        written <= 100,
+        "{written} messages counted while the first batch's outputs are refused: the next batch was written"
+    );
+    assert_eq!(
+        running.metrics().snapshot().published,
+        0,
+        "outputs still refused"
+    );
+
+    kafka.mock().clear_request_errors(RDKafkaApiKey::Produce);
+    assert!(wait_until(WAIT, || running.metrics().snapshot().committed >= 150).await);
+    running.shutdown().await.unwrap();
+    let expected = tally(input.iter().map(String::as_str));
+    assert_word_count(&brokers, store.as_ref(), &expected).await;
+}
+
 /// The offset committed by consumer group `group` for partition 0 of `topic`.
 fn committed_offset(brokers: &str, group: &str, topic: &str) -> Option<i64> {
     committed_offsets(brokers, group, topic, 1)[0]
