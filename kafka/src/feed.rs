@@ -88,7 +88,7 @@ impl Feed {
     /// byte limit by the last message added, as a batch does. Called by the feeder,
     /// which drops the messages the worker gave back meanwhile.
     pub(crate) fn room(&self) -> Room {
-        let (room, mut spent) = {
+        let (room, spent) = {
             let mut queued = self.lock();
             let room = if queued.is_full(self) {
                 Room {
@@ -104,11 +104,9 @@ impl Feed {
             let spent = (!queued.spent.is_empty()).then(|| std::mem::take(&mut queued.spent));
             (room, spent)
         };
-        if let Some(spent) = &mut spent {
+        if let Some(mut spent) = spent {
             // Outside the lock: the worker may be taking its next batch meanwhile.
             spent.clear();
-        }
-        if let Some(spent) = spent {
             let mut queued = self.lock();
             // Unless the worker gave back another batch meanwhile (then it got the
             // empty placeholder, and the next exchange sets this right).

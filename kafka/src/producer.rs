@@ -175,10 +175,7 @@ async fn send_with(
     let (batch, mut tickets) = PendingBatch::issue(records.len());
     let mut not_queued = Vec::new();
     let mut enqueuer = Enqueuer::new(producer);
-    for (index, record) in records.iter().enumerate() {
-        let Some(mut ticket) = tickets.next() else {
-            break;
-        };
+    for ((index, record), mut ticket) in records.iter().enumerate().zip(&mut tickets) {
         loop {
             match enqueuer.enqueue(record, ticket) {
                 Ok(()) => break,
